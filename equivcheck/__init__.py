@@ -1,0 +1,47 @@
+"""equivcheck: verify and explore dense ↔ conv weight conversions across frameworks.
+
+    >>> import equivcheck as ec
+    >>> src = ec.spec("keras:dense", channels=512, spatial=(7, 7), units=4096)
+    >>> dst = ec.spec("torch:conv", channels=512, spatial=(7, 7), units=4096)
+    >>> print(ec.plan(src, dst).code("numpy"))
+    w.reshape(7, 7, 512, 4096).transpose(3, 2, 0, 1)
+
+Importing this package imports no deep-learning framework.
+"""
+
+from equivcheck.errors import (
+    BackendUnavailable,
+    EquivcheckError,
+    FileFormatError,
+    MappingError,
+    NoMapping,
+    SpecError,
+    VerificationError,
+)
+from equivcheck.mapping import Flip, Mapping, Reshape, Transpose
+from equivcheck.plan import canonical, convert, plan
+from equivcheck.presets import PRESETS, spec
+from equivcheck.specs import ConvSpec, DenseSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "BackendUnavailable",
+    "ConvSpec",
+    "DenseSpec",
+    "EquivcheckError",
+    "FileFormatError",
+    "Flip",
+    "Mapping",
+    "MappingError",
+    "NoMapping",
+    "Reshape",
+    "SpecError",
+    "Transpose",
+    "VerificationError",
+    "canonical",
+    "convert",
+    "plan",
+    "spec",
+]

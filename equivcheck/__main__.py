@@ -1,0 +1,5 @@
+import sys
+
+from equivcheck.cli import main
+
+sys.exit(main())

@@ -1,0 +1,219 @@
+"""Index operations on any array kind, dispatched by type.
+
+As in einops' ``_backends``: a framework is recognised only if its module is already in
+``sys.modules`` — an array of that kind cannot exist otherwise — so dispatch never imports one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from equivcheck.errors import MappingError
+
+# Copies above this many bytes go through the cache-blocked path.
+_BLOCKED_MIN_BYTES = 1 << 22
+# Bytes of source that one block may touch; about an L2 cache.
+_BLOCK_BYTES = 1 << 20
+
+
+class ArrayOps:
+    """Reshape / transpose / flip for one array kind."""
+
+    framework = ""
+
+    def is_array(self, x: Any) -> bool:
+        raise NotImplementedError
+
+    def apply(self, x: Any, ops: tuple) -> Any:
+        from equivcheck.mapping import Flip, Reshape
+
+        for op in ops:
+            if isinstance(op, Reshape):
+                x = self.reshape(x, op.shape)
+            elif isinstance(op, Flip):
+                x = self.flip(x, op.axes) if op.axes else x
+            else:
+                x = self.transpose(x, op.perm)
+        return self.finish(x)
+
+    def finish(self, x: Any) -> Any:
+        return x
+
+
+class NumpyOps(ArrayOps):
+    framework = "numpy"
+
+    def is_array(self, x: Any) -> bool:
+        return isinstance(x, np.ndarray)
+
+    def apply(self, x: np.ndarray, ops: tuple, normal: Any = None) -> np.ndarray:
+        from equivcheck.mapping import Reshape, Transpose
+
+        if normal is not None and x.nbytes >= _BLOCKED_MIN_BYTES and x.flags.c_contiguous:
+            out = _row_gather_transpose(x, normal)
+            if out is not None:
+                return out
+        final = None
+        if ops and isinstance(ops[-1], Reshape):
+            final, ops = ops[-1].shape, ops[:-1]
+        view = x
+        for op in ops:
+            if isinstance(op, Reshape):
+                view = view.reshape(op.shape)
+            elif isinstance(op, Transpose):
+                view = view.transpose(op.perm)
+            elif op.axes:
+                index = [slice(None)] * view.ndim
+                for a in op.axes:
+                    index[a] = slice(None, None, -1)
+                view = view[tuple(index)]
+        out = np.empty(view.shape, dtype=view.dtype)
+        blocked_copy(out, view)
+        return out if final is None else out.reshape(final)
+
+
+_POOL: Any = None
+
+
+def _pool() -> Any:
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="equivcheck")
+    return _POOL
+
+
+def _row_gather_transpose(x: np.ndarray, nf: Any) -> np.ndarray | None:
+    """The dense→conv shape of mapping: a 2-D transpose whose rows are permuted and flipped.
+
+    Applies when the input's last axis (say the dense's units) becomes the output's leading
+    axes unchanged. Then ``out2d[:, j] = x2d[rows[j], :]``: gather a few source rows into a
+    small buffer (contiguous reads) and write them transposed (in cache), two threads at once.
+    """
+    last = nf.in_groups[-1]
+    n = len(last)
+    if not last or nf.out_atoms[:n] != last or nf.flipped & set(last):
+        return None
+    width = x.shape[-1]
+    height = x.size // width
+    rest = [a for a in nf.in_atoms if a not in last]
+    order = [rest.index(a) for a in nf.out_atoms[n:]]
+    rows = np.arange(height).reshape([nf.sizes[a] for a in rest] or [1]).transpose(order or [0])
+    rows = rows[tuple(slice(None, None, -1) if a in nf.flipped else slice(None) for a in nf.out_atoms[n:])]
+    rows = rows.ravel()
+    src = x.reshape(height, width)
+    out = np.empty((width, height), dtype=x.dtype)
+    step = 16
+
+    def block(j0: int) -> None:
+        out[:, j0 : j0 + step] = np.take(src, rows[j0 : j0 + step], axis=0).T
+
+    list(_pool().map(block, range(0, height, step)))
+    return out.reshape(tuple(nf_out_shape(nf)))
+
+
+def nf_out_shape(nf: Any) -> list[int]:
+    return [math.prod(nf.sizes[a] for a in g) for g in nf.out_groups]
+
+
+def blocked_copy(out: np.ndarray, src: np.ndarray) -> None:
+    """``out[...] = src`` for a C-contiguous ``out``, in cache-sized tiles.
+
+    Copying a transposed view in one go streams through the source with large jumps, and
+    each cache line read is evicted before its neighbours are used. Halving the largest
+    axis until a tile fits in cache keeps both sides of every tile resident while it is
+    copied: the same idea as a cache-oblivious matrix transpose, for any rank.
+    """
+    if out.nbytes < _BLOCKED_MIN_BYTES or src.flags.c_contiguous:
+        np.copyto(out, src)
+        return
+    tile = list(out.shape)
+    while math.prod(tile) * out.itemsize > _BLOCK_BYTES:
+        axis = tile.index(max(tile))
+        tile[axis] = -(-tile[axis] // 2)
+    grid = [range(0, n, t) for n, t in zip(out.shape, tile)]
+    for corner in itertools.product(*grid):
+        index = tuple(slice(c, c + t) for c, t in zip(corner, tile))
+        np.copyto(out[index], src[index])
+
+
+class TorchOps(ArrayOps):
+    framework = "torch"
+
+    def is_array(self, x: Any) -> bool:
+        torch = sys.modules.get("torch")
+        return torch is not None and isinstance(x, torch.Tensor)
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        return x.reshape(shape)
+
+    def transpose(self, x: Any, perm: tuple[int, ...]) -> Any:
+        return x.permute(perm)
+
+    def flip(self, x: Any, axes: tuple[int, ...]) -> Any:
+        return x.flip(axes)
+
+    def finish(self, x: Any) -> Any:
+        return x.contiguous()
+
+
+class TensorflowOps(ArrayOps):
+    framework = "tensorflow"
+
+    def is_array(self, x: Any) -> bool:
+        tf = sys.modules.get("tensorflow")
+        return tf is not None and (isinstance(x, (tf.Tensor, tf.Variable)))
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        return sys.modules["tensorflow"].reshape(x, shape)
+
+    def transpose(self, x: Any, perm: tuple[int, ...]) -> Any:
+        return sys.modules["tensorflow"].transpose(x, perm)
+
+    def flip(self, x: Any, axes: tuple[int, ...]) -> Any:
+        return sys.modules["tensorflow"].reverse(x, axes)
+
+    def finish(self, x: Any) -> Any:
+        return sys.modules["tensorflow"].identity(x)
+
+
+class JaxOps(ArrayOps):
+    framework = "jax"
+
+    def is_array(self, x: Any) -> bool:
+        jax = sys.modules.get("jax")
+        return jax is not None and isinstance(x, jax.Array)
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        return x.reshape(shape)
+
+    def transpose(self, x: Any, perm: tuple[int, ...]) -> Any:
+        return x.transpose(perm)
+
+    def flip(self, x: Any, axes: tuple[int, ...]) -> Any:
+        return sys.modules["jax.numpy"].flip(x, axes)
+
+
+_REGISTRY: tuple[ArrayOps, ...] = (NumpyOps(), TorchOps(), TensorflowOps(), JaxOps())
+
+
+def ops_for(x: Any) -> ArrayOps:
+    """The :class:`ArrayOps` for ``x``'s kind, or a clear error."""
+    for ops in _REGISTRY:
+        if ops.is_array(x):
+            return ops
+    raise MappingError(
+        f"array of type={type(x).__module__}.{type(x).__qualname__} is not supported: "
+        "expected a numpy, torch, tensorflow or jax array"
+    )
+
+
+def framework_of(x: Any) -> str:
+    return ops_for(x).framework

@@ -1,0 +1,178 @@
+"""Presets: the layer conventions of real systems, as spec factories.
+
+``spec("keras:dense", channels=512, spatial=(7, 7), units=4096)`` builds the
+:class:`~equivcheck.specs.DenseSpec` of a Keras ``Flatten → Dense`` reading a 7×7×512 map.
+Layers: ``dense``, ``conv`` (rank from ``spatial``), ``conv_transpose`` and ``depthwise``.
+Every fact in this table is pinned by a test on the real framework where it is installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from equivcheck.errors import SpecError
+from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, spatial_letters
+
+__all__ = ["LAYERS", "PRESETS", "Preset", "spec"]
+
+LAYERS = ("dense", "conv", "conv_transpose", "depthwise")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One system's conventions. Layouts use ``S`` for the spatial letters (``"OIS"`` → ``"OIHW"``)."""
+
+    name: str
+    summary: str
+    data_format: str
+    flatten: str  # which order the Flatten linearises the map in: channels_first / channels_last
+    dense_kernel: str  # "IO" or "OI"
+    conv_layout: str
+    transpose_layout: str | None
+    depthwise_layout: str | None
+    op: str = "correlate"
+
+    def layers(self) -> tuple[str, ...]:
+        return tuple(
+            name
+            for name, ok in zip(LAYERS, (True, True, self.transpose_layout, self.depthwise_layout))
+            if ok
+        )
+
+
+_CF, _CL = CHANNELS_FIRST, CHANNELS_LAST
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("keras", "Keras 3, channels_last (the default): Flatten→Dense kernel (in, out), Conv kernel HWIO",
+               _CL, _CL, "IO", "SIO", "SOI", "SIM"),
+        Preset("keras_cf", "Keras 3 with data_format='channels_first' throughout: maps NCHW, but Flatten moves "
+               "channels last before flattening and kernels stay HWIO", _CF, _CL, "IO", "SIO", "SOI", "SIM"),
+        Preset("tf", "tf.nn ops: NHWC maps, tf.reshape + tf.matmul dense (in, out), filters HWIO, "
+               "conv_transpose HWOI, depthwise (h, w, in, multiplier)", _CL, _CL, "IO", "SIO", "SOI", "SIM"),
+        Preset("torch", "PyTorch: NCHW, nn.Flatten + nn.Linear weight (out, in), Conv weight OIHW, "
+               "ConvTranspose weight IOHW, depthwise as groups=in_channels", _CF, _CF, "OI", "OIS", "IOS", "OIS"),
+        Preset("jax", "jax.lax.conv_general_dilated with its default NCHW/OIHW dimension numbers; "
+               "dense x.reshape(n, -1) @ w with w (in, out)", _CF, _CF, "IO", "OIS", "IOS", "OIS"),
+        Preset("flax", "Flax linen: NHWC, Dense kernel (in, out), Conv kernel HWIO, depthwise as "
+               "feature_group_count", _CL, _CL, "IO", "SIO", "SIO", "SIO"),
+        Preset("onnx", "ONNX: NCHW, Flatten + Gemm with transB=1 as exported by torch (weight (out, in)), "
+               "Conv weight OIHW, ConvTranspose weight IOHW", _CF, _CF, "OI", "OIS", "IOS", "OIS"),
+        Preset("caffe", "Caffe: NCHW, InnerProduct weight (out, in), Convolution OIHW, Deconvolution IOHW",
+               _CF, _CF, "OI", "OIS", "IOS", "OIS"),
+        Preset("tflite", "TensorFlow Lite: NHWC, FullyConnected weight (out, in), Conv2D filter OHWI, "
+               "TransposeConv OHWI, DepthwiseConv2D (1, h, w, out)", _CL, _CL, "OI", "OSI", "OSI", "ISO"),
+        Preset("theano", "legacy Keras 1 on Theano: NCHW ('th' ordering), Flatten in CHW order, Dense (in, out), "
+               "kernel OIHW, true convolution (kernel flipped)", _CF, _CF, "IO", "OIS", None, None, "convolve"),
+        Preset("scipy", "scipy.signal.convolve per channel pair: NCHW, true convolution (kernel flipped), "
+               "kernel OIHW, dense x.reshape(n, -1) @ w with w (in, out)", _CF, _CF, "IO", "OIS", None, "OIS",
+               "convolve"),
+    )
+}
+
+
+def _layout(template: str, rank: int) -> str:
+    return template.replace("S", spatial_letters(rank))
+
+
+def _spatial(spatial: Any, what: str) -> tuple[int, ...]:
+    if spatial is None:
+        return ()
+    if isinstance(spatial, int) and not isinstance(spatial, bool):
+        return (spatial,)
+    if not isinstance(spatial, (tuple, list)):
+        raise SpecError(f"{what}={spatial!r} is not a sequence of sizes: expected e.g. (7, 7)")
+    return tuple(spatial)
+
+
+def parse_name(name: str) -> tuple[Preset, str]:
+    """``"keras:dense"`` → (the keras preset, ``"dense"``), with errors that list the choices."""
+    if not isinstance(name, str) or name.count(":") != 1:
+        raise SpecError(f"spec name={name!r} is not PRESET:LAYER: expected e.g. 'keras:dense' or 'torch:conv'")
+    preset_name, layer = name.split(":")
+    if preset_name not in PRESETS:
+        raise SpecError(f"preset={preset_name!r} is unknown: expected one of {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
+    if layer not in preset.layers():
+        raise SpecError(f"layer={layer!r} is not available for preset {preset_name!r}: expected one of {', '.join(preset.layers())}")
+    return preset, layer
+
+
+def spec(
+    name: str,
+    *,
+    channels: int,
+    spatial: Any = (),
+    units: int | None = None,
+    kernel_size: Any = None,
+    stride: Any = 1,
+    dilation: Any = 1,
+    padding: Any = "valid",
+    groups: int = 1,
+    multiplier: int | None = None,
+    output_padding: Any = 0,
+    bias: bool = True,
+    **overrides: Any,
+) -> LayerSpec:
+    """Build the spec of a named preset's layer.
+
+    ``channels`` and ``spatial`` describe the feature map the layer reads; ``units`` is the
+    output width (out channels for a conv). A ``conv`` without ``kernel_size`` covers the
+    whole map. ``depthwise`` takes ``multiplier`` (or ``units`` = channels × multiplier).
+    Any spec field may be overridden by keyword, e.g. ``data_format="channels_first"``.
+    """
+    preset, layer = parse_name(name)
+    spatial_t = _spatial(spatial, "spatial")
+    rank = len(spatial_t)
+    if layer == "dense":
+        if units is None:
+            raise SpecError(f"units is missing for {name}: pass units=N, the dense layer's output width")
+        conv_only = {"kernel_size": kernel_size, "multiplier": multiplier}
+        given = [k for k, v in conv_only.items() if v is not None]
+        if given:
+            raise SpecError(f"{given[0]} does not apply to a dense layer ({name})")
+        fields = dict(
+            channels=channels, spatial=spatial_t, units=units, data_format=preset.data_format,
+            flatten=preset.flatten, kernel_layout=preset.dense_kernel, bias=bias, name=name,
+        )
+        fields.update(overrides)
+        return DenseSpec(**fields)
+
+    if rank == 0 and kernel_size is None:
+        raise SpecError(f"spatial is missing for {name}: pass the input map's size, e.g. spatial=(7, 7)")
+    ks = _spatial(kernel_size, "kernel_size") if kernel_size is not None else spatial_t
+    if rank == 0:
+        rank, spatial_t = len(ks), ks
+    if not 1 <= rank <= 3:
+        raise SpecError(f"spatial={spatial_t} has {rank} axes: a convolution needs 1, 2 or 3")
+    fields = dict(
+        in_channels=channels, kernel_size=ks, spatial=spatial_t, stride=stride, dilation=dilation,
+        padding=padding, data_format=preset.data_format, op=preset.op, bias=bias, name=name,
+    )
+    if layer == "depthwise":
+        if multiplier is None:
+            if units is None:
+                multiplier = 1
+            elif isinstance(units, int) and units % channels == 0:
+                multiplier = units // channels
+            else:
+                raise SpecError(f"units={units} is not a multiple of channels={channels}: a depthwise conv outputs channels × multiplier")
+        if groups not in (1, channels):
+            raise SpecError(f"groups={groups} does not apply to depthwise ({name}): it is always groups=channels")
+        fields.update(out_channels=channels * multiplier, groups=channels,
+                      kernel_layout=_layout(preset.depthwise_layout, rank))
+    else:
+        if units is None:
+            raise SpecError(f"units is missing for {name}: pass units=N, the number of output channels")
+        if multiplier is not None:
+            raise SpecError(f"multiplier does not apply to {name}: only depthwise layers take it")
+        template = preset.conv_layout if layer == "conv" else preset.transpose_layout
+        fields.update(out_channels=units, groups=groups, kernel_layout=_layout(template, rank),
+                      transposed=layer == "conv_transpose", output_padding=output_padding)
+    fields.update(overrides)
+    try:
+        return ConvSpec(**fields)
+    except TypeError as exc:
+        raise SpecError(f"bad argument for {name}: {exc}") from None

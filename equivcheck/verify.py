@@ -1,0 +1,295 @@
+"""Verify a conversion on real layers: spec pair + converter + backends → :class:`Case`.
+
+Weights and inputs are drawn once; the source layer runs on one backend, the converted
+target on another, both are compared with the exact result (float64 numpy on the very same
+rounded values) under :mod:`equivcheck.compare`'s bound, and every mutant of
+:mod:`equivcheck.mutations` must be rejected on the same data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from equivcheck import backends as _backends
+from equivcheck.backends.base import np_dtype
+from equivcheck.backends.numpy import forward as np_forward
+from equivcheck.compare import Comparison, accumulation_dtype, compare
+from equivcheck.errors import EquivcheckError, SpecError, VerificationError
+from equivcheck.mapping import Mapping
+from equivcheck.plan import plan
+from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec
+
+__all__ = ["Case", "MutationOutcome", "draw", "verify", "verify_pair"]
+
+Converter = Callable[[np.ndarray, "np.ndarray | None"], tuple[np.ndarray, "np.ndarray | None"]]
+
+
+@dataclass(frozen=True)
+class MutationOutcome:
+    name: str
+    description: str
+    outcome: str  # "rejected" | "not rejected" | "ambiguous"
+    max_error_ratio: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "outcome": self.outcome,
+                "max_error_ratio": self.max_error_ratio}
+
+
+@dataclass
+class Case:
+    """One conversion checked on one backend pair in one dtype."""
+
+    source: LayerSpec
+    target: LayerSpec
+    source_backend: str
+    target_backend: str
+    dtype: str
+    verdict: str  # "pass" | "fail" | "inconclusive" | "skip" | "error"
+    mapping: Mapping | None = None
+    comparison: Comparison | None = None
+    source_comparison: Comparison | None = None
+    mutations: list[MutationOutcome] = field(default_factory=list)
+    reason: str = ""
+    seed: int = 0
+    errors: dict[str, Any] = field(default_factory=dict, repr=False)  # error maps for pictures
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    def title(self) -> str:
+        return f"{self.source.name or self.source.kind} → {self.target.name or self.target.kind}"
+
+    def to_dict(self) -> dict[str, Any]:
+        from equivcheck.serialize import spec_to_dict
+
+        return {
+            "source": spec_to_dict(self.source),
+            "target": spec_to_dict(self.target),
+            "source_backend": self.source_backend,
+            "target_backend": self.target_backend,
+            "dtype": self.dtype,
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "seed": self.seed,
+            "mapping": None if self.mapping is None else {
+                **self.mapping.to_dict(),
+                "code": {lang: self.mapping.code(lang) for lang in ("numpy", "torch", "einops")},
+            },
+            "comparison": None if self.comparison is None else self.comparison.to_dict(),
+            "source_comparison": None if self.source_comparison is None else self.source_comparison.to_dict(),
+            "mutations": [m.to_dict() for m in self.mutations],
+        }
+
+
+# -- data --------------------------------------------------------------------------------
+def draw(spec: LayerSpec, dtype: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """Random kernel and bias for ``spec``, rounded to ``dtype``.
+
+    Normal with fan-in scaling: no two weights equal, no symmetry a flip could hide behind.
+    """
+    dt = np_dtype(dtype)
+    fan_in = max(1, math.prod(spec.kernel_shape) // max(spec.out_channels, 1))
+    kernel = (rng.standard_normal(spec.kernel_shape) / math.sqrt(fan_in)).astype(dt)
+    bias = rng.standard_normal(spec.bias_shape).astype(dt) if spec.bias else None
+    return kernel, bias
+
+
+def canonical_input(spec: LayerSpec, batch: int, dtype: str, rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((batch, spec.channels, *spec.spatial)).astype(np_dtype(dtype))
+
+
+def to_layout(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(x, 1, -1)) if spec.data_format == CHANNELS_LAST and x.ndim > 2 else x
+
+
+def from_layout(y: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    return np.moveaxis(y, -1, 1) if spec.data_format == CHANNELS_LAST and y.ndim > 2 else y
+
+
+def _aligned(spec: LayerSpec, other: LayerSpec) -> tuple[Callable, Callable]:
+    """Input and output adapters so both layers of a pair see the same map and give the same output.
+
+    A dense layer on plain features beside a pointwise conv runs once per map position.
+    """
+    pointwise = isinstance(spec, DenseSpec) and spec.rank == 0 and isinstance(other, ConvSpec)
+    if pointwise:
+        def run_in(x: np.ndarray) -> np.ndarray:
+            return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+
+        def run_out(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+            return np.moveaxis(y.reshape(x.shape[0], *x.shape[2:], -1), -1, 1)
+
+        return run_in, run_out
+
+    def plain_in(x: np.ndarray) -> np.ndarray:
+        return to_layout(x, spec)
+
+    def plain_out(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        y = from_layout(y, spec)
+        return y.reshape(y.shape[0], -1) if isinstance(other, DenseSpec) or isinstance(spec, DenseSpec) else y
+
+    return plain_in, plain_out
+
+
+def _input_spec(source: LayerSpec, target: LayerSpec) -> LayerSpec:
+    """The spec whose map both layers read (the conv's, when a dense one reads plain features)."""
+    if isinstance(source, DenseSpec) and source.rank == 0 and isinstance(target, ConvSpec):
+        return target
+    return source
+
+
+def _run(backend: str, spec: LayerSpec, dtype: str, kernel: np.ndarray, bias: np.ndarray | None,
+         x: np.ndarray, adapt: tuple[Callable, Callable]) -> np.ndarray:
+    layer = _backends.get(backend).build(spec, dtype)
+    layer.set_weights(kernel, bias)
+    return adapt[1](np.asarray(layer(adapt[0](x))), x)
+
+
+# -- the check ---------------------------------------------------------------------------
+def verify_pair(
+    source: LayerSpec,
+    target: LayerSpec,
+    *,
+    source_backend: str = "numpy",
+    target_backend: str = "numpy",
+    dtype: str = "float32",
+    converter: Converter | None = None,
+    seed: int = 0,
+    batch: int = 4,
+    mutations: bool = True,
+    tf32: bool = False,
+) -> Case:
+    """Check one conversion on one backend pair; never raises for a failed check, only for bad arguments."""
+    case = Case(source, target, source_backend, target_backend, dtype, "error", seed=seed)
+    for name in (source_backend, target_backend):
+        backend = _backends.get(name)
+        if not backend.available():
+            case.verdict, case.reason = "skip", f"backend {name!r} is not installed ({backend.module})"
+            return case
+        for spec in (source, target):
+            why = backend.unsupported(spec, dtype)
+            if why:
+                case.verdict, case.reason = "skip", why
+                return case
+    rng = np.random.default_rng(seed)
+    kernel, bias = draw(source, dtype, rng)
+    try:
+        mapping = plan(source, target)
+        case.mapping = mapping
+    except EquivcheckError:
+        if converter is None:
+            raise
+        mapping = None
+    convert = converter or (lambda k, b: _planned(source, target, k, b))
+    new_kernel, new_bias = _call_converter(convert, kernel, bias, target, dtype)
+
+    x = canonical_input(_input_spec(source, target), batch, dtype, rng)
+    src_adapt, tgt_adapt = _aligned(source, target), _aligned(target, source)
+    f64 = np.float64
+    exact = src_adapt[1](np_forward(source, kernel.astype(f64), None if bias is None else bias.astype(f64),
+                                    src_adapt[0](x.astype(f64))), x)
+    magnitude = src_adapt[1](np_forward(source, np.abs(kernel.astype(f64)), None if bias is None else np.abs(bias.astype(f64)),
+                                        src_adapt[0](np.abs(x.astype(f64)))), x)
+    fan_in = math.prod(source.kernel_shape) // max(source.out_channels // getattr(source, "groups", 1), 1)
+    acc = accumulation_dtype(dtype, tf32=tf32)
+
+    def judge(y: np.ndarray) -> Comparison:
+        return compare(y, exact, magnitude, dtype=dtype, fan_in=fan_in, accumulate=acc)
+
+    y_src = _run(source_backend, source, dtype, kernel, bias, x, src_adapt)
+    case.source_comparison = judge(y_src)
+    y_tgt = _run(target_backend, target, dtype, new_kernel, new_bias, x, tgt_adapt)
+    case.comparison = judge(y_tgt)
+    case.errors = {"output": np.abs(y_tgt.astype(f64) - exact), "kernel": None}
+    if not case.source_comparison.passed:
+        case.verdict = "error"
+        case.reason = f"the source layer on {source_backend} disagrees with the numpy reference: {case.source_comparison.summary()}"
+        return case
+    if not case.comparison.passed:
+        case.verdict = "fail"
+        case.reason = case.comparison.summary()
+    else:
+        case.verdict = "pass"
+    if mutations and mapping is not None:
+        _check_mutants(case, mapping, kernel, bias, new_bias, x, tgt_adapt, judge)
+    return case
+
+
+def _planned(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None) -> tuple:
+    from equivcheck.plan import convert
+
+    return convert(source, target, kernel, bias)
+
+
+def _call_converter(convert: Converter, kernel: np.ndarray, bias: np.ndarray | None, target: LayerSpec,
+                    dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    result = convert(kernel.copy(), None if bias is None else bias.copy())
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise SpecError(f"converter returned {type(result).__name__}: expected a (kernel, bias) tuple")
+    new_kernel, new_bias = (None if r is None else np.asarray(_to_numpy(r)) for r in result)
+    if new_kernel is None or new_kernel.shape != target.kernel_shape:
+        got = None if new_kernel is None else new_kernel.shape
+        raise VerificationError(f"converter returned a kernel of shape={got}: the target expects {target.kernel_shape}")
+    if target.bias and (new_bias is None or new_bias.shape != target.bias_shape):
+        got = None if new_bias is None else new_bias.shape
+        raise VerificationError(f"converter returned a bias of shape={got}: the target expects {target.bias_shape}")
+    dt = np_dtype(dtype)
+    return new_kernel.astype(dt), None if new_bias is None or not target.bias else new_bias.astype(dt)
+
+
+def _to_numpy(a: Any) -> Any:
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    if hasattr(a, "numpy") and not isinstance(a, np.ndarray):
+        return a.numpy()
+    return a
+
+
+def _check_mutants(case: Case, mapping: Mapping, kernel: np.ndarray, bias: np.ndarray | None,
+                   new_bias: np.ndarray | None, x: np.ndarray, adapt: tuple, judge: Callable) -> None:
+    from equivcheck.mutations import mutants
+
+    layer = _backends.get(case.target_backend).build(case.target, case.dtype)
+    for mutant in mutants(case.source, case.target, mapping):
+        if mutant.ambiguous:
+            case.mutations.append(MutationOutcome(mutant.name, mutant.description, "ambiguous"))
+            continue
+        layer.set_weights(mutant.mapping.apply(kernel), new_bias)
+        result = judge(adapt[1](np.asarray(layer(adapt[0](x))), x))
+        outcome = "not rejected" if result.passed else "rejected"
+        case.mutations.append(MutationOutcome(mutant.name, mutant.description, outcome, result.max_error_ratio))
+    missed = [m.name for m in case.mutations if m.outcome == "not rejected"]
+    if case.verdict == "pass" and missed:
+        case.verdict = "inconclusive"
+        case.reason = f"these wrong conversions also pass on this data: {', '.join(missed)}"
+
+
+def verify(
+    source: LayerSpec,
+    target: LayerSpec,
+    *,
+    backends: Sequence[str] | Sequence[tuple[str, str]] = ("numpy",),
+    dtypes: Sequence[str] = ("float32",),
+    converter: Converter | None = None,
+    seed: int = 0,
+    batch: int = 4,
+    mutations: bool = True,
+) -> list[Case]:
+    """Check a conversion on every ordered pair of ``backends`` (or the given pairs) and dtype."""
+    pairs = [p if isinstance(p, tuple) else None for p in backends]
+    if any(p is None for p in pairs):
+        names = list(backends)
+        pairs = [(a, b) for a in names for b in names]
+    return [
+        verify_pair(source, target, source_backend=a, target_backend=b, dtype=dt, converter=converter,
+                    seed=seed, batch=batch, mutations=mutations)
+        for dt in dtypes
+        for a, b in pairs
+    ]
