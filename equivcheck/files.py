@@ -102,14 +102,13 @@ def save_arrays(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], *, 
     p = Path(path)
     if p.suffix not in (".npz", ".npy"):
         raise FileFormatError(f"output={str(p)!r} has suffix {p.suffix!r}: expected .npz or .npy")
-    with atomic_path(p, force=force, protect=protect) as tmp:
-        with open(tmp, "wb") as fh:
-            if p.suffix == ".npy":
-                if len(arrays) != 1:
-                    raise FileFormatError(f"output={str(p)!r} is .npy, which holds one array: use .npz for kernel and bias")
-                np.save(fh, next(iter(arrays.values())), allow_pickle=False)
-            else:
-                np.savez(fh, **arrays)
+    with atomic_path(p, force=force, protect=protect) as tmp, open(tmp, "wb") as fh:
+        if p.suffix == ".npy":
+            if len(arrays) != 1:
+                raise FileFormatError(f"output={str(p)!r} is .npy, which holds one array: use .npz for kernel and bias")
+            np.save(fh, next(iter(arrays.values())), allow_pickle=False)
+        else:
+            np.savez(fh, **arrays)
 
 
 def convert_file(source: LayerSpec, target: LayerSpec, input: str | os.PathLike[str], output: str | os.PathLike[str], *,

@@ -374,6 +374,11 @@ class Mapping:
         return Mapping(self.in_shape, self._simple_ops, names=self.names)
 
     @property
+    def regular(self) -> bool:
+        """Whether every reshape only splits or merges axes (always so for planner mappings)."""
+        return self._normal is not None
+
+    @property
     def is_identity(self) -> bool:
         return not self._simple_ops
 
@@ -395,10 +400,10 @@ class Mapping:
     # -- application ------------------------------------------------------------------------
     def apply(self, array: Any) -> Any:
         """Apply to a numpy, torch, tensorflow or jax array; returns the same kind, contiguous."""
-        shape = tuple(int(s) for s in getattr(array, "shape", ()))
+        ops = _arrays.ops_for(array)
+        shape = tuple(int(s) for s in array.shape)
         if shape != self.in_shape:
             raise MappingError(f"mapping expects an array of shape={self.in_shape}, got shape={shape}")
-        ops = _arrays.ops_for(array)
         if isinstance(ops, _arrays.NumpyOps):
             return ops.apply(array, self._simple_ops, self._normal)
         return ops.apply(array, self._simple_ops)

@@ -8,6 +8,7 @@ Every fact in this table is pinned by a test on the real framework where it is i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,8 +138,7 @@ def spec(
             channels=channels, spatial=spatial_t, units=units, data_format=preset.data_format,
             flatten=preset.flatten, kernel_layout=preset.dense_kernel, bias=bias, name=name,
         )
-        fields.update(overrides)
-        return DenseSpec(**fields)
+        return _build(DenseSpec, fields, overrides, name)
 
     if rank == 0 and kernel_size is None:
         raise SpecError(f"spatial is missing for {name}: pass the input map's size, e.g. spatial=(7, 7)")
@@ -171,8 +171,12 @@ def spec(
         template = preset.conv_layout if layer == "conv" else preset.transpose_layout
         fields.update(out_channels=units, groups=groups, kernel_layout=_layout(template, rank),
                       transposed=layer == "conv_transpose", output_padding=output_padding)
-    fields.update(overrides)
-    try:
-        return ConvSpec(**fields)
-    except TypeError as exc:
-        raise SpecError(f"bad argument for {name}: {exc}") from None
+    return _build(ConvSpec, fields, overrides, name)
+
+
+def _build(cls: type, fields: dict[str, Any], overrides: dict[str, Any], name: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise SpecError(f"{cls.__name__} has no field {unknown[0]!r} (in spec {name!r}): expected one of {', '.join(sorted(known))}")
+    return cls(**{**fields, **overrides})

@@ -260,12 +260,12 @@ class ConvSpec:
         else:
             _layout("kernel_layout", layout, "OI" + letters)
         set_(self, "kernel_layout", layout)
+        if any(self.output_padding) and not self.transposed:
+            raise SpecError(f"output_padding={self.output_padding} only applies to transposed convolutions")
         if any(o >= max(s, d) for o, s, d in zip(self.output_padding, self.stride, self.dilation)):
             raise SpecError(
                 f"output_padding={self.output_padding} must be smaller than stride={self.stride} or dilation={self.dilation}"
             )
-        if any(self.output_padding) and not self.transposed:
-            raise SpecError(f"output_padding={self.output_padding} only applies to transposed convolutions")
         if self.transposed and pad == "same":
             raise SpecError("padding='same' is not supported for transposed convolutions: give integers per axis")
         _check_size("conv kernel", self.kernel_shape)

@@ -1,0 +1,95 @@
+"""The command line: plan, convert, presets, backends; one-line errors with exit 2."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from equivcheck.cli import main
+
+FC6 = ["--channels", "512", "--spatial", "7,7", "--units", "4096"]
+SMALL = ["--channels", "3", "--spatial", "4,5", "--units", "6"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_prints_code(capsys):
+    code, out, _ = run(capsys, "plan", "--from", "theano:dense", "--to", "theano:conv", *FC6)
+    assert code == 0
+    assert "w.T.reshape(4096, 512, 7, 7)[:, :, ::-1, ::-1]" in out
+
+
+def test_plan_json_contract(capsys):
+    code, out, _ = run(capsys, "plan", "--from", "keras:dense", "--to", "torch:conv", *FC6, "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert isinstance(data["ops"], list) and data["ops"][0] == {"op": "reshape", "shape": [7, 7, 512, 4096]}
+    assert set(data["code"]) >= {"numpy", "torch", "einops"}
+    assert data["code"]["numpy"] == "w.reshape(7, 7, 512, 4096).transpose(3, 2, 0, 1)"
+
+
+def test_convert_writes_a_new_file_and_refuses_to_overwrite(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    kernel, bias = rng.standard_normal((60, 6)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    src, out = tmp_path / "dense.npz", tmp_path / "conv.npz"
+    np.savez(src, kernel=kernel, bias=bias)
+    args = ["convert", "--from", "keras:dense", "--to", "torch:conv", *SMALL, str(src), str(out)]
+    assert run(capsys, *args)[0] == 0
+    with np.load(out) as f:
+        np.testing.assert_array_equal(f["kernel"], kernel.reshape(4, 5, 3, 6).transpose(3, 2, 0, 1))
+        np.testing.assert_array_equal(f["bias"], bias)
+    before = out.read_bytes()
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "already exists" in err and "--force" in err
+    assert out.read_bytes() == before
+    assert run(capsys, *args, "--force")[0] == 0
+    code, _, err = run(capsys, "convert", "--from", "keras:dense", "--to", "torch:conv", *SMALL, str(src), str(src), "--force")
+    assert code == 2 and "is the input file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.npz", "dense.npz"]  # no temp files left
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["plan", "--from", "keras:dense", "--to", "torch:conv", "--channels", "x"], "--channels: invalid int value"),
+        (["plan", "--from", "keras:dense", "--to", "torch:conv", "--units", "3"], "--channels is required"),
+        (["plan", "--from", "keras:dense", "--to", "torch:conv", *FC6, "--kernel-size", "3,3"], "smaller than the map"),
+        (["plan", "--from", "keras:dense", "--to", "pytorch:conv", *FC6], "preset='pytorch' is unknown"),
+        (["plan", "--from", "keras:dense", "--to", "torch:conv", "--channels", "-1", "--units", "2"], "channels=-1"),
+        (["plan", "--from", "keras:dense", "--to", "torch:conv", "--channels", "2", "--spatial", "a,b", "--units", "2"], "not a comma-separated list"),
+        (["convert", "--from", "keras:dense", "--to", "torch:conv", *SMALL, "missing.npz", "out.npz"], "does not exist"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(capsys, argv, match):
+    code, _out, err = run(capsys, *argv)
+    assert code == 2
+    assert match in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_shape_mismatch_in_file_is_a_user_error(tmp_path, capsys):
+    src = tmp_path / "w.npy"
+    np.save(src, np.zeros((10, 6), np.float32))
+    code, _, err = run(capsys, "convert", "--from", "keras:dense", "--to", "torch:conv", *SMALL, str(src), str(tmp_path / "o.npz"))
+    assert code == 2 and "kernel shape=(10, 6)" in err and "expected (60, 6)" in err
+
+
+def test_presets_and_backends_list(capsys):
+    code, out, _ = run(capsys, "presets")
+    assert code == 0 and "theano" in out and "conv_transpose" in out
+    code, out, _ = run(capsys, "backends", "--json")
+    rows = json.loads(out)
+    assert code == 0 and {"name": "numpy", "module": "numpy", "available": True, "version": np.__version__} in rows
+
+
+def test_python_dash_m_and_console_script_work():
+    out = subprocess.run([sys.executable, "-m", "equivcheck", "plan", "--from", "keras:dense", "--to", "torch:conv", *SMALL],
+                         capture_output=True, text=True, check=True).stdout
+    assert "w.reshape(4, 5, 3, 6).transpose(3, 2, 0, 1)" in out

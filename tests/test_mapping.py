@@ -1,0 +1,204 @@
+"""The Mapping algebra: construction, normal form, inverse, composition, rendering, dispatch."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from equivcheck import Flip, Mapping, MappingError, Reshape, Transpose
+
+
+def reference_apply(m: Mapping, x: np.ndarray) -> np.ndarray:
+    """The ops one by one, the obvious way: the oracle for the fast paths."""
+    for op in m.ops:
+        if isinstance(op, Reshape):
+            x = x.reshape(op.shape)
+        elif isinstance(op, Transpose):
+            x = x.transpose(op.perm)
+        else:
+            x = np.flip(x, op.axes)
+    return x
+
+
+def evaluate(code: str, w):
+    from einops import rearrange
+
+    return eval(code, {"w": w, "rearrange": rearrange})
+
+
+@st.composite
+def mappings(draw, max_ops=5):
+    """Random chains of splits/merges, transposes and flips on a small shape."""
+    factors = draw(st.lists(st.integers(1, 4), min_size=1, max_size=5))
+    shape = tuple(factors)
+    m = Mapping.identity(shape)
+    for _ in range(draw(st.integers(0, max_ops))):
+        cur = m.out_shape
+        kind = draw(st.sampled_from(["transpose", "flip", "merge", "split"]))
+        if kind == "transpose":
+            m = m.transpose(*draw(st.permutations(range(len(cur)))))
+        elif kind == "flip":
+            m = m.flip(*draw(st.sets(st.integers(0, len(cur) - 1))))
+        elif kind == "merge" and len(cur) > 1:
+            i = draw(st.integers(0, len(cur) - 2))
+            m = m.reshape(*cur[:i], cur[i] * cur[i + 1], *cur[i + 2 :])
+        elif kind == "split":
+            i = draw(st.integers(0, len(cur) - 1))
+            divisors = [d for d in range(1, cur[i] + 1) if cur[i] % d == 0]
+            d = draw(st.sampled_from(divisors))
+            m = m.reshape(*cur[:i], d, cur[i] // d, *cur[i + 1 :])
+    return m
+
+
+def probe(shape):
+    return np.arange(math.prod(shape), dtype=np.float64).reshape(shape)
+
+
+class TestAlgebra:
+    @given(mappings())
+    def test_apply_matches_ops_one_by_one(self, m):
+        x = probe(m.in_shape)
+        np.testing.assert_array_equal(m.apply(x), reference_apply(m, x))
+
+    @given(mappings())
+    def test_simplify_is_equivalent_and_short(self, m):
+        s = m.simplify()
+        x = probe(m.in_shape)
+        np.testing.assert_array_equal(reference_apply(s, x), reference_apply(m, x))
+        assert len(s.ops) <= 4, s.ops
+
+    @given(mappings())
+    def test_inverse_round_trips(self, m):
+        x = probe(m.in_shape)
+        np.testing.assert_array_equal(m.inverse().apply(m.apply(x)), x)
+        assert m.then(m.inverse()).is_identity
+
+    @given(mappings(), st.data())
+    def test_composition_applies_in_order(self, m, data):
+        x = probe(m.in_shape)
+        n = Mapping.identity(m.out_shape).transpose(*data.draw(st.permutations(range(len(m.out_shape)))))
+        np.testing.assert_array_equal(m.then(n).apply(x), n.apply(m.apply(x)))
+
+    @given(mappings())
+    def test_rendered_code_evaluates_to_apply(self, m):
+        torch = pytest.importorskip("torch", reason="torch not installed: torch code rendering is checked with it")
+        x = probe(m.in_shape)
+        expected = m.apply(x)
+        np.testing.assert_array_equal(evaluate(m.code("numpy"), x), expected)
+        if m.regular:
+            np.testing.assert_array_equal(evaluate(m.code("einops"), x), expected)
+        else:
+            with pytest.raises(MappingError, match="einops cannot express"):
+                m.code("einops")
+        np.testing.assert_array_equal(evaluate(m.code("torch"), torch.from_numpy(x)).numpy(), expected)
+
+    @given(mappings())
+    def test_dict_round_trip(self, m):
+        assert Mapping.from_dict(m.to_dict()) == m
+
+
+class TestNormalForm:
+    def test_keras_dense_to_torch_conv_reads_as_one_liner(self):
+        m = Mapping.identity((25088, 4096)).transpose(1, 0).reshape(4096, 7, 7, 512).transpose(0, 3, 1, 2)
+        assert m.code() == "w.reshape(7, 7, 512, 4096).transpose(3, 2, 0, 1)"
+        assert m.code("torch") == "w.reshape(7, 7, 512, 4096).permute(3, 2, 0, 1)"
+
+    def test_theano_case_permutes_before_splitting(self):
+        m = Mapping.identity((25088, 4096)).transpose(1, 0).reshape(4096, 512, 7, 7).flip(2, 3)
+        assert m.code() == "w.T.reshape(4096, 512, 7, 7)[:, :, ::-1, ::-1]"
+
+    def test_double_flip_and_double_transpose_cancel(self):
+        m = Mapping.identity((3, 4)).flip(0).transpose(1, 0).transpose(1, 0).flip(0)
+        assert m.is_identity
+        assert m.code() == "w"
+
+    def test_flip_of_merged_axis_is_flip_of_each_part(self):
+        m = Mapping.identity((2, 3)).reshape(6).flip(0).reshape(2, 3)
+        assert m.simplify().ops == (Flip((0, 1)),)
+
+    def test_size_one_flip_is_a_no_op(self):
+        assert Mapping.identity((1, 5)).flip(0).is_identity
+        assert not Mapping.identity((2, 5)).flip(0).is_identity
+
+    def test_irregular_reshape_falls_back_but_stays_correct(self):
+        m = Mapping.identity((4, 6)).transpose(1, 0).reshape(4, 6)
+        x = probe((4, 6))
+        np.testing.assert_array_equal(m.apply(x), x.T.reshape(4, 6))
+        with pytest.raises(MappingError, match="einops"):
+            m.code("einops")
+
+    def test_equivalent_compares_element_placement(self):
+        a = Mapping.identity((2, 2)).transpose(1, 0)
+        b = Mapping.identity((2, 2)).reshape(4).reshape(2, 2).transpose(1, 0)
+        assert a.equivalent(b)
+        assert not a.equivalent(Mapping.identity((2, 2)))
+
+
+class TestErrors:
+    def test_wrong_input_shape_names_both_shapes(self):
+        m = Mapping.identity((6, 4)).transpose(1, 0)
+        with pytest.raises(MappingError, match=r"shape=\(6, 4\), got shape=\(4, 6\)"):
+            m.apply(np.zeros((4, 6)))
+
+    @pytest.mark.parametrize(
+        "build, match",
+        [
+            (lambda: Mapping.identity((6,)).reshape(4), "6 elements"),
+            (lambda: Mapping.identity((2, 3)).transpose(0, 0), "not a permutation"),
+            (lambda: Mapping.identity((2, 3)).transpose(0, 1, 2), "expected 2 axes"),
+            (lambda: Mapping.identity((2, 3)).flip(2), "does not fit"),
+            (lambda: Mapping.identity((2,)).then(Mapping.identity((3,))), "cannot compose"),
+            (lambda: Mapping.identity((2.5,)), "not a sequence of integers"),
+            (lambda: Mapping.identity((2, 3)).code("jax"), "lang='jax'"),
+        ],
+    )
+    def test_bad_construction_is_one_clear_line(self, build, match):
+        with pytest.raises(MappingError, match=match) as info:
+            build()
+        assert "\n" not in str(info.value)
+
+    def test_unknown_array_kind_is_refused(self):
+        with pytest.raises(MappingError, match="expected a numpy, torch, tensorflow or jax array"):
+            Mapping.identity((2,)).apply([1.0, 2.0])
+
+
+class TestArrayKinds:
+    m = Mapping.identity((12, 5)).transpose(1, 0).reshape(5, 3, 2, 2).flip(2, 3)
+
+    def expected(self):
+        return self.m.apply(probe((12, 5)))
+
+    def test_numpy_returns_a_fresh_contiguous_array(self):
+        x = probe((12, 5))
+        y = Mapping.identity((12, 5)).apply(x)
+        assert y.flags.c_contiguous and not np.shares_memory(x, y)
+
+    def test_large_arrays_take_the_blocked_paths(self):
+        x = np.random.default_rng(0).standard_normal((8 * 3 * 3 * 16, 700)).astype(np.float32)
+        for m in (
+            Mapping.identity(x.shape).transpose(1, 0).reshape(700, 3, 3, 16, 8).transpose(0, 4, 3, 1, 2).flip(3),
+            Mapping.identity(x.shape).reshape(8, 3, 3, 16, 700).transpose(2, 4, 0, 3, 1).flip(0, 2),
+        ):
+            np.testing.assert_array_equal(m.apply(x), np.ascontiguousarray(reference_apply(m, x)))
+            np.testing.assert_array_equal(m.inverse().apply(m.apply(x)), x)
+
+    def test_torch(self):
+        torch = pytest.importorskip("torch", reason="torch not installed")
+        y = self.m.apply(torch.from_numpy(probe((12, 5))))
+        assert isinstance(y, torch.Tensor) and y.is_contiguous()
+        np.testing.assert_array_equal(y.numpy(), self.expected())
+
+    def test_tensorflow(self, tf):
+        y = self.m.apply(tf.constant(probe((12, 5))))
+        assert tf.is_tensor(y)
+        np.testing.assert_array_equal(y.numpy(), self.expected())
+
+    def test_jax(self):
+        jnp = pytest.importorskip("jax.numpy", reason="jax not installed")
+        import jax
+
+        y = self.m.apply(jnp.asarray(probe((12, 5)).astype(np.float32)))
+        assert isinstance(y, jax.Array)
+        np.testing.assert_array_equal(np.asarray(y), self.expected())
