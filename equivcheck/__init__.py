@@ -22,12 +22,14 @@ from equivcheck.mapping import Flip, Mapping, Reshape, Transpose
 from equivcheck.plan import canonical, convert, plan
 from equivcheck.presets import PRESETS, spec
 from equivcheck.specs import ConvSpec, DenseSpec
+from equivcheck.verify import Case, verify, verify_pair
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
     "BackendUnavailable",
+    "Case",
     "ConvSpec",
     "DenseSpec",
     "EquivcheckError",
@@ -44,4 +46,6 @@ __all__ = [
     "convert",
     "plan",
     "spec",
+    "verify",
+    "verify_pair",
 ]

@@ -45,6 +45,9 @@ class ArrayOps:
     def finish(self, x: Any) -> Any:
         return x
 
+    def zeros(self, like: Any, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, dtype=like.dtype)
+
 
 class NumpyOps(ArrayOps):
     framework = "numpy"
@@ -163,6 +166,9 @@ class TorchOps(ArrayOps):
     def finish(self, x: Any) -> Any:
         return x.contiguous()
 
+    def zeros(self, like: Any, shape: tuple[int, ...]) -> Any:
+        return like.new_zeros(shape)
+
 
 class TensorflowOps(ArrayOps):
     framework = "tensorflow"
@@ -183,6 +189,9 @@ class TensorflowOps(ArrayOps):
     def finish(self, x: Any) -> Any:
         return sys.modules["tensorflow"].identity(x)
 
+    def zeros(self, like: Any, shape: tuple[int, ...]) -> Any:
+        return sys.modules["tensorflow"].zeros(shape, dtype=like.dtype)
+
 
 class JaxOps(ArrayOps):
     framework = "jax"
@@ -199,6 +208,9 @@ class JaxOps(ArrayOps):
 
     def flip(self, x: Any, axes: tuple[int, ...]) -> Any:
         return sys.modules["jax.numpy"].flip(x, axes)
+
+    def zeros(self, like: Any, shape: tuple[int, ...]) -> Any:
+        return sys.modules["jax.numpy"].zeros(shape, dtype=like.dtype)
 
 
 _REGISTRY: tuple[ArrayOps, ...] = (NumpyOps(), TorchOps(), TensorflowOps(), JaxOps())

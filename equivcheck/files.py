@@ -39,7 +39,10 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = False, protect: t
         raise FileFormatError(f"output folder={str(folder)!r} does not exist: create it first")
     if not os.access(folder, os.W_OK):
         raise FileFormatError(f"output folder={str(folder)!r} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=folder)
+    except OSError as exc:
+        raise FileFormatError(f"cannot write in folder={str(folder)!r}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -79,14 +82,20 @@ def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise FileFormatError(f"input={str(p)!r} does not exist or is not a file")
+    with open(p, "rb") as fh:
+        magic = fh.read(6)
+    if magic[:1] == b"\x80":
+        raise FileFormatError(f"input={str(p)!r} is a pickle, which could run code when loaded: refused")
+    if magic != b"\x93NUMPY" and magic[:2] != b"PK":
+        raise FileFormatError(f"input={str(p)!r} is not a readable .npz/.npy file (unknown format)")
     try:
         data = np.load(p, allow_pickle=False)
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise FileFormatError(f"input={str(p)!r} holds pickled Python objects, which could run code: refused") from None
         raise FileFormatError(f"input={str(p)!r} is not a readable .npz/.npy file ({exc})") from None
-    except (OSError, EOFError) as exc:
-        raise FileFormatError(f"input={str(p)!r} is not a readable .npz/.npy file ({type(exc).__name__})") from None
+    except Exception as exc:  # OSError, EOFError, zipfile.BadZipFile on a truncated file
+        raise FileFormatError(f"input={str(p)!r} is truncated or corrupt ({type(exc).__name__})") from None
     if isinstance(data, np.ndarray):
         return {"kernel": data}
     try:

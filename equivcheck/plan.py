@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck import _arrays
 from equivcheck.errors import NoMapping, SpecError
 from equivcheck.mapping import Mapping
 from equivcheck.specs import ConvSpec, DenseSpec, LayerSpec
@@ -150,23 +151,31 @@ def convert(source: LayerSpec, target: LayerSpec, kernel: Any, bias: Any = None)
     target cannot hold is refused unless it is all zeros.
     """
     m = plan(source, target)
-    shape = tuple(getattr(kernel, "shape", ()))
-    if shape != m.in_shape:
-        raise SpecError(
-            f"kernel shape={shape} does not match the source spec {source.describe()}: expected {m.in_shape}"
-        )
-    new_kernel = m.apply(kernel)
+    check_weights("kernel", kernel, m.in_shape, source)
     if bias is not None:
-        bshape = tuple(getattr(bias, "shape", ()))
-        if bshape != source.bias_shape:
-            raise SpecError(f"bias shape={bshape} does not match the source spec: expected {source.bias_shape}")
+        check_weights("bias", bias, source.bias_shape, source)
+    new_kernel = m.apply(kernel)
     if not target.bias:
         if bias is not None and bool(np.any(np.asarray(bias) != 0)):
             raise NoMapping(f"the target {target.describe()} has no bias but the source bias is not zero")
         return new_kernel, None
     if bias is None:
-        return new_kernel, np.zeros(target.bias_shape, dtype=np.asarray(new_kernel).dtype if isinstance(new_kernel, np.ndarray) else np.float32)
+        return new_kernel, _arrays.ops_for(new_kernel).zeros(new_kernel, target.bias_shape)
     return new_kernel, _copy(bias)
+
+
+def check_weights(name: str, array: Any, shape: tuple[int, ...], spec: LayerSpec) -> None:
+    """Refuse weights of the wrong shape, a non-float dtype, or holding NaN/Inf."""
+    got = tuple(int(s) for s in getattr(array, "shape", ()))
+    if not hasattr(array, "shape"):
+        raise SpecError(f"{name} of type={type(array).__name__} is not an array: expected a numpy, torch, tensorflow or jax array")
+    if got != shape:
+        raise SpecError(f"{name} shape={got} does not match {spec.describe()}: expected {shape}")
+    values = np.asarray(array)
+    if not (np.issubdtype(values.dtype, np.floating) or values.dtype.name == "bfloat16"):
+        raise SpecError(f"{name} dtype={values.dtype} is not a floating-point type: expected float16/bfloat16/float32/float64 weights")
+    if not np.all(np.isfinite(values.astype(np.float32) if values.dtype.name == "bfloat16" else values)):
+        raise SpecError(f"{name} holds NaN or Inf: a conversion of non-finite weights cannot be verified; fix the weights first")
 
 
 def _copy(array: Any) -> Any:

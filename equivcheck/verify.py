@@ -22,7 +22,7 @@ from equivcheck.compare import Comparison, accumulation_dtype, compare
 from equivcheck.errors import EquivcheckError, SpecError, VerificationError
 from equivcheck.mapping import Mapping
 from equivcheck.plan import plan
-from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec
+from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, require_memory
 
 __all__ = ["Case", "MutationOutcome", "draw", "verify", "verify_pair"]
 
@@ -167,6 +167,7 @@ def verify_pair(
     tf32: bool = False,
 ) -> Case:
     """Check one conversion on one backend pair; never raises for a failed check, only for bad arguments."""
+    np_dtype(dtype)  # an unknown dtype is an error, not a skip
     case = Case(source, target, source_backend, target_backend, dtype, "error", seed=seed)
     for name in (source_backend, target_backend):
         backend = _backends.get(name)
@@ -178,6 +179,10 @@ def verify_pair(
             if why:
                 case.verdict, case.reason = "skip", why
                 return case
+    in_elems = batch * math.prod(_input_spec(source, target).input_shape)
+    out_elems = batch * max(math.prod(source.output_shape), math.prod(target.output_shape))
+    require_memory(f"verifying {source.describe()} -> {target.describe()}",
+                   8 * (6 * math.prod(source.kernel_shape) + 4 * in_elems + 8 * out_elems))
     rng = np.random.default_rng(seed)
     kernel, bias = draw(source, dtype, rng)
     try:
