@@ -1,0 +1,70 @@
+"""A small real run with two deliberately wrong converters, for the committed example report.
+
+    python -m equivcheck.report.example reports/example [--backends numpy,torch]
+
+Checks keras:dense → torch:conv and theano:dense → theano:conv with the planned mapping
+and with a hand-written converter that makes a classic mistake (flattening Keras' HWC map as
+if it were CHW; forgetting Theano's flip), plus a torch:conv → keras:conv pair whose kernel
+is smaller than the map, so the pictures show an output map too.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["example_cases", "main"]
+
+
+def _keras_as_chw(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Wrong: reads the Keras (HWC-flattened) dense kernel as if flattened CHW."""
+    return kernel.T.reshape(2, 3, 6, 7), bias
+
+
+def _theano_without_flip(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Wrong: forgets that Theano's conv flips its kernel."""
+    return kernel.T.reshape(2, 3, 5, 5), bias
+
+
+def example_cases(backends: Sequence[str] = ("numpy",), seed: int = 0) -> list[Any]:
+    """Five kinds of check (two wrong converters among them) on ``backends``."""
+    import equivcheck as ec
+    from equivcheck.verify import verify
+
+    keras_dense = ec.spec("keras:dense", channels=3, spatial=(6, 7), units=2)
+    torch_conv = ec.spec("torch:conv", channels=3, spatial=(6, 7), units=2)
+    theano_dense = ec.spec("theano:dense", channels=3, spatial=(5, 5), units=2)
+    theano_conv = ec.spec("theano:conv", channels=3, spatial=(5, 5), units=2)
+    small_torch = ec.spec("torch:conv", channels=3, spatial=(9, 9), units=2, kernel_size=(3, 3))
+    small_keras = ec.spec("keras:conv", channels=3, spatial=(9, 9), units=2, kernel_size=(3, 3))
+    pairs = [(a, b) for a in backends for b in backends]
+    return [
+        *verify(keras_dense, torch_conv, backends=pairs, seed=seed),
+        *verify(keras_dense, torch_conv, backends=[("numpy", b) for b in backends], converter=_keras_as_chw, seed=seed),
+        *verify(theano_dense, theano_conv, backends=[("numpy", "numpy")], seed=seed),
+        *verify(theano_dense, theano_conv, backends=[("numpy", "numpy")], converter=_theano_without_flip, seed=seed),
+        *verify(small_torch, small_keras, backends=[("numpy", "numpy")], seed=seed),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from equivcheck.report import write_report
+
+    parser = argparse.ArgumentParser(prog="python -m equivcheck.report.example", description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--backends", default="numpy")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    cases = example_cases([b for b in args.backends.split(",") if b], seed=args.seed)
+    for path in write_report(args.directory, cases, seed=args.seed,
+                             command=f"python -m equivcheck.report.example {args.directory} --backends {args.backends}"):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
