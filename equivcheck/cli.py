@@ -113,6 +113,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     from equivcheck.presets import PRESETS
 
+    if args.markdown:
+        from equivcheck.render import presets_markdown
+
+        print(presets_markdown(), end="")
+        return 0
     for p in PRESETS.values():
         print(f"{p.name:9s} {', '.join(p.layers()):38s} {p.summary}")
     return 0
@@ -210,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel-key", default=None, help="name of the kernel array in IN (default: guessed)")
     p.add_argument("--bias-key", default=None, help="name of the bias array in IN (default: guessed)")
 
-    add("presets", cmd_presets, "list the presets and their layers")
+    p = add("presets", cmd_presets, "list the presets and their layers")
+    p.add_argument("--markdown", action="store_true", help="print docs/presets.md")
 
     p = add("backends", cmd_backends, "list the backends and whether their framework is installed")
     p.add_argument("--json", action="store_true")

@@ -93,3 +93,12 @@ def test_python_dash_m_and_console_script_work():
     out = subprocess.run([sys.executable, "-m", "equivcheck", "plan", "--from", "keras:dense", "--to", "torch:conv", *SMALL],
                          capture_output=True, text=True, check=True).stdout
     assert "w.reshape(4, 5, 3, 6).transpose(3, 2, 0, 1)" in out
+
+
+def test_docs_preset_table_is_current(capsys):
+    from pathlib import Path
+
+    code, out, _ = run(capsys, "presets", "--markdown")
+    docs = Path(__file__).parents[1] / "docs" / "presets.md"
+    assert code == 0
+    assert docs.read_text() == out, "docs/presets.md is stale: regenerate with `equivcheck presets --markdown > docs/presets.md`"
