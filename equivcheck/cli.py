@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "the motivating case end to end: plans, verification, VGG16, reports")
     p.add_argument("--report", metavar="DIR", default="reports")
-    p.add_argument("--quick", action="store_true", help="skip the whole-model part")
+    p.add_argument("--quick", action="store_true", help="small unpadded VGG-style models instead of VGG16 (seconds, not a minute)")
 
     p = add("convolutionalize", cmd_convolutionalize, "turn a classifier's Flatten+Dense head into convs (file to file)")
     p.add_argument("input", metavar="IN")
