@@ -196,31 +196,35 @@ def _shape_after(in_shape: tuple[int, ...], ops: tuple[Op, ...]) -> tuple[int, .
 
 
 def _local_simplify(in_shape: tuple[int, ...], ops: tuple[Op, ...]) -> tuple[Op, ...]:
-    """Merge adjacent ops of one kind and drop no-ops (fallback for irregular reshapes)."""
-    out: list[Op] = []
-    for op in ops:
-        prev = out[-1] if out else None
-        if isinstance(op, Reshape) and isinstance(prev, Reshape):
-            out[-1] = op
-        elif isinstance(op, Transpose) and isinstance(prev, Transpose):
-            out[-1] = Transpose(tuple(prev.perm[p] for p in op.perm))
-        elif isinstance(op, Flip) and isinstance(prev, Flip):
-            out[-1] = Flip(tuple(set(prev.axes) ^ set(op.axes)))
-        else:
-            out.append(op)
-    result: list[Op] = []
-    shape = in_shape
-    for op in out:
-        new_shape = op.out_shape(shape)
-        noop = (
-            (isinstance(op, Reshape) and new_shape == shape)
-            or (isinstance(op, Transpose) and op.perm == tuple(range(len(op.perm))))
-            or (isinstance(op, Flip) and all(shape[a] == 1 for a in op.axes))
-        )
-        if not noop:
-            result.append(op)
-        shape = new_shape
-    return tuple(result)
+    """Merge adjacent ops of one kind and drop no-ops, until nothing changes.
+
+    The fallback for irregular reshapes, and the last tidy-up of a normal form.
+    """
+    while True:
+        out: list[Op] = []
+        shape = in_shape
+        for op in ops:
+            new_shape = op.out_shape(shape)
+            noop = (
+                (isinstance(op, Reshape) and new_shape == shape)
+                or (isinstance(op, Transpose) and op.perm == tuple(range(len(op.perm))))
+                or (isinstance(op, Flip) and all(shape[a] == 1 for a in op.axes))
+            )
+            prev = out[-1] if out else None
+            if noop:
+                pass
+            elif isinstance(op, Reshape) and isinstance(prev, Reshape):
+                out[-1] = op
+            elif isinstance(op, Transpose) and isinstance(prev, Transpose):
+                out[-1] = Transpose(tuple(prev.perm[p] for p in op.perm))
+            elif isinstance(op, Flip) and isinstance(prev, Flip):
+                out[-1] = Flip(tuple(set(prev.axes) ^ set(op.axes)))
+            else:
+                out.append(op)
+            shape = new_shape
+        if tuple(out) == ops:
+            return ops
+        ops = tuple(out)
 
 
 def _ops_from_normal_form(nf: _NormalForm, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[Op, ...]:
