@@ -18,6 +18,7 @@ from equivcheck.errors import (
     SpecError,
     VerificationError,
 )
+from equivcheck.explore import explore
 from equivcheck.mapping import Flip, Mapping, Reshape, Transpose
 from equivcheck.plan import canonical, convert, plan
 from equivcheck.presets import PRESETS, spec
@@ -44,8 +45,22 @@ __all__ = [
     "VerificationError",
     "canonical",
     "convert",
+    "convolutionalize",
+    "explore",
     "plan",
     "spec",
     "verify",
+    "verify_model",
     "verify_pair",
 ]
+
+_LAZY = {"convolutionalize": "equivcheck.models", "verify_model": "equivcheck.models"}
+
+
+def __getattr__(name: str) -> object:
+    """Whole-model functions, imported on first use (they import no framework until given a model)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'equivcheck' has no attribute {name!r}")

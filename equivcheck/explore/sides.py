@@ -1,0 +1,653 @@
+"""One side of an exploration: a layer that can be given weights and run on a canonical map.
+
+Whatever the layer is — a spec built by a backend, a torch module, a Keras layer or model, a
+plain callable — it becomes a :class:`Side`: its stored kernel shape, whether it has a bias,
+its *geometry* (a :class:`~equivcheck.specs.ConvSpec` in canonical layout: ``OIHW``
+cross-correlation, channels first; a dense layer is a conv whose kernel covers the map), the
+data format it reads, and :meth:`Side.run`, which takes a canonical ``(batch, C, *spatial)``
+map and returns a canonical ``(batch, O, *out_spatial)`` output. The layer's own weights are
+never modified: torch runs through ``torch.func.functional_call``, Keras through
+``stateless_call``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from equivcheck.errors import EquivcheckError, SpecError
+from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, DATA_FORMATS, ConvSpec, DenseSpec, LayerSpec
+
+__all__ = ["BlackBox", "Shape", "Side", "make_side"]
+
+# Which backend runs a preset's layers by default (others run on the numpy reference).
+PRESET_BACKENDS = {
+    "keras": "keras", "keras_cf": "keras", "tf": "tf", "torch": "torch", "jax": "jax", "flax": "jax", "scipy": "scipy",
+}
+# Kernels up to this many weights are probed in float64 where the layer allows it.
+FLOAT64_MAX_WEIGHTS = 1 << 24
+
+
+class ProbeError(EquivcheckError):
+    """A layer could not be run on a probe input (it raised, or returned the wrong shape)."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The shape keywords of :func:`equivcheck.explore`: what a layer does not carry itself."""
+
+    channels: int | None = None
+    spatial: tuple[int, ...] | None = None
+    units: int | None = None
+    kernel_size: tuple[int, ...] | None = None
+    stride: Any = 1
+    dilation: Any = 1
+    padding: Any = "valid"
+    groups: int = 1
+    multiplier: int | None = None
+    bias: bool = True
+
+    def need_channels(self, what: str) -> int:
+        if self.channels is None:
+            raise SpecError(f"channels is missing for {what}: pass channels=C, the channels of the map the layers read")
+        return self.channels
+
+    def spatial_or(self, default: tuple[int, ...]) -> tuple[int, ...]:
+        if self.spatial is None:
+            return tuple(default)
+        if isinstance(self.spatial, int):
+            return (self.spatial,)
+        return tuple(self.spatial)
+
+
+@dataclass
+class BlackBox:
+    """A callable ``fn(x, kernel[, bias])`` and what the explorer must know to call it.
+
+    ``kernel_shape`` is the shape of the kernel ``fn`` takes; ``data_format`` how it reads
+    the map ``x`` (``"channels_first"``: ``(batch, C, *spatial)``, or ``"channels_last"``);
+    ``dtype`` the float type to call it with. A plain function carrying these as attributes
+    (``fn.kernel_shape = (7, 7, 512, 4096)``) works as well.
+    """
+
+    fn: Callable[..., Any]
+    kernel_shape: tuple[int, ...]
+    data_format: str = CHANNELS_FIRST
+    bias: bool = True
+    dtype: str = "float64"
+    transposed: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise SpecError(f"fn={self.fn!r} is not callable: expected fn(x, kernel, bias)")
+        try:
+            self.kernel_shape = tuple(int(s) for s in self.kernel_shape)
+        except (TypeError, ValueError):
+            raise SpecError(f"kernel_shape={self.kernel_shape!r} is not a tuple of sizes") from None
+        if len(self.kernel_shape) < 2 or min(self.kernel_shape) < 1:
+            raise SpecError(f"kernel_shape={self.kernel_shape} must have 2 (dense) to 5 (3-D conv) positive sizes")
+        if self.data_format not in DATA_FORMATS:
+            raise SpecError(f"data_format={self.data_format!r} is not valid: expected 'channels_first' or 'channels_last'")
+        if self.dtype not in ("float32", "float64"):
+            raise SpecError(f"dtype={self.dtype!r} is not valid for probing: expected 'float32' or 'float64'")
+
+    @classmethod
+    def from_callable(cls, fn: Callable[..., Any]) -> BlackBox:
+        shape = getattr(fn, "kernel_shape", None)
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        if shape is None:
+            raise SpecError(
+                f"callable {name} has no kernel_shape: set fn.kernel_shape = (...) or wrap it, "
+                "equivcheck.explore.BlackBox(fn, kernel_shape=...)"
+            )
+        try:
+            params = [
+                p for p in inspect.signature(fn).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+            takes_bias = len(params) >= 3
+        except (TypeError, ValueError):
+            takes_bias = True
+        return cls(
+            fn, shape, data_format=getattr(fn, "data_format", CHANNELS_FIRST), bias=getattr(fn, "bias", takes_bias),
+            dtype=getattr(fn, "dtype", "float64"), transposed=getattr(fn, "transposed", False), name=name,
+        )
+
+
+class Side:
+    """A layer the explorer can set weights on and run. Subclasses implement :meth:`_forward`."""
+
+    framework = "numpy"
+
+    def __init__(self, *, label: str, kind: str, geometry: ConvSpec, kernel_shape: tuple[int, ...], has_bias: bool,
+                 data_format: str, dtype: str, flat_input: bool = False, rank0: bool = False) -> None:
+        self.label = label
+        self.kind = kind  # "dense" | "conv"
+        self.geometry = geometry
+        self.kernel_shape = tuple(int(s) for s in kernel_shape)
+        self.has_bias = has_bias
+        self.data_format = data_format
+        self.dtype = dtype
+        self.flat_input = flat_input
+        self.rank0 = rank0  # a dense layer on plain features: the canonical map is (C, 1)
+        self.calls = 0
+        if math.prod(self.kernel_shape) != math.prod(self.canonical_shape):
+            raise SpecError(
+                f"{label}: kernel shape={self.kernel_shape} holds {math.prod(self.kernel_shape)} weights but "
+                f"{geometry.describe()} needs {math.prod(self.canonical_shape)}: check channels, spatial, kernel_size and groups"
+            )
+
+    # -- shapes ---------------------------------------------------------------------------
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        return self.geometry.kernel_shape
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    @property
+    def weights(self) -> int:
+        return math.prod(self.kernel_shape)
+
+    def describe(self) -> str:
+        return self.label
+
+    def scratch(self) -> np.ndarray:
+        """A kernel-shaped buffer in the probe dtype, allocated once (64-byte aligned) and reused."""
+        buf = getattr(self, "_scratch", None)
+        if buf is None:
+            buf = self._scratch = aligned_empty(self.kernel_shape, self.np_dtype)
+        return buf
+
+    def share_scratch(self, other: Side) -> None:
+        """Reuse ``other``'s buffer when it has the same size and dtype (the sides are probed one after the other)."""
+        if other.np_dtype == self.np_dtype and other.weights == self.weights:
+            self._scratch = other.scratch().reshape(self.kernel_shape)
+
+    # -- running --------------------------------------------------------------------------
+    def to_input(self, x: np.ndarray) -> np.ndarray:
+        """A canonical ``(batch, C, *spatial)`` map as this layer reads it."""
+        if self.rank0:
+            x = x.reshape(x.shape[0], -1)
+        elif self.data_format == CHANNELS_LAST:
+            x = np.moveaxis(x, 1, -1)
+        if self.flat_input:
+            x = x.reshape(x.shape[0], -1)
+        return np.ascontiguousarray(x, dtype=self.np_dtype)
+
+    def from_output(self, y: np.ndarray, batch: int) -> np.ndarray:
+        """This layer's output as a canonical ``(batch, O, *out_spatial)`` array."""
+        g = self.geometry
+        expected = (batch, g.out_channels, *g.output_spatial)
+        if self.kind == "dense":
+            if y.shape != (batch, g.out_channels):
+                raise ProbeError(f"{self.label} returned shape={y.shape}: expected {(batch, g.out_channels)}")
+            return y.reshape(expected)
+        if self.data_format == CHANNELS_LAST and y.ndim > 2:
+            y = np.moveaxis(y, -1, 1)
+        if y.shape != expected:
+            raise ProbeError(f"{self.label} returned shape={tuple(y.shape)}: expected {expected} (channels first)")
+        return y
+
+    def run(self, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+        """Forward ``x`` (canonical map) with these weights; the output canonical, in float64."""
+        xin = self.to_input(x)
+        kernel = np.ascontiguousarray(kernel, dtype=self.np_dtype)
+        if bias is not None:
+            bias = np.ascontiguousarray(bias, dtype=self.np_dtype)
+        self.calls += 1
+        try:
+            y = self._forward(kernel, bias if self.has_bias else None, xin)
+        except EquivcheckError:
+            raise
+        except Exception as exc:  # the layer's own error, on our probe input
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ProbeError(
+                f"{self.label} failed on an input of shape={xin.shape} with a kernel of shape={kernel.shape}: "
+                f"{type(exc).__name__}: {first}"
+            ) from None
+        return self.from_output(np.asarray(_to_numpy(y), dtype=np.float64), x.shape[0])
+
+    def _forward(self, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> Any:
+        raise NotImplementedError
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def _to_numpy(y: Any) -> Any:
+    if isinstance(y, (tuple, list)) and len(y) == 1:
+        y = y[0]
+    if hasattr(y, "detach"):
+        return y.detach().cpu().numpy()
+    return y
+
+
+# -- geometry ------------------------------------------------------------------------------
+def dense_geometry(channels: int, spatial: tuple[int, ...], units: int, bias: bool) -> ConvSpec:
+    """A dense layer as the conv whose kernel covers its map (a 1-wide axis for plain features)."""
+    ks = tuple(spatial) or (1,)
+    return ConvSpec(channels, units, ks, spatial=ks, bias=bias)
+
+
+def conv_geometry(spec: ConvSpec) -> ConvSpec:
+    """``spec`` in canonical layout: channels first, cross-correlation, ``OI…``/``IO…`` kernel."""
+    return ConvSpec(
+        spec.in_channels, spec.out_channels, spec.kernel_size, spatial=spec.spatial, stride=spec.stride,
+        dilation=spec.dilation, padding=spec.padding, groups=spec.groups, transposed=spec.transposed,
+        output_padding=spec.output_padding, bias=spec.bias,
+    )
+
+
+def _probe_dtype(weights: int, supports64: bool) -> str:
+    return "float64" if supports64 and weights <= FLOAT64_MAX_WEIGHTS else "float32"
+
+
+# -- specs through the backends ------------------------------------------------------------
+class LayerSide(Side):
+    """A spec built by a backend (``equivcheck.backends``)."""
+
+    def __init__(self, layer: Any, label: str) -> None:
+        spec = layer.spec
+        self.layer = layer
+        self.framework = label.split("(")[-1].rstrip(")") if "(" in label else "numpy"
+        if isinstance(spec, DenseSpec):
+            geometry = dense_geometry(spec.channels, spec.spatial, spec.units, spec.bias)
+            kind = "dense"
+        else:
+            geometry, kind = conv_geometry(spec), "conv"
+        super().__init__(label=label, kind=kind, geometry=geometry, kernel_shape=spec.kernel_shape,
+                         has_bias=spec.bias, data_format=spec.data_format, dtype=layer.dtype,
+                         rank0=isinstance(spec, DenseSpec) and spec.rank == 0)
+
+    def _forward(self, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> Any:
+        from equivcheck.backends.numpy import NumpyLayer, forward
+
+        if type(self.layer) in (NumpyLayer, _Reference):  # the reference itself: run it without copying weights in
+            return forward(self.layer.spec, kernel, bias, x)
+        self.layer.set_weights(kernel, bias)
+        return self.layer(x)
+
+
+def _backend_for(spec: LayerSpec, backend: str | None) -> str:
+    from equivcheck import backends
+
+    if backend is not None:
+        if backend not in backends.BACKENDS:
+            raise SpecError(f"backend={backend!r} is unknown: expected one of {', '.join(backends.BACKENDS)}")
+        return backend
+    preset = (spec.name or "").split(":")[0]
+    name = PRESET_BACKENDS.get(preset, "numpy")
+    if name not in backends.BACKENDS:
+        return "numpy"
+    try:
+        b = backends.get(name)
+        if not b.available() or b.unsupported(spec, "float32"):
+            return "numpy"
+    except ImportError:
+        return "numpy"
+    return name
+
+
+def spec_side(spec: LayerSpec, backend: str | None) -> LayerSide:
+    from equivcheck import backends
+
+    name = _backend_for(spec, backend)
+    b = backends.get(name)
+    supports64 = b.unsupported(spec, "float64") is None
+    dtype = _probe_dtype(math.prod(spec.kernel_shape), supports64)
+    why = b.unsupported(spec, dtype)
+    if why:
+        raise SpecError(f"backend={name!r} cannot run {spec.describe()}: {why}")
+    # The numpy reference is run straight from its forward function: no weights to allocate.
+    layer = _Reference(spec, dtype) if name == "numpy" else b.build(spec, dtype)
+    return LayerSide(layer, f"{spec.name or spec.kind} ({name})")
+
+
+class _Reference:
+    """A spec on the numpy reference, without a weight buffer of its own (see :meth:`LayerSide._forward`)."""
+
+    def __init__(self, spec: LayerSpec, dtype: str) -> None:
+        self.spec, self.dtype = spec, dtype
+
+
+def preset_spec(name: str, shape: Shape) -> LayerSpec:
+    """The spec of preset layer ``name`` at the given shape (as the CLI builds it)."""
+    from equivcheck.presets import spec
+
+    channels = shape.need_channels(name)
+    common = dict(channels=channels, spatial=shape.spatial_or(()), units=shape.units, bias=shape.bias)
+    conv = dict(kernel_size=shape.kernel_size, stride=shape.stride, dilation=shape.dilation, padding=shape.padding)
+    layer = name.split(":")[-1]
+    if layer == "dense":
+        return spec(name, **common)
+    if layer == "depthwise":
+        return spec(name, **common, **conv, multiplier=shape.multiplier)
+    return spec(name, **common, **conv, groups=shape.groups)
+
+
+# -- torch ---------------------------------------------------------------------------------
+class TorchSide(Side):
+    framework = "torch"
+
+    def __init__(self, module: Any, shape: Shape) -> None:
+        import torch
+        from torch import nn
+
+        leaves = [(n, m) for n, m in module.named_modules() if any(True for _ in m.parameters(recurse=False))]
+        label = f"torch {type(module).__name__}"
+        if len(leaves) != 1:
+            raise SpecError(
+                f"{label} has {len(leaves)} layers with parameters: expected exactly one Linear or Conv "
+                "(with parameter-free layers such as Flatten around it)"
+            )
+        if any(True for _ in module.buffers()):
+            raise SpecError(f"{label} holds buffers (e.g. BatchNorm statistics): explore one Linear or Conv layer")
+        name, leaf = leaves[0]
+        extra = {n for n, _ in leaf.named_parameters(recurse=False)} - {"weight", "bias"}
+        if extra:
+            raise SpecError(f"{label}: layer {name or type(leaf).__name__} has parameters {sorted(extra)}: expected weight and bias")
+        self.module, self._torch = module, torch
+        self._wname = f"{name}.weight" if name else "weight"
+        self._bname = f"{name}.bias" if name else "bias"
+        kernel_shape = tuple(leaf.weight.shape)
+        has_bias = leaf.bias is not None
+        first_leaf = next((m for m in module.modules() if not any(True for _ in m.children())), leaf)
+        if isinstance(leaf, nn.Linear):
+            channels = shape.channels if shape.channels is not None else leaf.in_features
+            spatial = shape.spatial_or(())
+            if channels * math.prod(spatial) != leaf.in_features:
+                raise SpecError(
+                    f"{label}: channels={channels} × spatial={spatial} is {channels * math.prod(spatial)} features, "
+                    f"but the Linear reads in_features={leaf.in_features}"
+                )
+            geometry = dense_geometry(channels, spatial, leaf.out_features, has_bias)
+            kind, flat = "dense", first_leaf is leaf
+            rank0 = not spatial
+        elif isinstance(leaf, nn.modules.conv._ConvNd):
+            if leaf.padding_mode != "zeros":
+                raise SpecError(f"{label}: padding_mode={leaf.padding_mode!r} is not supported: expected 'zeros'")
+            pad = leaf.padding if isinstance(leaf.padding, str) else tuple(leaf.padding)
+            spatial = shape.spatial_or(tuple(leaf.kernel_size))
+            if shape.channels is not None and shape.channels != leaf.in_channels:
+                raise SpecError(f"{label}: channels={shape.channels} but the conv reads in_channels={leaf.in_channels}")
+            geometry = ConvSpec(
+                leaf.in_channels, leaf.out_channels, tuple(leaf.kernel_size), spatial=spatial, stride=tuple(leaf.stride),
+                dilation=tuple(leaf.dilation), padding=pad, groups=leaf.groups, transposed=bool(leaf.transposed),
+                output_padding=tuple(leaf.output_padding) if leaf.transposed else 0, bias=has_bias,
+            )
+            kind, flat, rank0 = "conv", False, False
+        else:
+            raise SpecError(f"{label}: layer type {type(leaf).__name__} is not supported: expected nn.Linear or nn.ConvNd")
+        supports64 = True
+        super().__init__(label=label, kind=kind, geometry=geometry, kernel_shape=kernel_shape, has_bias=has_bias,
+                         data_format=CHANNELS_FIRST, dtype=_probe_dtype(math.prod(kernel_shape), supports64),
+                         flat_input=flat, rank0=rank0)
+
+    def _forward(self, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> Any:
+        torch = self._torch
+        from torch.func import functional_call
+
+        params = {self._wname: torch.from_numpy(kernel)}
+        if bias is not None:
+            params[self._bname] = torch.from_numpy(bias)
+        with torch.no_grad():
+            return functional_call(self.module, params, (torch.from_numpy(x),))
+
+
+# -- keras ---------------------------------------------------------------------------------
+class KerasSide(Side):
+    framework = "keras"
+
+    def __init__(self, obj: Any, shape: Shape) -> None:
+        import keras
+
+        L = keras.layers
+        label = f"keras {type(obj).__name__}"
+        layers = list(obj.layers) if isinstance(obj, keras.Model) else [obj]
+        weighted = [layer for layer in layers if layer.weights or isinstance(layer, (L.Dense, *_keras_convs(L)))]
+        if len(weighted) != 1:
+            raise SpecError(f"{label} has {len(weighted)} layers with weights: expected exactly one Dense or Conv")
+        leaf = weighted[0]
+        first = layers[0]
+        flatten_first = isinstance(first, L.Flatten)
+        if isinstance(leaf, L.Dense):
+            fmt = first.data_format if flatten_first else CHANNELS_LAST
+            in_dim = self._input_dim(obj, leaf, shape, fmt, flatten_first)
+            channels, spatial = shape.channels, shape.spatial
+            dims = _keras_input_dims(obj)
+            if dims and len(dims) >= 2 and flatten_first:
+                channels = dims[0] if fmt == CHANNELS_FIRST else dims[-1]
+                spatial = dims[1:] if fmt == CHANNELS_FIRST else dims[:-1]
+                if shape.channels is not None and (shape.channels, shape.spatial_or(spatial)) != (channels, spatial):
+                    raise SpecError(f"{label} reads a map of shape {dims}: channels={shape.channels}, "
+                                    f"spatial={shape.spatial} do not match it ({fmt})")
+            channels = channels if channels is not None else in_dim
+            spatial = tuple(spatial or ())
+            if channels * math.prod(spatial) != in_dim:
+                raise SpecError(
+                    f"{label}: channels={channels} × spatial={spatial} is {channels * math.prod(spatial)} features, "
+                    f"but the Dense reads {in_dim}"
+                )
+            geometry = dense_geometry(channels, spatial, leaf.units, leaf.use_bias)
+            kind, flat, rank0 = "dense", not flatten_first, not spatial
+        else:
+            geometry, fmt = self._conv_geometry(L, leaf, shape, label)
+            kind, flat, rank0 = "conv", False, False
+            if not leaf.built:
+                obj.build((None, *_map_shape(geometry, fmt)))
+        if isinstance(leaf, L.Dense) and not leaf.built:
+            obj.build((None, *(_map_shape(geometry, fmt) if flatten_first else (geometry.in_channels * math.prod(geometry.spatial),))))
+        self.obj, self.leaf = obj, leaf
+        kvar = leaf.kernel
+        self._kernel_var, self._bias_var = kvar, getattr(leaf, "bias", None)
+        dtype = "float64" if str(kvar.dtype) == "float64" else "float32"
+        super().__init__(label=label, kind=kind, geometry=geometry, kernel_shape=tuple(kvar.shape),
+                         has_bias=self._bias_var is not None, data_format=fmt, dtype=dtype, flat_input=flat, rank0=rank0)
+
+    @staticmethod
+    def _input_dim(obj: Any, leaf: Any, shape: Shape, fmt: str, flatten_first: bool) -> int:
+        if leaf.built:
+            return int(leaf.kernel.shape[0])
+        if shape.channels is None:
+            raise SpecError(f"keras {type(obj).__name__} is not built: pass channels= (and spatial=) so it can be")
+        return shape.channels * math.prod(shape.spatial_or(()))
+
+    @staticmethod
+    def _conv_geometry(L: Any, leaf: Any, shape: Shape, label: str) -> tuple[ConvSpec, str]:
+        fmt = leaf.data_format
+        if leaf.padding not in ("valid", "same"):
+            raise SpecError(f"{label}: padding={leaf.padding!r} is not supported: expected 'valid' or 'same'")
+        ks = tuple(leaf.kernel_size)
+        transposed = isinstance(leaf, (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose))
+        depthwise = isinstance(leaf, (L.DepthwiseConv1D, L.DepthwiseConv2D))
+        if leaf.built:
+            kshape = tuple(leaf.kernel.shape)
+            in_channels = kshape[-2] if depthwise else (kshape[-1] if transposed else kshape[-2] * leaf.groups)
+        else:
+            in_channels = shape.need_channels(label)
+        if shape.channels is not None and shape.channels != in_channels:
+            raise SpecError(f"{label}: channels={shape.channels} but the layer reads {in_channels} channels")
+        if transposed:
+            if leaf.padding != "valid" or getattr(leaf, "output_padding", None) is not None:
+                raise SpecError(f"{label}: only padding='valid' without output_padding is supported for transposed convs")
+            out, groups = leaf.filters, 1
+        elif depthwise:
+            out, groups = in_channels * leaf.depth_multiplier, in_channels
+        else:
+            out, groups = leaf.filters, leaf.groups
+        geometry = ConvSpec(
+            in_channels, out, ks, spatial=shape.spatial_or(ks), stride=tuple(leaf.strides),
+            dilation=tuple(leaf.dilation_rate), padding=leaf.padding, groups=groups, transposed=transposed,
+            bias=leaf.use_bias,
+        )
+        return geometry, fmt
+
+    @staticmethod
+    def _tensor(a: np.ndarray) -> Any:
+        """Hand a big aligned array to TensorFlow without a copy (DLPack); anything else as is."""
+        tf = sys.modules.get("tensorflow")
+        keras = sys.modules.get("keras")
+        if (tf is None or keras is None or keras.backend.backend() != "tensorflow" or a.size < (1 << 16)
+                or not a.flags.c_contiguous or a.ctypes.data % 64):
+            return a
+        return tf.experimental.dlpack.from_dlpack(a.__dlpack__())
+
+    def _forward(self, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> Any:
+        values = []
+        for v in self.obj.trainable_variables:
+            if v is self._kernel_var:
+                values.append(self._tensor(kernel))
+            elif v is self._bias_var and bias is not None:
+                values.append(bias)
+            else:
+                values.append(v.value)
+        fixed = [v.value for v in self.obj.non_trainable_variables]
+        y, _ = self.obj.stateless_call(values, fixed, x)
+        return y
+
+
+def _keras_input_dims(obj: Any) -> tuple[int, ...] | None:
+    """Per-sample input shape of a built Keras model, when it is fully known."""
+    try:
+        shape = obj.input_shape
+    except (AttributeError, ValueError):
+        return None
+    if not isinstance(shape, tuple) or len(shape) < 2 or any(d is None for d in shape[1:]):
+        return None
+    return tuple(int(d) for d in shape[1:])
+
+
+def _keras_convs(L: Any) -> tuple[type, ...]:
+    return (L.Conv1D, L.Conv2D, L.Conv3D, L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose,
+            L.DepthwiseConv1D, L.DepthwiseConv2D)
+
+
+def _map_shape(geometry: ConvSpec, fmt: str) -> tuple[int, ...]:
+    c, s = geometry.in_channels, geometry.spatial
+    return (c, *s) if fmt == CHANNELS_FIRST else (*s, c)
+
+
+# -- callables -----------------------------------------------------------------------------
+class CallableSide(Side):
+    def __init__(self, box: BlackBox, shape: Shape) -> None:
+        self.box = box
+        self.framework = "callable"
+        label = f"callable {box.name or getattr(box.fn, '__qualname__', 'fn')}"
+        n = math.prod(box.kernel_shape)
+        channels = shape.need_channels(label)
+        if len(box.kernel_shape) == 2:
+            spatial = shape.spatial_or(())
+            per_unit = channels * math.prod(spatial)
+            if n % per_unit:
+                raise SpecError(f"{label}: kernel_shape={box.kernel_shape} is not (in, out) for {per_unit} input features")
+            geometry = dense_geometry(channels, spatial, n // per_unit, box.bias)
+            kind, rank0 = "dense", not spatial
+        else:
+            rank = len(box.kernel_shape) - 2
+            ks = shape.kernel_size or shape.spatial
+            if ks is None:
+                raise SpecError(f"{label}: pass spatial= (the map) or kernel_size= for a {rank}-D conv")
+            ks = tuple(ks)
+            spatial = shape.spatial_or(ks)
+            groups = channels if shape.multiplier is not None else shape.groups
+            per = (channels // groups) * math.prod(ks) if channels % groups == 0 else 0
+            if not per or (n * groups) % (channels * math.prod(ks)):
+                raise SpecError(
+                    f"{label}: kernel_shape={box.kernel_shape} does not fit channels={channels}, groups={groups}, "
+                    f"kernel_size={ks}"
+                )
+            units = n * groups // (channels * math.prod(ks))
+            geometry = ConvSpec(channels, units, ks, spatial=spatial, stride=shape.stride, dilation=shape.dilation,
+                                padding=shape.padding, groups=groups, transposed=box.transposed, bias=box.bias)
+            kind, rank0 = "conv", False
+        if shape.units is not None and shape.units != geometry.out_channels:
+            raise SpecError(f"{label}: units={shape.units} but its kernel_shape={box.kernel_shape} gives {geometry.out_channels}")
+        super().__init__(label=label, kind=kind, geometry=geometry, kernel_shape=box.kernel_shape, has_bias=box.bias,
+                         data_format=box.data_format, dtype=box.dtype, rank0=rank0)
+
+    def _forward(self, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> Any:
+        args = (x, kernel, bias) if self.has_bias else (x, kernel)
+        jax = sys.modules.get("jax")
+        if jax is not None and self.dtype == "float64" and hasattr(jax, "enable_x64"):
+            with jax.enable_x64(True):
+                return np.asarray(_to_numpy(self.box.fn(*args)))
+        return self.box.fn(*args)
+
+
+# -- dispatch ------------------------------------------------------------------------------
+def load_object(path: str) -> Any:
+    """The object named ``module:attr`` (``attr`` may be dotted); the working folder is importable."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise SpecError(f"object={path!r} is not MODULE:ATTR: expected e.g. 'mymodels:fc6'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecError(f"module={module_name!r} cannot be imported ({exc}): check the name and the working folder") from None
+    except Exception as exc:
+        raise SpecError(f"module={module_name!r} failed while importing: {type(exc).__name__}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SpecError(f"object={path!r} not found: {module_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def is_preset_name(text: str) -> bool:
+    from equivcheck.presets import PRESETS
+
+    return text.count(":") == 1 and text.split(":")[0] in PRESETS
+
+
+def make_side(obj: Any, shape: Shape, backend: str | None = None) -> Side:
+    """A :class:`Side` for a preset name, spec, backend layer, torch/Keras layer, BlackBox or callable."""
+    from equivcheck.backends.base import Layer
+
+    if isinstance(obj, Side):
+        return obj
+    if isinstance(obj, str):
+        if is_preset_name(obj):
+            return spec_side(preset_spec(obj, shape), backend)
+        from equivcheck.presets import LAYERS, parse_name
+
+        prefix, _, layer = obj.partition(":")
+        if layer in LAYERS and "." not in prefix:
+            parse_name(obj)  # a mistyped preset: its error lists the presets
+        obj = load_object(obj)
+    if isinstance(obj, (DenseSpec, ConvSpec)):
+        return spec_side(obj, backend)
+    if isinstance(obj, Layer):
+        return LayerSide(obj, f"{obj.spec.name or obj.spec.kind} ({type(obj).__module__.rsplit('.', 1)[-1]})")
+    if isinstance(obj, BlackBox):
+        return CallableSide(obj, shape)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        return TorchSide(obj, shape)
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(obj, keras.layers.Layer):
+        return KerasSide(obj, shape)
+    if callable(obj):
+        return CallableSide(BlackBox.from_callable(obj), shape)
+    raise SpecError(
+        f"layer of type={type(obj).__name__} is not supported: expected a preset name ('keras:dense'), a spec, "
+        "a torch nn.Module, a Keras layer or model, or a callable fn(x, kernel, bias) with kernel_shape"
+    )
