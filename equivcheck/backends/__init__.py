@@ -13,6 +13,11 @@ __all__ = ["BACKENDS", "DTYPES", "Backend", "Layer", "available", "get", "np_dty
 # name -> "module:class"; a backend module imports its framework only inside Backend.load().
 BACKENDS: dict[str, str] = {
     "numpy": "equivcheck.backends.numpy:NumpyBackend",
+    "torch": "equivcheck.backends.torch:TorchBackend",
+    "keras": "equivcheck.backends.keras:KerasBackend",
+    "tf": "equivcheck.backends.tf:TFBackend",
+    "jax": "equivcheck.backends.jax:JaxBackend",
+    "scipy": "equivcheck.backends.scipy:ScipyBackend",
 }
 
 

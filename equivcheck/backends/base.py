@@ -4,17 +4,42 @@ Arrays cross this boundary as numpy arrays: kernels and biases in the spec's own
 layout, inputs and outputs in the spec's data format with a leading batch axis. A backend
 converts to and from its framework inside. ``import`` of a framework happens in
 :meth:`Backend.load`, on first use.
+
+The helpers below are shared by the framework backends: :func:`kernel_layout_mapping` turns a
+spec's stored kernel into the layout a framework wants (``"OIHW"``, ``"HWIO"``, ``"HWOI"``,
+``"HWIM"`` …, always in cross-correlation form), :func:`flatten_permutation` says how to
+permute a map so that a row-major flatten reads it in the spec's flatten order.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from equivcheck.errors import BackendUnavailable
-from equivcheck.specs import LayerSpec
+from equivcheck.errors import BackendUnavailable, SpecError
+from equivcheck.mapping import Mapping
+from equivcheck.specs import CHANNELS_FIRST, ConvSpec, DenseSpec, LayerSpec
+
+__all__ = [
+    "DTYPES",
+    "Backend",
+    "Layer",
+    "check_bias",
+    "check_input",
+    "check_kernel",
+    "dense_kernel",
+    "flatten_permutation",
+    "kernel_layout_mapping",
+    "map_layout",
+    "np_dtype",
+    "raise_unset",
+    "stored_kernel",
+    "to_native_kernel",
+]
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -26,12 +51,100 @@ def np_dtype(name: str) -> np.dtype:
 
         return np.dtype(ml_dtypes.bfloat16)
     if name not in DTYPES:
-        from equivcheck.errors import SpecError
-
         raise SpecError(f"dtype={name!r} is not supported: expected one of {', '.join(DTYPES)}")
     return np.dtype(name)
 
 
+# -- layout helpers ----------------------------------------------------------------------
+def map_layout(spec: LayerSpec) -> str:
+    """Letters of the per-sample input axes as the map arrives: ``"CHW"`` or ``"HWC"``."""
+    letters = spec.map_letters if isinstance(spec, DenseSpec) else "C" + spec.letters
+    return letters if spec.data_format == CHANNELS_FIRST else letters[1:] + letters[:1]
+
+
+def flatten_permutation(spec: DenseSpec, native: str | None = None) -> tuple[int, ...] | None:
+    """Axis permutation (batch axis included) that makes a flatten read ``spec.flatten``.
+
+    ``native`` is the order the framework's own Flatten produces for ``spec.data_format``
+    (default: the map's own layout, i.e. a row-major reshape). None when no permutation is
+    needed: the framework's Flatten already realises the spec.
+    """
+    layout = map_layout(spec)
+    if spec.flatten == (native or layout):
+        return None
+    return (0, *(1 + layout.index(a) for a in spec.flatten))
+
+
+@lru_cache(maxsize=512)
+def kernel_layout_mapping(spec: ConvSpec, layout: str) -> Mapping:
+    """Mapping from ``spec``'s stored kernel to ``layout``, in cross-correlation form.
+
+    ``layout`` orders ``O``, ``I`` and the spatial letters (for a transposed conv ``I`` is its
+    input, ``O`` its output channels, as in :class:`~equivcheck.specs.ConvSpec`), or ``I``,
+    ``M`` and the spatial letters for a depthwise kernel ``(…, in, multiplier)``.
+    """
+    from equivcheck.plan import canonical
+
+    m = canonical(spec)
+    base = ("IO" if spec.transposed else "OI") + spec.letters
+    if "M" in layout:
+        if spec.transposed or spec.groups != spec.in_channels:
+            raise SpecError(f"layout={layout!r} is depthwise but the spec is not: {spec.describe()}")
+        mult = spec.out_channels // spec.in_channels
+        m = m.reshape(spec.in_channels, mult, *spec.kernel_size)
+        base = "IM" + spec.letters
+    if sorted(layout) != sorted(base):
+        raise SpecError(f"layout={layout!r} does not name the axes of {spec.describe()}: expected an ordering of {base}")
+    return m.transpose(*(base.index(a) for a in layout)).simplify()
+
+
+def to_native_kernel(spec: ConvSpec, kernel: np.ndarray, layout: str) -> np.ndarray:
+    """``kernel`` (stored as ``spec.kernel_layout``) rearranged to ``layout`` in correlation form."""
+    check_kernel(spec, kernel)
+    return np.ascontiguousarray(kernel_layout_mapping(spec, layout).apply(np.asarray(kernel)))
+
+
+def stored_kernel(spec: ConvSpec, native: np.ndarray, layout: str) -> np.ndarray:
+    """Inverse of :func:`to_native_kernel`: a framework's kernel back in the spec's layout."""
+    return np.ascontiguousarray(kernel_layout_mapping(spec, layout).inverse().apply(np.asarray(native)))
+
+
+def dense_kernel(spec: DenseSpec, kernel: np.ndarray, layout: str) -> np.ndarray:
+    """A dense kernel stored as ``spec.kernel_layout`` in ``layout`` (``"IO"`` or ``"OI"``); its own inverse."""
+    kernel = np.asarray(kernel)
+    return np.ascontiguousarray(kernel.T if layout != spec.kernel_layout else kernel)
+
+
+def check_kernel(spec: LayerSpec, kernel: np.ndarray) -> None:
+    """Refuse a kernel that is not in the spec's stored shape."""
+    if tuple(np.shape(kernel)) != spec.kernel_shape:
+        raise SpecError(f"kernel shape={tuple(np.shape(kernel))} does not match {spec.describe()}: expected {spec.kernel_shape}")
+
+
+def check_bias(spec: LayerSpec, bias: np.ndarray | None) -> None:
+    """Refuse a bias the spec cannot hold, or a missing one it needs."""
+    if spec.bias and bias is None:
+        raise SpecError(f"bias=None but {spec.describe()} has a bias: pass an array of shape {spec.bias_shape}")
+    if not spec.bias and bias is not None:
+        raise SpecError(f"a bias was given but {spec.describe()} has bias=False: pass bias=None")
+    if bias is not None and tuple(np.shape(bias)) != spec.bias_shape:
+        raise SpecError(f"bias shape={tuple(np.shape(bias))} does not match {spec.describe()}: expected {spec.bias_shape}")
+
+
+def raise_unset(spec: LayerSpec) -> None:
+    """Refuse to run or read a layer whose weights were never set."""
+    raise SpecError(f"the weights of {spec.describe()} are not set: call set_weights(kernel, bias) first")
+
+
+def check_input(spec: LayerSpec, x: np.ndarray) -> None:
+    """Refuse an input batch that is not ``(batch, *spec.input_shape)``."""
+    if tuple(x.shape[1:]) != spec.input_shape or x.ndim != len(spec.input_shape) + 1:
+        raise SpecError(
+            f"input shape={tuple(x.shape)} does not fit {spec.describe()}: expected (batch, *{spec.input_shape})"
+        )
+
+
+# -- the interface -----------------------------------------------------------------------
 class Layer:
     """A layer built by a backend. Subclasses implement the three methods."""
 
@@ -40,12 +153,15 @@ class Layer:
         self.dtype = dtype
 
     def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+        """Load ``kernel`` (in the spec's stored layout) and ``bias``."""
         raise NotImplementedError
 
     def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The layer's kernel (in the spec's stored layout) and bias."""
         raise NotImplementedError
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Forward pass: a numpy batch in ``spec.data_format`` → numpy output in ``self.dtype``."""
         raise NotImplementedError
 
 
@@ -66,10 +182,15 @@ class Backend:
                 f"backend={self.name!r} needs the {self.module!r} package, which is not installed: "
                 f"pip install 'equivcheck[{self.name}]'"
             )
+        return self._import()
+
+    def _import(self) -> Any:
+        """Import the framework; a backend whose framework needs set-up first overrides this."""
         return importlib.import_module(self.module)
 
     def version(self) -> str:
-        return getattr(self.load(), "__version__", "unknown")
+        """The framework's version string."""
+        return str(getattr(self.load(), "__version__", "unknown"))
 
     def unsupported(self, spec: LayerSpec, dtype: str) -> str | None:
         """Why this backend cannot run ``spec`` in ``dtype``, or None when it can."""
@@ -77,5 +198,24 @@ class Backend:
             return f"{self.name} does not compute in {dtype} on the CPU"
         return None
 
+    def accumulate(self, dtype: str, spec: LayerSpec | None = None) -> str:
+        """The precision this backend's ``spec`` layer accumulates ``dtype`` products in.
+
+        The comparator's bound uses it: a framework that sums in low precision gets the
+        bound that precision allows, and no other framework does.
+        """
+        from equivcheck.compare import accumulation_dtype
+
+        return accumulation_dtype(dtype)
+
     def build(self, spec: LayerSpec, dtype: str = "float32") -> Layer:
         raise NotImplementedError
+
+    def _check(self, spec: LayerSpec, dtype: str) -> None:
+        """Raise :class:`SpecError` for a spec this backend cannot build (see :meth:`unsupported`)."""
+        if not isinstance(spec, (DenseSpec, ConvSpec)):
+            raise SpecError(f"spec={spec!r} is not a DenseSpec or ConvSpec")
+        np_dtype(dtype)
+        why = self.unsupported(spec, dtype)
+        if why:
+            raise SpecError(f"backend={self.name!r} cannot build {spec.describe()} in dtype={dtype}: {why}")

@@ -11,7 +11,7 @@ import itertools
 
 import numpy as np
 
-from equivcheck.backends.base import Backend, Layer, np_dtype
+from equivcheck.backends.base import Backend, Layer, check_bias, check_input, check_kernel, np_dtype
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec
 
 
@@ -33,7 +33,7 @@ def dense_forward(spec: DenseSpec, kernel: np.ndarray, bias: np.ndarray | None, 
     xc = to_channels_first(x, spec.data_format)
     perm = [0] + [1 + spec.map_letters.index(a) for a in spec.flatten]
     flat = xc.transpose(perm).reshape(x.shape[0], -1).astype(cdt)
-    w = kernel.astype(cdt)
+    w = kernel.astype(cdt, copy=False)
     y = flat @ (w if spec.kernel_layout == "IO" else w.T)
     if bias is not None:
         y = y + bias.astype(cdt)
@@ -45,17 +45,19 @@ def conv_forward(spec: ConvSpec, kernel: np.ndarray, bias: np.ndarray | None, x:
     from equivcheck.plan import canonical
 
     cdt = _compute_dtype(x.dtype)
-    k = canonical(spec).apply(kernel).astype(cdt)  # (O, I/g, *k) or transposed (I, O/g, *k)
     xc = to_channels_first(x, spec.data_format).astype(cdt)
     n, g, r = xc.shape[0], spec.groups, spec.rank
     out_sp = spec.output_spatial
     if spec.transposed:
+        k = canonical(spec).apply(kernel).astype(cdt, copy=False)  # (I, O/g, *k)
         y = _conv_transpose(xc, k, spec, out_sp)
     else:
         pads = [(0, 0), (0, 0), *spec.pads()]
         xp = np.pad(xc, pads)
         xg = xp.reshape(n, g, spec.in_channels // g, *xp.shape[2:])
-        kg = k.reshape(g, spec.out_channels // g, spec.in_channels // g, *spec.kernel_size)
+        # (*k, g, O/g, I/g) in one copy: kernel positions first, so each slice below is contiguous
+        grouped = canonical(spec).reshape(g, spec.out_channels // g, spec.in_channels // g, *spec.kernel_size)
+        kg = grouped.transpose(*range(3, 3 + r), 0, 1, 2).apply(kernel).astype(cdt, copy=False)
         y = np.zeros((n, g, spec.out_channels // g, *out_sp), dtype=cdt)
         for pos in itertools.product(*(range(s) for s in spec.kernel_size)):
             window = tuple(
@@ -63,7 +65,7 @@ def conv_forward(spec: ConvSpec, kernel: np.ndarray, bias: np.ndarray | None, x:
                 for p, d, o, s in zip(pos, spec.dilation, out_sp, spec.stride)
             )
             xs = xg[(slice(None), slice(None), slice(None), *window)]
-            y += np.einsum("ngc...,goc->ngo...", xs, kg[(Ellipsis, *pos)])
+            y += np.einsum("ngc...,goc->ngo...", xs, kg[pos])
         y = y.reshape(n, spec.out_channels, *out_sp)
     if bias is not None:
         y = y + bias.astype(cdt).reshape(-1, *(1,) * r)
@@ -100,6 +102,8 @@ def forward(spec: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None, x: np.
 
 class NumpyLayer(Layer):
     def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+        check_kernel(self.spec, kernel)
+        check_bias(self.spec, bias)
         dt = np_dtype(self.dtype)
         self.kernel = np.array(kernel, dtype=dt)
         self.bias = None if bias is None else np.array(bias, dtype=dt)
@@ -108,7 +112,9 @@ class NumpyLayer(Layer):
         return self.kernel.copy(), None if self.bias is None else self.bias.copy()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return forward(self.spec, self.kernel, self.bias, np.asarray(x, dtype=np_dtype(self.dtype)))
+        x = np.asarray(x, dtype=np_dtype(self.dtype))
+        check_input(self.spec, x)
+        return forward(self.spec, self.kernel, self.bias, x)
 
 
 class NumpyBackend(Backend):
@@ -116,6 +122,7 @@ class NumpyBackend(Backend):
     module = "numpy"
 
     def build(self, spec: LayerSpec, dtype: str = "float32") -> NumpyLayer:
+        self._check(spec, dtype)
         layer = NumpyLayer(spec, dtype)
         dt = np_dtype(dtype)
         layer.set_weights(np.zeros(spec.kernel_shape, dt), np.zeros(spec.bias_shape, dt) if spec.bias else None)

@@ -1,0 +1,219 @@
+"""Keras 3 on TensorFlow: ``Flatten(data_format)`` + ``Dense``, ``Conv1D/2D/3D``,
+``Conv1D/2D/3DTranspose``, ``DepthwiseConv1D/2D``, in either data format.
+
+The layers take the spec's ``data_format`` as is. Keras kernels are ``(*k, in/groups, out)``
+for a convolution, ``(*k, out, in)`` for a transposed one and ``(*k, in, multiplier)`` for a
+depthwise one; Keras ``Flatten`` always linearises channels last (it transposes a
+channels-first map first). What Keras has no argument for is done around the layer with
+``keras.ops``: a flatten order other than Keras's is an explicit transpose before
+``Flatten``, integer padding is ``ops.pad`` before a ``"valid"`` conv, and a transposed
+conv's padding is a crop of its ``"valid"`` output. A spec whose groups equal its input
+channels (rank 1–2) is a ``DepthwiseConv``; other groups use ``Conv(groups=)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from equivcheck.backends._tensorflow import import_keras, import_tensorflow, installed, keras_backend_name
+from equivcheck.backends.base import (
+    Backend,
+    Layer,
+    check_bias,
+    check_input,
+    check_kernel,
+    dense_kernel,
+    flatten_permutation,
+    np_dtype,
+    stored_kernel,
+    to_native_kernel,
+)
+from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec
+
+# Kernel layouts of the Keras layers, with S standing for the spatial letters.
+KERNEL_LAYOUTS = {"conv": "SIO", "conv_transpose": "SOI", "depthwise": "SIM"}
+
+
+def layer_kind(spec: ConvSpec) -> str:
+    """Which Keras layer family realises ``spec``: conv, conv_transpose or depthwise."""
+    if spec.transposed:
+        return "conv_transpose"
+    if spec.groups > 1 and spec.groups == spec.in_channels and spec.rank <= 2:
+        return "depthwise"  # Keras has no DepthwiseConv3D: rank 3 is Conv3D(groups=in_channels)
+    return "conv"
+
+
+def _spatial_axes(spec: LayerSpec, ndim: int) -> list[int]:
+    return list(range(2, ndim)) if spec.data_format == CHANNELS_FIRST else list(range(1, ndim - 1))
+
+
+def _layer_output_spatial(spec: ConvSpec) -> tuple[int, ...]:
+    """The Keras layer's own output size (a transposed conv's before the crop of the spec's padding)."""
+    if not spec.transposed:
+        return spec.output_spatial
+    return tuple(
+        (n - 1) * s + d * (k - 1) + 1 + op
+        for n, s, d, k, op in zip(spec.spatial, spec.stride, spec.dilation, spec.kernel_size, spec.output_padding)
+    )
+
+
+class KerasLayer(Layer):
+    """Keras layers realising ``spec``, with the explicit transposes, pads and crops around them."""
+
+    def __init__(self, spec: LayerSpec, dtype: str) -> None:
+        super().__init__(spec, dtype)
+        keras = import_keras()
+        self._ops = keras.ops
+        L = keras.layers
+        self._perm: tuple[int, ...] | None = None
+        self._pad: list[list[int]] | None = None
+        self._crop: tuple[slice, ...] | None = None
+        if isinstance(spec, DenseSpec):
+            keras_order = spec.map_letters[1:] + "C"  # Flatten's order for either data format
+            self._perm = flatten_permutation(spec, native=keras_order)
+            fmt = spec.data_format if self._perm is None else CHANNELS_LAST  # a plain row-major flatten
+            self.flatten = L.Flatten(data_format=fmt, dtype=dtype)
+            self.layer = L.Dense(spec.units, use_bias=spec.bias, dtype=dtype)
+            self.layer.build((None, spec.in_features))
+            return
+        self.flatten = None
+        r, kind = spec.rank, layer_kind(spec)
+        self._layout = KERNEL_LAYOUTS[kind].replace("S", spec.letters)
+        common: dict[str, Any] = dict(
+            kernel_size=spec.kernel_size, strides=spec.stride, dilation_rate=spec.dilation,
+            data_format=spec.data_format, use_bias=spec.bias, dtype=dtype,
+        )
+        pads = spec.pads()
+        in_spatial = list(spec.spatial)
+        if kind == "conv_transpose":
+            cls = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)[r - 1]
+            out = spec.output_spatial
+            self._crop = tuple(slice(lo, lo + o) for (lo, _), o in zip(pads, out))
+            layer = cls(spec.out_channels, padding="valid", output_padding=spec.output_padding, **common)
+        else:
+            if spec.padding == "same":
+                padding = "same"
+            else:
+                padding = "valid"
+                if any(lo or hi for lo, hi in pads):
+                    self._pad = [list(p) for p in pads]
+                    in_spatial = [n + lo + hi for n, (lo, hi) in zip(in_spatial, pads)]
+            if kind == "depthwise":
+                cls = (L.DepthwiseConv1D, L.DepthwiseConv2D)[r - 1]
+                layer = cls(depth_multiplier=spec.out_channels // spec.in_channels, padding=padding, **common)
+            else:
+                cls = (L.Conv1D, L.Conv2D, L.Conv3D)[r - 1]
+                layer = cls(spec.out_channels, padding=padding, groups=spec.groups, **common)
+        c = spec.in_channels
+        shape = (c, *in_spatial) if spec.data_format == CHANNELS_FIRST else (*in_spatial, c)
+        layer.build((None, *shape))
+        self.layer = layer
+
+    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+        spec = self.spec
+        check_kernel(spec, kernel)
+        check_bias(spec, bias)
+        if isinstance(spec, DenseSpec):
+            native = dense_kernel(spec, kernel, "IO")
+        else:
+            native = to_native_kernel(spec, kernel, self._layout)
+        dt = np_dtype(self.dtype)
+        weights = [native.astype(dt)] + ([] if bias is None else [np.asarray(bias).astype(dt)])
+        self.layer.set_weights(weights)
+
+    def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
+        weights = self.layer.get_weights()
+        native, bias = weights[0], (weights[1] if len(weights) > 1 else None)
+        spec = self.spec
+        kernel = dense_kernel(spec, native, "IO") if isinstance(spec, DenseSpec) else stored_kernel(spec, native, self._layout)
+        return kernel, bias
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        ops, spec = self._ops, self.spec
+        x = np.asarray(x, dtype=np_dtype(self.dtype))
+        check_input(spec, x)
+        t = ops.convert_to_tensor(x)
+        if self._perm is not None:
+            t = ops.transpose(t, self._perm)
+        if self.flatten is not None:
+            t = self.flatten(t)
+        if self._pad is not None:
+            widths = [[0, 0] for _ in range(x.ndim)]
+            for axis, p in zip(_spatial_axes(spec, x.ndim), self._pad):
+                widths[axis] = p
+            t = ops.pad(t, widths)
+        y = self.layer(t)
+        if self._crop is not None:
+            index = [slice(None)] * x.ndim
+            for axis, s in zip(_spatial_axes(spec, x.ndim), self._crop):
+                index[axis] = s
+            y = y[tuple(index)]
+        return np.asarray(ops.convert_to_numpy(y)).astype(np_dtype(self.dtype), copy=False)
+
+
+class KerasBackend(Backend):
+    name = "keras"
+    module = "keras"
+
+    def available(self) -> bool:
+        return installed("keras", "tensorflow") and keras_backend_name() == "tensorflow"
+
+    def _import(self) -> Any:
+        return import_keras()
+
+    def version(self) -> str:
+        keras = self.load()
+        return f"{keras.__version__} (tensorflow {import_tensorflow().__version__})"
+
+    def unsupported(self, spec: LayerSpec, dtype: str) -> str | None:
+        from equivcheck.backends.tf import same_pads_negative
+
+        why = super().unsupported(spec, dtype)
+        if why or isinstance(spec, DenseSpec):
+            return why
+        kind = layer_kind(spec)
+        r = spec.rank
+        low = dtype in ("float64", "float16")  # TF's CPU kernels without oneDNN
+        dilated, strided = any(d > 1 for d in spec.dilation), any(s > 1 for s in spec.stride)
+        if kind == "conv_transpose":
+            if spec.groups > 1:
+                return f"Keras Conv{r}DTranspose has no groups argument (groups={spec.groups})"
+            if any(o >= s for o, s in zip(spec.output_padding, spec.stride)):
+                return f"Keras Conv{r}DTranspose needs output_padding < strides (output_padding={spec.output_padding}, strides={spec.stride})"
+        if kind != "depthwise" and dilated and strided:
+            return f"Keras Conv{r}D{'Transpose' if spec.transposed else ''} refuses strides > 1 with dilation_rate > 1"
+        if low and kind == "conv" and spec.data_format == CHANNELS_FIRST and r < 3 and spec.groups == 1:
+            return (f"TensorFlow's CPU Conv2D kernel in {dtype} supports NHWC only: "
+                    f"Keras Conv{r}D(data_format='channels_first') fails")
+        if low and kind == "conv_transpose" and (spec.data_format == CHANNELS_FIRST or dilated):
+            why = "data_format='channels_first'" if spec.data_format == CHANNELS_FIRST else f"dilation_rate={spec.dilation}"
+            return (f"TensorFlow's CPU conv backprop-input kernel in {dtype} supports NHWC and dilation 1 only: "
+                    f"Keras Conv{r}DTranspose({why}) fails")
+        if low and kind == "depthwise" and r == 2 and spec.stride[0] != spec.stride[1]:
+            return f"TensorFlow's CPU DepthwiseConv2dNative in {dtype} supports equal row and column strides only (strides={spec.stride})"
+        eigen_conv3d = kind == "conv" and r == 3 and spec.groups == 1 and spec.data_format == CHANNELS_LAST
+        if low and eigen_conv3d and same_pads_negative(spec):
+            return (f"TensorFlow's CPU Conv3D in {dtype} pads 'same' wrongly here (a negative pad from strides={spec.stride} "
+                    f"on spatial={spec.spatial}): Keras Conv3D(padding='same') shifts its windows")
+        if spec.bias and spec.data_format == CHANNELS_FIRST and _layer_output_spatial(spec)[-1] == spec.out_channels:
+            return (f"Keras 3 on TensorFlow adds a channels_first bias along the last axis when the output's last "
+                    f"spatial size equals the channel count ({spec.out_channels}): keras.ops.add takes it for NHWC")
+        return None
+
+    def accumulate(self, dtype: str, spec: LayerSpec | None = None) -> str:
+        """As TensorFlow's kernels (:func:`equivcheck.backends.tf.tf_accumulate`); Keras compiles a grouped or
+        channels-first 3-D convolution with XLA, which sums in float32."""
+        from equivcheck.backends.tf import tf_accumulate
+
+        if not isinstance(spec, ConvSpec):
+            return tf_accumulate(dtype, False)
+        xla = (spec.groups > 1 and layer_kind(spec) == "conv") or (spec.rank == 3 and spec.data_format == CHANNELS_FIRST)
+        half = layer_kind(spec) != "conv" or (spec.rank == 3 and not xla)
+        return tf_accumulate(dtype, half)
+
+    def build(self, spec: LayerSpec, dtype: str = "float32") -> KerasLayer:
+        self._check(spec, dtype)
+        self.load()
+        return KerasLayer(spec, dtype)

@@ -1,0 +1,221 @@
+"""TensorFlow's raw ops: ``tf.reshape`` + ``tf.matmul`` dense, ``tf.nn.conv1d/conv2d/conv3d``,
+``tf.nn.conv_transpose`` and ``tf.nn.depthwise_conv2d``, bias by ``tf.nn.bias_add``.
+
+Filters are ``(*k, in/groups, out)``, transposed ones ``(*k, out, in)`` (grouped:
+``(*k, out/groups, in)``, the filter of the grouped convolution it is the gradient of),
+depthwise ones ``(*k, in, multiplier)``. A channels-first map runs natively (``NCHW``) where
+TF's CPU kernels accept it — oneDNN's, float32 and bfloat16, non-transposed — and is
+transposed to ``NHWC`` around the op otherwise (TF's CPU ``Conv2D`` is NHWC-only in float64
+and float16). Padding, ``"same"`` included, is ``tf.pad`` before a ``"VALID"`` op: TF's own
+``"SAME"`` is wrong in its float64/float16 ``Conv3D`` when a stride makes the padding
+negative (:func:`same_pads_negative`). A transposed conv runs ``"VALID"`` and its padding is
+cropped off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from equivcheck.backends._tensorflow import import_tensorflow, installed
+from equivcheck.backends.base import (
+    Backend,
+    Layer,
+    check_bias,
+    check_input,
+    check_kernel,
+    dense_kernel,
+    flatten_permutation,
+    np_dtype,
+    raise_unset,
+    stored_kernel,
+    to_native_kernel,
+)
+from equivcheck.specs import CHANNELS_FIRST, ConvSpec, DenseSpec, LayerSpec
+
+FILTER_LAYOUTS = {"conv": "SIO", "conv_transpose": "SOI", "depthwise": "SIM"}
+# dtypes whose CPU conv kernels are oneDNN's: they take NCHW and dilated transposed convs.
+ONEDNN_DTYPES = ("float32", "bfloat16")
+
+
+def op_kind(spec: ConvSpec) -> str:
+    """Which tf.nn op realises ``spec``: conv, conv_transpose or depthwise (``depthwise_conv2d``)."""
+    if spec.transposed:
+        return "conv_transpose"
+    if spec.rank == 2 and spec.groups > 1 and spec.groups == spec.in_channels:
+        return "depthwise"
+    return "conv"
+
+
+class TFLayer(Layer):
+    """``spec`` as a short sequence of tf ops on constant weights."""
+
+    def __init__(self, spec: LayerSpec, dtype: str) -> None:
+        super().__init__(spec, dtype)
+        self._tf = tf = import_tensorflow()
+        self._tdtype = getattr(tf, dtype)
+        self.kernel: Any = None
+        self.bias: Any = None
+        if isinstance(spec, DenseSpec):
+            self._perm = flatten_permutation(spec)
+            return
+        self._kind = op_kind(spec)
+        self._layout = FILTER_LAYOUTS[self._kind].replace("S", spec.letters)
+        self._native_cf = spec.data_format == CHANNELS_FIRST and dtype in ONEDNN_DTYPES and self._kind != "conv_transpose"
+        letters = spec.letters
+        self._format = ("NC" + letters) if self._native_cf else ("N" + letters + "C")
+
+    # -- weights ---------------------------------------------------------------------------
+    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+        spec, tf = self.spec, self._tf
+        check_kernel(spec, kernel)
+        check_bias(spec, bias)
+        if isinstance(spec, DenseSpec):
+            native = dense_kernel(spec, kernel, "IO")
+        else:
+            native = to_native_kernel(spec, kernel, self._layout)
+        dt = np_dtype(self.dtype)
+        self.kernel = tf.constant(native.astype(dt), dtype=self._tdtype)
+        self.bias = None if bias is None else tf.constant(np.asarray(bias).astype(dt), dtype=self._tdtype)
+
+    def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
+        native = self.kernel.numpy()
+        spec = self.spec
+        kernel = dense_kernel(spec, native, "IO") if isinstance(spec, DenseSpec) else stored_kernel(spec, native, self._layout)
+        return kernel, None if self.bias is None else self.bias.numpy()
+
+    # -- forward ---------------------------------------------------------------------------
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        tf, spec = self._tf, self.spec
+        x = np.asarray(x, dtype=np_dtype(self.dtype))
+        check_input(spec, x)
+        if self.kernel is None:
+            raise_unset(spec)
+        t = tf.constant(x, dtype=self._tdtype)
+        if isinstance(spec, DenseSpec):
+            if self._perm is not None:
+                t = tf.transpose(t, self._perm)
+            y = tf.matmul(tf.reshape(t, (x.shape[0], -1)), self.kernel)
+            if self.bias is not None:
+                y = tf.nn.bias_add(y, self.bias)
+            return y.numpy()
+        around = spec.data_format == CHANNELS_FIRST and not self._native_cf
+        if around:
+            t = tf.transpose(t, (0, *range(2, x.ndim), 1))
+        y = self._transposed(t) if self._kind == "conv_transpose" else self._conv(t)
+        if self.bias is not None:
+            y = tf.nn.bias_add(y, self.bias, data_format="NCHW" if self._native_cf else "NHWC")
+        if around:
+            y = tf.transpose(y, (0, x.ndim - 1, *range(1, x.ndim - 1)))
+        return y.numpy()
+
+    def _spatial_axes(self, ndim: int) -> list[int]:
+        return list(range(2, ndim)) if self._native_cf else list(range(1, ndim - 1))
+
+    def _full(self, values: tuple[int, ...], ndim: int) -> list[int]:
+        """Per-spatial-axis values spread over all axes (1 on batch and channels), as tf.nn wants."""
+        out = [1] * ndim
+        for axis, v in zip(self._spatial_axes(ndim), values):
+            out[axis] = v
+        return out
+
+    def _conv(self, t: Any) -> Any:
+        tf, spec = self._tf, self.spec
+        ndim = spec.rank + 2
+        padding = "VALID"  # never TF's "SAME": its float64/float16 Conv3D gets some strided cases wrong
+        if any(lo or hi for lo, hi in spec.pads()):
+            widths = [[0, 0] for _ in range(ndim)]
+            for axis, p in zip(self._spatial_axes(ndim), spec.pads()):
+                widths[axis] = list(p)
+            t = tf.pad(t, widths)
+        if self._kind == "depthwise":
+            return tf.nn.depthwise_conv2d(
+                t, self.kernel, strides=self._full(spec.stride, 4), padding=padding,
+                data_format=self._format, dilations=spec.dilation,
+            )
+        op = (tf.nn.conv1d, tf.nn.conv2d, tf.nn.conv3d)[spec.rank - 1]
+        if spec.rank == 3:
+            return op(t, self.kernel, strides=self._full(spec.stride, 5), padding=padding,
+                      data_format=self._format, dilations=self._full(spec.dilation, 5))
+        return op(t, self.kernel, spec.stride if spec.rank == 2 else spec.stride[0], padding=padding,
+                  data_format=self._format, dilations=spec.dilation if spec.rank == 2 else spec.dilation[0])
+
+    def _transposed(self, t: Any) -> Any:
+        """``VALID`` transposed conv (channels last), then output padding and the crop of the spec's pads."""
+        tf, spec = self._tf, self.spec
+        full = [(n - 1) * s + d * (k - 1) + 1 for n, s, d, k in zip(spec.spatial, spec.stride, spec.dilation, spec.kernel_size)]
+        out_shape = (int(t.shape[0]), *full, spec.out_channels)
+        y = tf.nn.conv_transpose(t, self.kernel, out_shape, strides=spec.stride, padding="VALID",
+                                 data_format=self._format, dilations=list(spec.dilation))
+        if any(spec.output_padding):  # positions no input reaches: zeros (the bias comes later)
+            y = tf.pad(y, [[0, 0], *([0, op] for op in spec.output_padding), [0, 0]])
+        crop = tuple(slice(lo, lo + o) for (lo, _), o in zip(spec.pads(), spec.output_spatial))
+        return y[(slice(None), *crop, slice(None))]
+
+
+def same_pads_negative(spec: ConvSpec) -> bool:
+    """Whether TF's Eigen ``Conv3D`` (float64/float16) computes ``padding="SAME"`` wrongly for ``spec``.
+
+    It takes the unclamped total pad ``(ceil(n/s) − 1)·s + k − n``; at −2 or less its half is
+    a negative pad that shifts the windows.
+    """
+    return spec.padding == "same" and any(
+        (-(-n // s) - 1) * s + d * (k - 1) + 1 - n <= -2
+        for n, k, s, d in zip(spec.spatial, spec.kernel_size, spec.stride, spec.dilation)
+    )
+
+
+def tf_accumulate(dtype: str, half_sums: bool) -> str:
+    """The precision TensorFlow's CPU kernels sum ``dtype`` products in.
+
+    Matmul and convolution sum float16/bfloat16 in float32 — except TF's own (Eigen) float16
+    kernels of the transposed, depthwise and 3-D convolutions, which sum in float16
+    (``half_sums``). The bias, a separate op on the rounded result, is the comparator's second
+    rounding, not an accumulation.
+    """
+    from equivcheck.compare import accumulation_dtype
+
+    return "float16" if dtype == "float16" and half_sums else accumulation_dtype(dtype)
+
+
+class TFBackend(Backend):
+    name = "tf"
+    module = "tensorflow"
+
+    def available(self) -> bool:
+        return installed("tensorflow")
+
+    def _import(self) -> Any:
+        return import_tensorflow()
+
+    def unsupported(self, spec: LayerSpec, dtype: str) -> str | None:
+        why = super().unsupported(spec, dtype)
+        if why or isinstance(spec, DenseSpec):
+            return why
+        dilated = any(d > 1 for d in spec.dilation)
+        if spec.transposed and spec.groups > 1 and (spec.rank == 3 or dtype not in ONEDNN_DTYPES):
+            op = "Conv3DBackpropInput" if spec.rank == 3 else f"Conv2DBackpropInput in {dtype}"
+            return f"TensorFlow's CPU {op} has no grouped form (groups={spec.groups}): only oneDNN's rank 1-2 float32/bfloat16 kernel has"
+        if op_kind(spec) == "depthwise" and dtype not in ONEDNN_DTYPES and spec.stride[0] != spec.stride[1]:
+            return f"TensorFlow's CPU DepthwiseConv2dNative in {dtype} supports equal row and column strides only (stride={spec.stride})"
+        if op_kind(spec) == "depthwise" and dilated and any(st > 1 for st in spec.stride):
+            return "tf.nn.depthwise_conv2d needs strides 1 when dilations > 1 (it warns and computes another shape)"
+        if spec.rank == 3 and spec.groups > 1:
+            return f"TensorFlow's CPU Conv3D has no grouped convolution (groups={spec.groups}): the filter depth must equal the input's"
+        if dtype not in ONEDNN_DTYPES and dilated and (spec.rank == 3 or spec.transposed):
+            op = "Conv3DBackpropInput" if spec.transposed and spec.rank == 3 else "Conv2DBackpropInput" if spec.transposed else "Conv3D"
+            return f"TensorFlow's CPU {op} kernel in {dtype} supports dilation 1 only (dilation={spec.dilation})"
+        return None
+
+    def accumulate(self, dtype: str, spec: LayerSpec | None = None) -> str:
+        half = isinstance(spec, ConvSpec) and (op_kind(spec) != "conv" or spec.rank == 3)
+        return tf_accumulate(dtype, half)
+
+    def build(self, spec: LayerSpec, dtype: str = "float32") -> TFLayer:
+        self._check(spec, dtype)
+        self.load()
+        layer = TFLayer(spec, dtype)
+        dt = np_dtype(dtype)
+        layer.set_weights(np.zeros(spec.kernel_shape, dt), np.zeros(spec.bias_shape, dt) if spec.bias else None)
+        return layer
