@@ -7,6 +7,7 @@ and prints the same tables. ``--quick`` uses fewer repeats and trials (for a smo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import platform
 import sys
@@ -33,10 +34,8 @@ def versions() -> str:
     parts = [f"Python {platform.python_version()}", f"{platform.machine()} × {__import__('os').cpu_count()} cores",
              platform.platform(terse=True)]
     for dist in ("numpy", "torch", "tensorflow-cpu", "keras", "jax", "scipy"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             parts.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            pass
     return " · ".join(parts)
 
 
