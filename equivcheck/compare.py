@@ -4,27 +4,48 @@ One fixed rtol/atol is wrong at both ends: too loose to catch a swapped pair of 
 small fan-in, too tight for bfloat16 at fan-in 25088. The bound here is per output
 element ``j``, from how the output was computed:
 
-    |y_j - ŷ_j| ≤ u_out·|ŷ_j| + k·√n·u_acc·(|W|·|x|)_j + tiny
+    |y_j - ŷ_j| ≤ u_out·(|ŷ_j| + |ŷ⁰_j|) + 2·u_prod·m_j + k·√n·u_acc·m_j + floor
 
-where ``ŷ`` is the exact result (float64 on the very same rounded weights and inputs),
-``u_out`` the unit roundoff of the output dtype (one final rounding), ``u_acc`` that of
-the accumulation (float32 for float16/bfloat16 on CPUs; 2⁻¹¹ when TF32 matmul is active),
-``n`` the fan-in, and ``(|W|·|x|)_j`` the same layer run on absolute values — the classic
-forward error bound of a dot product, with √n for rounding errors that do not all align.
-NaN or Inf in the result never passes.
+- ``ŷ`` is the exact result (float64 on the very same rounded weights and inputs) and
+  ``ŷ⁰`` the same without the bias: the output is rounded to its dtype at most twice, once
+  after the sum and once after the bias is added (Keras and torch's float16 paths add the
+  bias in a separate rounded step; a fused path rounds once and stays within the bound).
+- ``m = |W|·|x|`` is the same layer run on absolute values, ``n`` the fan-in.
+- ``u_acc`` is the unit roundoff of the precision the sums run in (float32 for
+  float16/bfloat16 on CPUs); ``k·√n`` (``k`` = 4) is the probabilistic growth of rounding
+  errors that do not all align (Higham & Mary, 2019).
+- ``u_prod`` is non-zero only when float32 products are formed from rounded inputs: TF32
+  (``u = 2⁻¹¹``) or bfloat16 passes (``u = 2⁻⁸``). Each product then carries its own
+  relative error, summed without cancellation: ``2·u_prod·m``.
+- ``floor`` is two subnormal steps of the output dtype (rounding near zero is absolute).
+
+NaN or Inf in the result never passes. Reduced-precision float32 matmul is detected from
+frameworks that are already imported (never importing one) and recorded in the result.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Comparison", "compare", "unit_roundoff"]
+__all__ = [
+    "Comparison",
+    "accumulation_dtype",
+    "compare",
+    "error_bound",
+    "reduced_precision_matmul",
+    "unit_roundoff",
+]
 
 _UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "tf32": 2.0**-11, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+# Smallest positive (subnormal) number of each output dtype.
+_SUBNORMAL = {"float64": 5e-324, "float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}
+# float32 matmul modes whose products are formed from inputs rounded to fewer bits.
+_PRODUCT_ROUNDOFF = {"tf32": 2.0**-11, "bf16x": 2.0**-8}
 # Safety factor on the accumulation term: the √n estimate is probabilistic.
 ACCUMULATION_FACTOR = 4.0
 
@@ -38,11 +59,67 @@ def unit_roundoff(dtype: str) -> float:
     return _UNIT_ROUNDOFF[dtype]
 
 
+def reduced_precision_matmul() -> dict[str, str]:
+    """float32 matmul modes that round inputs, per framework already imported: ``{"torch": "tf32"}``.
+
+    Checks torch's ``allow_tf32`` flags and float32 matmul precision and TensorFlow's
+    TensorFloat-32 switch (which only acts where a GPU is visible). Never imports a framework.
+    """
+    found: dict[str, str] = {}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            precision = torch.get_float32_matmul_precision()
+            if precision == "medium":
+                found["torch"] = "bf16x"
+            elif precision != "highest" or torch.backends.cuda.matmul.allow_tf32 or (
+                torch.cuda.is_available() and torch.backends.cudnn.allow_tf32
+            ):
+                found["torch"] = "tf32"
+        except (AttributeError, RuntimeError):
+            pass
+    tf = sys.modules.get("tensorflow")
+    if tf is not None:
+        try:
+            if tf.config.experimental.tensor_float_32_execution_enabled() and tf.config.list_physical_devices("GPU"):
+                found["tensorflow"] = "tf32"
+        except (AttributeError, RuntimeError):
+            pass
+    return found
+
+
 def accumulation_dtype(dtype: str, *, tf32: bool = False) -> str:
-    """The precision CPU frameworks accumulate ``dtype`` products in."""
+    """The precision CPU frameworks accumulate ``dtype`` products in (``"tf32"`` when asked for)."""
     if dtype == "float64":
         return "float64"
     return "tf32" if tf32 and dtype == "float32" else "float32"
+
+
+def _split_accumulate(accumulate: str) -> tuple[float, float]:
+    """(u_prod, u_acc) for an accumulation name."""
+    if accumulate in _PRODUCT_ROUNDOFF:
+        return _PRODUCT_ROUNDOFF[accumulate], _UNIT_ROUNDOFF["float32"]
+    return 0.0, unit_roundoff(accumulate)
+
+
+def error_bound(
+    exact: Any,
+    magnitude: Any,
+    *,
+    dtype: str,
+    fan_in: int,
+    accumulate: str | None = None,
+    exact_without_bias: Any = None,
+) -> np.ndarray:
+    """The per-element bound of the module docstring, as a float64 array."""
+    e = np.abs(np.asarray(exact, dtype=np.float64))
+    mag = np.asarray(magnitude, dtype=np.float64)
+    e0 = e if exact_without_bias is None else np.abs(np.asarray(exact_without_bias, dtype=np.float64))
+    u_out = unit_roundoff(dtype)
+    u_prod, u_acc = _split_accumulate(accumulate or accumulation_dtype(dtype))
+    floor = 2 * _SUBNORMAL[dtype] + (0.0 if dtype == "float64" else 2 * _SUBNORMAL["float32"])
+    growth = 2 * u_prod + ACCUMULATION_FACTOR * math.sqrt(max(int(fan_in), 1)) * u_acc
+    return u_out * (e + e0) + growth * mag + floor
 
 
 @dataclass(frozen=True)
@@ -61,6 +138,7 @@ class Comparison:
     fraction_out_of_bound: float
     nonfinite: int
     elements: int
+    reduced_precision: str = ""  # e.g. "torch: tf32" when a framework rounds float32 matmul inputs
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -84,31 +162,44 @@ def compare(
     dtype: str,
     fan_in: int,
     accumulate: str | None = None,
+    exact_without_bias: Any = None,
 ) -> Comparison:
     """Compare ``actual`` with ``exact`` (float64), where ``magnitude`` is ``|W|·|x|`` per element.
 
-    All three have one shape. ``dtype`` is what the layer computed in; ``accumulate``
-    defaults to :func:`accumulation_dtype` of it.
+    All arrays have one shape. ``dtype`` is what the layer computed in; ``accumulate``
+    defaults to :func:`accumulation_dtype` of it; a plain ``"float32"`` becomes the reduced
+    float32 matmul mode an imported framework has switched on (:func:`reduced_precision_matmul`).
+    ``exact_without_bias`` is the exact output before the bias is added; without it the
+    bound assumes the bias is added in the same rounding as the sum.
     """
+    from equivcheck.errors import VerificationError
+
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(exact, dtype=np.float64)
     mag = np.asarray(magnitude, dtype=np.float64)
-    if a.shape != e.shape or mag.shape != e.shape:
-        from equivcheck.errors import VerificationError
-
+    shapes = {a.shape, e.shape, mag.shape}
+    if exact_without_bias is not None:
+        shapes.add(np.shape(exact_without_bias))
+    if len(shapes) != 1:
         raise VerificationError(f"output shape={a.shape} does not match the expected shape={e.shape}")
-    accumulate = accumulate or accumulation_dtype(dtype)
-    u_out, u_acc = unit_roundoff(dtype), unit_roundoff(accumulate)
-    tiny = np.finfo(np.float32).tiny if dtype != "float64" else np.finfo(np.float64).tiny
-    bound = u_out * np.abs(e) + ACCUMULATION_FACTOR * math.sqrt(max(fan_in, 1)) * u_acc * mag + 64 * tiny
+    reduced = reduced_precision_matmul() if dtype == "float32" else {}
+    if accumulate is None:
+        accumulate = accumulation_dtype(dtype)
+    if reduced and accumulate == "float32":  # a framework rounds float32 matmul inputs: widen the bound
+        accumulate = "bf16x" if "bf16x" in reduced.values() else "tf32"
+    note = ", ".join(f"{k}: {v}" for k, v in sorted(reduced.items()))
+    if a.size == 0:
+        return Comparison(True, dtype, accumulate, int(fan_in), 0.0, 0.0, 0.0, 0.0, (), 0.0, 0, 0, note)
+    bound = error_bound(e, mag, dtype=dtype, fan_in=fan_in, accumulate=accumulate, exact_without_bias=exact_without_bias)
     finite = np.isfinite(a)
     nonfinite = int(a.size - np.count_nonzero(finite))
-    err = np.where(finite, np.abs(a - e), np.inf)
-    ratio = err / bound
-    if a.size == 0:
-        return Comparison(True, dtype, accumulate, fan_in, 0.0, 0.0, 0.0, 0.0, (), 0.0, 0, 0)
+    with np.errstate(invalid="ignore"):
+        err = np.where(finite, np.abs(a - e), np.inf)
+        ratio = np.where(np.isnan(e), np.inf, err / bound)
     worst = np.unravel_index(int(np.argmax(ratio)), a.shape)
-    rel = np.where(np.abs(e) > 0, err / np.maximum(np.abs(e), tiny), np.where(err > 0, np.inf, 0.0))
+    tiny = np.finfo(np.float64).tiny
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(np.abs(e) > 0, err / np.maximum(np.abs(e), tiny), np.where(err > 0, np.inf, 0.0))
     out = int(np.count_nonzero(~(ratio <= 1.0)))
     return Comparison(
         passed=nonfinite == 0 and out == 0,
@@ -123,4 +214,5 @@ def compare(
         fraction_out_of_bound=out / a.size,
         nonfinite=nonfinite,
         elements=int(a.size),
+        reduced_precision=note,
     )

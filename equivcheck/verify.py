@@ -19,6 +19,7 @@ from equivcheck import backends as _backends
 from equivcheck.backends.base import np_dtype
 from equivcheck.backends.numpy import forward as np_forward
 from equivcheck.compare import Comparison, compare
+from equivcheck.data import detection_batch, sample_inputs, sample_weights
 from equivcheck.errors import EquivcheckError, SpecError, VerificationError
 from equivcheck.mapping import Mapping
 from equivcheck.plan import plan
@@ -90,19 +91,13 @@ class Case:
 
 # -- data --------------------------------------------------------------------------------
 def draw(spec: LayerSpec, dtype: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-    """Random kernel and bias for ``spec``, rounded to ``dtype``.
-
-    Normal with fan-in scaling: no two weights equal, no symmetry a flip could hide behind.
-    """
-    dt = np_dtype(dtype)
-    fan_in = max(1, math.prod(spec.kernel_shape) // max(spec.out_channels, 1))
-    kernel = (rng.standard_normal(spec.kernel_shape) / math.sqrt(fan_in)).astype(dt)
-    bias = rng.standard_normal(spec.bias_shape).astype(dt) if spec.bias else None
-    return kernel, bias
+    """Random kernel and bias for ``spec``, rounded to ``dtype``: see :func:`equivcheck.data.sample_weights`."""
+    return sample_weights(spec, dtype, rng)
 
 
-def canonical_input(spec: LayerSpec, batch: int, dtype: str, rng: np.random.Generator) -> np.ndarray:
-    return rng.standard_normal((batch, spec.channels, *spec.spatial)).astype(np_dtype(dtype))
+def canonical_input(spec: LayerSpec, batch: int | None, dtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Inputs ``(batch, channels, *spatial)``: see :func:`equivcheck.data.sample_inputs`."""
+    return sample_inputs(spec, batch, dtype, rng)
 
 
 def to_layout(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
@@ -162,7 +157,7 @@ def verify_pair(
     dtype: str = "float32",
     converter: Converter | None = None,
     seed: int = 0,
-    batch: int = 4,
+    batch: int | None = None,
     mutations: bool = True,
     tf32: bool = False,
     data: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None,
@@ -170,7 +165,7 @@ def verify_pair(
     """Check one conversion on one backend pair; never raises for a failed check, only for bad arguments.
 
     ``data`` = ``(kernel, bias, x)`` replaces the drawn data: source weights in ``dtype`` and an
-    input batch ``(batch, channels, *spatial)`` (see :func:`equivcheck.strategies.sample_inputs`).
+    input batch ``(batch, channels, *spatial)`` (see :func:`equivcheck.data.sample_inputs`).
     """
     np_dtype(dtype)  # an unknown dtype is an error, not a skip
     case = Case(source, target, source_backend, target_backend, dtype, "error", seed=seed)
@@ -183,7 +178,10 @@ def verify_pair(
         if why:
             case.verdict, case.reason = "skip", why
             return case
-    batch = batch if data is None else len(data[2])
+    if data is not None:
+        batch = len(data[2])
+    elif batch is None:
+        batch = detection_batch(_input_spec(source, target))
     in_elems = batch * math.prod(_input_spec(source, target).input_shape)
     out_elems = batch * max(math.prod(source.output_shape), math.prod(target.output_shape))
     require_memory(f"verifying {source.describe()} -> {target.describe()}",
@@ -297,7 +295,7 @@ def verify(
     dtypes: Sequence[str] = ("float32",),
     converter: Converter | None = None,
     seed: int = 0,
-    batch: int = 4,
+    batch: int | None = None,
     mutations: bool = True,
 ) -> list[Case]:
     """Check a conversion on every ordered pair of ``backends`` (or the given pairs) and dtype."""

@@ -1,0 +1,101 @@
+"""The mutation check: every plausible wrong conversion is rejected, or marked — never passed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import equivcheck as ec
+from equivcheck import strategies as es
+from equivcheck.mutations import mutants
+from equivcheck.verify import verify_pair
+
+SHAPE = dict(channels=3, spatial=(2, 4), units=2)
+
+
+def _names(source, target):
+    return {m.name for m in mutants(source, target)}
+
+
+def _verify(source, target, *, dtype="float32", seed=0, x=None):
+    rng = np.random.default_rng(seed)
+    kernel, bias = es.sample_weights(source, dtype, rng)
+    x = es.sample_inputs(source, None, dtype, rng) if x is None else x
+    return verify_pair(source, target, dtype=dtype, seed=seed, data=(kernel, bias, x))
+
+
+def test_catalogue_names_the_plausible_mistakes():
+    dense_to_conv = _names(ec.spec("keras:dense", **SHAPE), ec.spec("theano:conv", **SHAPE))
+    assert {"missing flip", "flip H only", "flip W only", "kernel axes permuted", "channels permuted",
+            "reshape only", "wrong flatten order", "dense kernel not transposed"} <= dense_to_conv
+    conv_to_dense = _names(ec.spec("theano:conv", **SHAPE), ec.spec("torch:dense", **SHAPE))
+    assert {"missing flip", "flip H only", "flip W only", "wrong flatten order", "dense kernel not transposed"} <= conv_to_dense
+    same = _names(ec.spec("torch:dense", **SHAPE), ec.spec("torch:conv", **SHAPE))
+    assert "spurious flip" in same and "reshape only" not in same  # a plain reshape is right there
+    dense_dense = _names(ec.spec("keras:dense", **SHAPE), ec.spec("flax:dense", **SHAPE))
+    assert {"wrong flatten order (source)", "wrong flatten order (target)"} <= dense_dense
+
+
+def test_mutants_are_distinct_wrong_mappings():
+    src, dst = ec.spec("keras:dense", **SHAPE), ec.spec("theano:conv", **SHAPE)
+    right = ec.plan(src, dst)
+    found = mutants(src, dst)
+    probe = np.arange(np.prod(src.kernel_shape)).reshape(src.kernel_shape)
+    outs = [m.mapping.apply(probe) for m in found]
+    assert all(o.shape == dst.kernel_shape for o in outs)
+    assert not any(np.array_equal(o, right.apply(probe)) for o in outs)
+    assert len({o.tobytes() for o in outs}) == len(outs)
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        ("keras:dense", "theano:conv"),
+        ("theano:conv", "torch:dense"),
+        ("keras:conv", "torch:conv"),
+        ("keras_cf:dense", "tflite:conv"),
+        ("jax:dense", "keras:dense"),
+    ],
+)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_mutant_is_rejected_on_the_designed_data(source, target, dtype):
+    src, dst = ec.spec(source, **SHAPE), ec.spec(target, **SHAPE)
+    case = _verify(src, dst, dtype=dtype)
+    assert case.verdict == "pass", case.reason
+    assert case.mutations and all(m.outcome == "rejected" for m in case.mutations), case.mutations
+
+
+def test_mutants_on_one_wide_axes_are_ambiguous_not_passed():
+    shape = dict(channels=3, spatial=(1, 4), units=2)
+    src, dst = ec.spec("keras:dense", **shape), ec.spec("torch:conv", **shape)
+    marked = {m.name: m.ambiguous for m in mutants(src, dst)}
+    assert marked["flip H only"] and marked["kernel axes permuted"]
+    assert not marked["spurious flip"]  # with H 1-wide, "flip W only" is the same mistake: listed once
+    case = _verify(src, dst)
+    outcomes = {m.name: m.outcome for m in case.mutations}
+    assert outcomes["flip H only"] == "ambiguous" and outcomes["kernel axes permuted"] == "ambiguous"
+    assert outcomes["spurious flip"] == "rejected" and "flip W only" not in outcomes
+    # One channel: the flatten order cannot matter.
+    one = dict(channels=1, spatial=(2, 2), units=2)
+    flat = {m.name: m.ambiguous for m in mutants(ec.spec("keras:dense", **one), ec.spec("torch:dense", **one))}
+    assert flat["wrong flatten order (source)"]
+
+
+def test_data_that_cannot_reject_a_mutant_makes_the_case_inconclusive():
+    """A constant input cannot see a flip: the case is inconclusive, never a pass."""
+    src, dst = ec.spec("onnx:dense", **SHAPE), ec.spec("theano:conv", **SHAPE)
+    x = np.ones((4, 3, 2, 4), dtype=np.float32)
+    case = _verify(src, dst, x=x)
+    assert case.verdict == "inconclusive"
+    missed = {m.name for m in case.mutations if m.outcome == "not rejected"}
+    assert "missing flip" in missed and "missing flip" in case.reason
+
+
+@settings(max_examples=15, deadline=None)
+@given(pair=es.spec_pairs(presets=["onnx", "caffe", "tflite", "flax"]), dtype=es.dtypes(names=["float32", "bfloat16"]))
+def test_generated_cases_reject_every_mutant(pair, dtype):
+    source, target = pair
+    case = _verify(source, target, dtype=dtype)
+    assert case.verdict == "pass", case.reason
+    assert all(m.outcome == "rejected" for m in case.mutations), [(m.name, m.outcome) for m in case.mutations]

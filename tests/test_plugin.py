@@ -1,0 +1,145 @@
+"""The pytest plugin, driven through pytester: options, fixture, marker, summary, report, xdist."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest_plugins = ["pytester"]
+FRAMEWORKS = ("torch", "tensorflow", "keras", "jax")
+
+CONVERTERS = '''
+import sys
+import pytest
+
+def good(k, b):  # onnx:dense (3, 8·5·6) -> caffe:conv (3, 8, 5, 6)
+    return k.reshape(3, 8, 5, 6), b
+
+def flipped(k, b):  # the theano/scipy kernel, where caffe wants a correlation
+    return k.reshape(3, 8, 5, 6)[:, :, ::-1, ::-1].copy(), b
+
+def generic(source, target, k, b):
+    import equivcheck as ec
+    return ec.plan(source, target).apply(k), b
+'''
+
+NUMPY_TESTS = CONVERTERS + '''
+def test_good(equivcheck):
+    equivcheck.check_converter(good, source="onnx:dense", target="caffe:conv", channels=8, spatial=(5, 6), units=3)
+    assert not [m for m in {FRAMEWORKS!r} if m in sys.modules], "a numpy-only check imported a framework"
+
+def test_flipped(equivcheck):
+    equivcheck.check_converter(flipped, source="onnx:dense", target="caffe:conv", channels=8, spatial=(5, 6), units=3)
+
+@pytest.mark.equivcheck(kinds=["dense->conv", "conv->conv"], presets=["onnx", "caffe", "tflite"], max_examples=6)
+def test_pairs(equivcheck):
+    cases = equivcheck.check_pairs(generic)
+    assert len(cases) == 6
+'''.replace("{FRAMEWORKS!r}", repr(FRAMEWORKS))
+
+
+def _subprocess(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", *args)
+
+
+def _section(out: str) -> list[str]:
+    """The lines of the terminal summary's equivcheck section."""
+    return out.split(" equivcheck ===")[1].split("\n", 1)[1].split("=====")[0].splitlines()
+
+
+def test_loading_the_plugin_imports_no_framework():
+    code = ("import sys, equivcheck.plugin; "
+            f"bad = [m for m in {FRAMEWORKS!r} if m in sys.modules]; "
+            "assert not bad, bad; assert 'hypothesis' not in sys.modules and 'equivcheck.checker' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_help_lists_the_options_and_ini_names(pytester: pytest.Pytester):
+    result = pytester.runpytest("--help")
+    text = result.stdout.str()
+    for option in ("--equivcheck-backends", "--equivcheck-max-examples", "--equivcheck-seed", "--equivcheck-report"):
+        assert option in text
+    for ini in ("equivcheck_backends", "equivcheck_max_examples", "equivcheck_seed", "equivcheck_report"):
+        assert ini in text
+    markers = pytester.runpytest("--markers").stdout.str()
+    assert "@pytest.mark.equivcheck(**options)" in markers
+
+
+def test_outcomes_summary_report_and_the_same_under_xdist(pytester: pytest.Pytester):
+    pytester.makepyfile(test_conversions=NUMPY_TESTS)
+    pytester.makeini("[pytest]\nequivcheck_seed = 11\nequivcheck_max_examples = 4\n")
+    result = _subprocess(pytester, "--equivcheck-backends", "numpy,torch")
+    result.assert_outcomes(passed=2, failed=1)
+    out = result.stdout.str()
+    assert "equivcheck: seed=11, backends=numpy,torch, max_examples=4" in out  # header: ini file and option
+    assert "flipped does not convert onnx:dense → caffe:conv correctly (fail)" in out
+    assert "matches caffe:conv except: spurious flip; it is the right kernel for theano:conv, scipy:conv" in out
+    assert "source = ec.spec('onnx:dense', channels=8, spatial=(5, 6), units=3)" in out
+    assert "from test_conversions import flipped" in out
+    summary = _section(out)
+    assert any("onnx:dense → caffe:conv" in row and "flipped" in row and "1 fail" in row for row in summary)
+    assert any("matches caffe:conv (= torch:conv, jax:conv, onnx:conv)" in row and "1 pass" in row for row in summary)
+    assert "seed 11 (rerun with --equivcheck-seed 11)" in summary
+
+    pytest.importorskip("xdist", reason="pytest-xdist runs the workers")
+    parallel = _subprocess(pytester, "-n", "2", "--equivcheck-report", "out", "--equivcheck-backends", "numpy,torch")
+    parallel.assert_outcomes(passed=2, failed=1)
+    rows = _section(parallel.stdout.str())
+    assert rows[:-1] == summary and rows[-1] == "report: out/equivcheck.json, out/equivcheck.md, out/equivcheck.html"
+    doc = json.loads((pytester.path / "out" / "equivcheck.json").read_text())
+    assert doc["run"]["seed"] == 11
+    verdicts = sorted((c["test"].split("::")[1], c["verdict"]) for c in doc["cases"])
+    assert verdicts == [("test_flipped", "fail"), ("test_good", "pass")] + [("test_pairs", "pass")] * 6
+    assert (pytester.path / "out" / "equivcheck.html").is_file()
+    assert not list((pytester.path / "out").glob(".equivcheck-parts/*"))
+
+
+def test_disabling_the_plugin(pytester: pytest.Pytester):
+    pytester.makepyfile("def test_uses_fixture(equivcheck):\n    pass\n")
+    result = _subprocess(pytester, "-p", "no:equivcheck")
+    result.assert_outcomes(errors=1)
+    assert "fixture 'equivcheck' not found" in result.stdout.str()
+    assert "equivcheck: seed=" not in result.stdout.str()
+    bad = _subprocess(pytester, "-p", "no:equivcheck", "--equivcheck-seed", "3")
+    assert bad.ret != 0 and "unrecognized arguments: --equivcheck-seed" in bad.stderr.str()
+
+
+def test_bad_options_are_usage_errors(pytester: pytest.Pytester):
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest("--equivcheck-backends", "numpy,caffe2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--equivcheck-backends has 'caffe2'" in result.stderr.str()
+
+
+def test_real_torch_through_the_fixture(pytester: pytest.Pytester):
+    pytest.importorskip("torch", reason="checks the fixture on real torch layers")
+    from equivcheck.checker import installed_backends
+
+    if "torch" not in installed_backends():
+        pytest.skip("the torch backend is not registered")
+    pytester.makepyfile('''
+import pytest
+
+def right(k, b):
+    return k.reshape(4, 2, 3, 3), b
+
+def test_torch(equivcheck):
+    cases = equivcheck.check_converter(right, "torch:dense", "torch:conv", channels=2, spatial=(3, 3), units=4,
+                                       dtypes=["float32", "bfloat16"])
+    assert [(c.source_backend, c.target_backend, c.verdict) for c in cases] == [("torch", "torch", "pass")] * 2
+
+@pytest.mark.equivcheck(backends=["numpy"])
+def test_restricted(equivcheck):
+    equivcheck.check_converter(right, "torch:dense", "torch:conv", channels=2, spatial=(3, 3), units=4)
+    record = equivcheck.records[0]
+    assert (record.case.source_backend, record.case.target_backend) == ("numpy", "numpy")
+    assert "backend 'torch' is not among the allowed backends (numpy)" in record.notes[0]
+''')
+    result = _subprocess(pytester, "--equivcheck-seed", "1")
+    result.assert_outcomes(passed=2)
+    summary = result.stdout.str().split("equivcheck ==")[1]
+    assert "torch → torch  bfloat16" in summary and "numpy → numpy  float32" in summary
