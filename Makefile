@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/equivcheck demo --report reports
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
