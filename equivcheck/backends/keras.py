@@ -59,6 +59,10 @@ def _layer_output_spatial(spec: ConvSpec) -> tuple[int, ...]:
     )
 
 
+# Weights are always set right after building: skip the random initialisation (100M draws for fc6).
+_NO_INIT = {"kernel_initializer": "zeros", "bias_initializer": "zeros"}
+
+
 class KerasLayer(Layer):
     """Keras layers realising ``spec``, with the explicit transposes, pads and crops around them."""
 
@@ -75,7 +79,7 @@ class KerasLayer(Layer):
             self._perm = flatten_permutation(spec, native=keras_order)
             fmt = spec.data_format if self._perm is None else CHANNELS_LAST  # a plain row-major flatten
             self.flatten = L.Flatten(data_format=fmt, dtype=dtype)
-            self.layer = L.Dense(spec.units, use_bias=spec.bias, dtype=dtype)
+            self.layer = L.Dense(spec.units, use_bias=spec.bias, dtype=dtype, **_NO_INIT)
             self.layer.build((None, spec.in_features))
             return
         self.flatten = None
@@ -85,13 +89,14 @@ class KerasLayer(Layer):
             kernel_size=spec.kernel_size, strides=spec.stride, dilation_rate=spec.dilation,
             data_format=spec.data_format, use_bias=spec.bias, dtype=dtype,
         )
+        init = {"depthwise_initializer": "zeros", "bias_initializer": "zeros"} if layer_kind(spec) == "depthwise" else _NO_INIT
         pads = spec.pads()
         in_spatial = list(spec.spatial)
         if kind == "conv_transpose":
             cls = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)[r - 1]
             out = spec.output_spatial
             self._crop = tuple(slice(lo, lo + o) for (lo, _), o in zip(pads, out))
-            layer = cls(spec.out_channels, padding="valid", output_padding=spec.output_padding, **common)
+            layer = cls(spec.out_channels, padding="valid", output_padding=spec.output_padding, **common, **init)
         else:
             if spec.padding == "same":
                 padding = "same"
@@ -102,10 +107,10 @@ class KerasLayer(Layer):
                     in_spatial = [n + lo + hi for n, (lo, hi) in zip(in_spatial, pads)]
             if kind == "depthwise":
                 cls = (L.DepthwiseConv1D, L.DepthwiseConv2D)[r - 1]
-                layer = cls(depth_multiplier=spec.out_channels // spec.in_channels, padding=padding, **common)
+                layer = cls(depth_multiplier=spec.out_channels // spec.in_channels, padding=padding, **common, **init)
             else:
                 cls = (L.Conv1D, L.Conv2D, L.Conv3D)[r - 1]
-                layer = cls(spec.out_channels, padding=padding, groups=spec.groups, **common)
+                layer = cls(spec.out_channels, padding=padding, groups=spec.groups, **common, **init)
         c = spec.in_channels
         shape = (c, *in_spatial) if spec.data_format == CHANNELS_FIRST else (*in_spatial, c)
         layer.build((None, *shape))

@@ -53,6 +53,7 @@ class TorchLayer(Layer):
         super().__init__(spec, dtype)
         import torch
         from torch import nn
+        from torch.nn.utils import skip_init  # weights are set right after: no random initialisation
 
         self._torch = torch
         self._tdtype = getattr(torch, _TORCH_DTYPES[dtype])
@@ -60,7 +61,7 @@ class TorchLayer(Layer):
         if isinstance(spec, DenseSpec):
             self._perm = flatten_permutation(spec)
             self.module = nn.Sequential(
-                nn.Flatten(), nn.Linear(spec.in_features, spec.units, bias=spec.bias, dtype=self._tdtype)
+                nn.Flatten(), skip_init(nn.Linear, spec.in_features, spec.units, bias=spec.bias, dtype=self._tdtype)
             )
             self._weighted = self.module[1]
             return
@@ -83,7 +84,7 @@ class TorchLayer(Layer):
                 # F.pad takes (lo, hi) pairs from the last axis backwards.
                 self._pre_pad = [p for lo_hi in reversed(pads) for p in lo_hi]
                 kwargs["padding"] = 0
-        self.module = cls(spec.in_channels, spec.out_channels, spec.kernel_size, **kwargs)
+        self.module = skip_init(cls, spec.in_channels, spec.out_channels, spec.kernel_size, **kwargs)
         self._weighted = self.module
         self._layout = ("IO" if spec.transposed else "OI") + spec.letters
 
