@@ -206,3 +206,47 @@ def test_fuzzed_arguments_never_traceback(capsys, command, argv):
     assert "Traceback" not in err
     if code == 2:
         assert err.startswith("equivcheck: error: ") and err.count("\n") <= 1, err
+
+
+# -- the plugin -------------------------------------------------------------------------------
+pytest_plugins = ["pytester"]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--equivcheck-max-examples", "-1"], "--equivcheck-max-examples=-1: expected a positive integer"),
+        (["--equivcheck-max-examples", "many"], "invalid int value"),
+        (["--equivcheck-seed", "x"], "invalid int value"),
+        (["--equivcheck-backends", "numpy,caffe2"], "caffe2"),
+    ],
+)
+def test_plugin_bad_options_are_usage_errors(pytester, args, match):
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert match in result.stderr.str()
+    assert "Traceback" not in result.stderr.str()
+
+
+PLUGIN_MISUSE = {
+    "unknown preset": ("equivcheck.check_converter(lambda k, b: (k, b), source='mxnet:dense', target='torch:conv', "
+                       "channels=2, spatial=(3,), units=2)", "preset='mxnet' is unknown"),
+    "impossible pair": ("equivcheck.check_converter(lambda k, b: (k, b), source='onnx:dense', target='caffe:conv', "
+                        "channels=2, spatial=(3, 3), units=2, kernel_size=(2, 2))", "smaller than the map"),
+    "negative channels": ("equivcheck.check_converter(lambda k, b: (k, b), source='onnx:dense', target='caffe:conv', "
+                          "channels=-2, spatial=(3,), units=2)", "channels=-2"),
+    "converter returns one array": ("equivcheck.check_converter(lambda k, b: k, source='onnx:dense', target='caffe:conv', "
+                                    "channels=2, spatial=(3,), units=2)", "(kernel, bias) tuple"),
+    "marker with a positional argument": ("pass", "keyword options only"),
+}
+
+
+@pytest.mark.parametrize("name", PLUGIN_MISUSE)
+def test_plugin_misuse_names_the_problem(pytester, name):
+    body, match = PLUGIN_MISUSE[name]
+    marker = "@pytest.mark.equivcheck('oops')\n" if "marker" in name else ""
+    pytester.makepyfile(f"import pytest\n\n{marker}def test_it(equivcheck):\n    {body}\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    out = result.stdout.str()
+    assert result.ret != 0 and match in out, out
