@@ -7,6 +7,7 @@ Every figure is measured in this process, side by side, and printed as a ratio t
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -26,6 +27,14 @@ def keras2_per_column(kernel: np.ndarray) -> np.ndarray:
         ki = kernel[:, i].reshape(h, w, c).transpose(2, 0, 1)
         kernel[:, i] = ki.reshape(-1)
     return np.ascontiguousarray(kernel.T.reshape(4096, 512, 7, 7)[:, :, ::-1, ::-1])
+
+
+def _without_kernel(mapping: ec.Mapping, w: np.ndarray) -> np.ndarray:
+    os.environ["EQUIVCHECK_NO_FASTCOPY"] = "1"
+    try:
+        return mapping.apply(w)
+    finally:
+        del os.environ["EQUIVCHECK_NO_FASTCOPY"]
 
 
 def best_time(fn: Callable[[], object], repeat: int) -> float:
@@ -53,6 +62,7 @@ def rows(repeat: int = 3) -> list[tuple[str, float, float, float]]:
     candidates: list[tuple[str, Callable[[], object], int]] = [
         ("plain copy (baseline)", w.copy, repeat),
         (f"equivcheck Mapping.apply  [{mapping.code()}]", lambda: mapping.apply(w), repeat),
+        ("equivcheck Mapping.apply, numpy fallback (no compiled kernel)", lambda: _without_kernel(mapping, w), repeat),
         ("numpy one-liner + ascontiguousarray",
          lambda: np.ascontiguousarray(w.reshape(7, 7, 512, 4096).transpose(3, 2, 0, 1)[:, :, ::-1, ::-1]), repeat),
     ]

@@ -82,6 +82,7 @@ class NumpyOps(ArrayOps):
 
 
 _POOL: Any = None
+_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def _pool() -> Any:
@@ -89,7 +90,7 @@ def _pool() -> Any:
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="equivcheck")
+        _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="equivcheck")
     return _POOL
 
 
@@ -113,13 +114,34 @@ def _row_gather_transpose(x: np.ndarray, nf: Any) -> np.ndarray | None:
     rows = rows.ravel()
     src = x.reshape(height, width)
     out = np.empty((width, height), dtype=x.dtype)
-    step = 16
+    fast = _fastcopy()
+    if fast is not None and x.itemsize in (1, 2, 4, 8):
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        share = -(-height // _WORKERS)
 
-    def block(j0: int) -> None:
-        out[:, j0 : j0 + step] = np.take(src, rows[j0 : j0 + step], axis=0).T
+        def part(j0: int) -> None:
+            fast.gather_transpose(src, width, rows[j0 : j0 + share], out, height, j0, x.itemsize)
 
-    list(_pool().map(block, range(0, height, step)))
+        list(_pool().map(part, range(0, height, share)))
+    else:
+        step = 16
+
+        def block(j0: int) -> None:
+            out[:, j0 : j0 + step] = np.take(src, rows[j0 : j0 + step], axis=0).T
+
+        list(_pool().map(block, range(0, height, step)))
     return out.reshape(tuple(nf_out_shape(nf)))
+
+
+def _fastcopy() -> Any:
+    """The compiled kernel, or None where it was not built (a fallback, never an error)."""
+    if os.environ.get("EQUIVCHECK_NO_FASTCOPY"):
+        return None
+    try:
+        from equivcheck import _fastcopy as module
+    except ImportError:
+        return None
+    return module
 
 
 def nf_out_shape(nf: Any) -> list[int]:

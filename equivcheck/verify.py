@@ -223,7 +223,7 @@ def verify_pair(
     case.source_comparison = judge(y_src, acc_src)
     y_tgt = _run(target_backend, target, dtype, new_kernel, new_bias, x, tgt_adapt)
     case.comparison = judge(y_tgt, acc_tgt)
-    case.errors = {"output": np.abs(y_tgt.astype(f64) - exact), "kernel": None}
+    case.errors = {"output": np.abs(y_tgt.astype(f64) - exact)}
     if not case.source_comparison.passed:
         case.verdict = "error"
         case.reason = f"the source layer on {source_backend} disagrees with the numpy reference: {case.source_comparison.summary()}"

@@ -175,11 +175,19 @@ class TestArrayKinds:
         y = Mapping.identity((12, 5)).apply(x)
         assert y.flags.c_contiguous and not np.shares_memory(x, y)
 
-    def test_large_arrays_take_the_blocked_paths(self):
-        x = np.random.default_rng(0).standard_normal((8 * 3 * 3 * 16, 700)).astype(np.float32)
+    @pytest.mark.parametrize("compiled", [True, False], ids=["compiled kernel", "numpy fallback"])
+    @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+    def test_large_arrays_take_the_blocked_paths(self, compiled, dtype, monkeypatch):
+        from equivcheck import _arrays
+
+        if compiled and _arrays._fastcopy() is None:
+            pytest.skip("equivcheck._fastcopy was not built (no C compiler at install): the numpy fallback is tested")
+        if not compiled:
+            monkeypatch.setenv("EQUIVCHECK_NO_FASTCOPY", "1")
+        x = np.random.default_rng(0).standard_normal((8 * 3 * 3 * 16, 1400)).astype(dtype)
         for m in (
-            Mapping.identity(x.shape).transpose(1, 0).reshape(700, 3, 3, 16, 8).transpose(0, 4, 3, 1, 2).flip(3),
-            Mapping.identity(x.shape).reshape(8, 3, 3, 16, 700).transpose(2, 4, 0, 3, 1).flip(0, 2),
+            Mapping.identity(x.shape).transpose(1, 0).reshape(1400, 3, 3, 16, 8).transpose(0, 4, 3, 1, 2).flip(3),
+            Mapping.identity(x.shape).reshape(8, 3, 3, 16, 1400).transpose(2, 4, 0, 3, 1).flip(0, 2),
         ):
             np.testing.assert_array_equal(m.apply(x), np.ascontiguousarray(reference_apply(m, x)))
             np.testing.assert_array_equal(m.inverse().apply(m.apply(x)), x)
