@@ -33,6 +33,7 @@ class Preset:
     transpose_layout: str | None
     depthwise_layout: str | None
     op: str = "correlate"
+    transpose_op: str | None = None  # when a transposed conv differs from ``op`` (Flax)
 
     def layers(self) -> tuple[str, ...]:
         return tuple(
@@ -58,7 +59,9 @@ PRESETS: dict[str, Preset] = {
         Preset("jax", "jax.lax.conv_general_dilated with its default NCHW/OIHW dimension numbers; "
                "dense x.reshape(n, -1) @ w with w (in, out)", _CF, _CF, "IO", "OIS", "IOS", "OIS"),
         Preset("flax", "Flax linen: NHWC, Dense kernel (in, out), Conv kernel HWIO, depthwise as "
-               "feature_group_count", _CL, _CL, "IO", "SIO", "SIO", "SIO"),
+               "feature_group_count; ConvTranspose (in, out) kernel used as-is by lax.conv_transpose"
+               "(transpose_kernel=False), i.e. flipped relative to torch's", _CL, _CL, "IO", "SIO", "SIO", "SIO",
+               transpose_op="convolve"),
         Preset("onnx", "ONNX: NCHW, Flatten + Gemm with transB=1 as exported by torch (weight (out, in)), "
                "Conv weight OIHW, ConvTranspose weight IOHW", _CF, _CF, "OI", "OIS", "IOS", "OIS"),
         Preset("caffe", "Caffe: NCHW, InnerProduct weight (out, in), Convolution OIHW, Deconvolution IOHW",
@@ -171,6 +174,8 @@ def spec(
         template = preset.conv_layout if layer == "conv" else preset.transpose_layout
         fields.update(out_channels=units, groups=groups, kernel_layout=_layout(template, rank),
                       transposed=layer == "conv_transpose", output_padding=output_padding)
+        if layer == "conv_transpose" and preset.transpose_op:
+            fields["op"] = preset.transpose_op
     return _build(ConvSpec, fields, overrides, name)
 
 

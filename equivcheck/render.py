@@ -60,6 +60,8 @@ def presets_markdown() -> str:
     for p in PRESETS.values():
         d, c = spec(f"{p.name}:dense", **fc6), spec(f"{p.name}:conv", **fc6)
         t, dw = ((x or "—").replace("S", "HW") for x in (p.transpose_layout, p.depthwise_layout))
+        if p.transpose_op and p.transpose_op != p.op:
+            t += f" ({p.transpose_op})"
         maps = "NCHW" if d.data_format == "channels_first" else "NHWC"
         kernel = "(in, out)" if d.kernel_layout == "IO" else "(out, in)"
         lines.append(f"| `{p.name}` | {maps} | {d.flatten} | {kernel} | {c.kernel_layout} | {t} | {dw} | {c.op} |")

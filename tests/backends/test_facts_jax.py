@@ -49,6 +49,24 @@ def test_conv_transpose_with_transpose_kernel_reads_iohw(jax, stride):
                                err_msg="fact: lax.conv_transpose(transpose_kernel=True, OIHW) takes an IOHW-stored kernel")
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_flax_conv_transpose_uses_its_kernel_as_is_so_it_convolves(jax, stride):
+    # flax.linen.ConvTranspose calls lax.conv_transpose(..., transpose_kernel=False) with an HWIO (in, out) kernel.
+    from jax import lax
+
+    spec = ec.spec("flax:conv_transpose", channels=3, spatial=(4, 5), kernel_size=(3, 2), units=5, stride=stride, bias=False)
+    assert (spec.kernel_layout, spec.op) == ("HWIO", "convolve"), "flax preset: transposed kernel HWIO, flipped vs torch"
+    kernel, _, x = random_weights(spec)
+    y = np.asarray(lax.conv_transpose(x, kernel, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      transpose_kernel=False))
+    np.testing.assert_allclose(y, reference(spec, kernel, None, x), rtol=1e-5, atol=1e-5,
+                               err_msg="fact: lax.conv_transpose(transpose_kernel=False) is torch's transposed conv "
+                                       "with the kernel flipped in space")
+    torch_kernel = ec.plan(spec, ec.spec("torch:conv_transpose", channels=3, spatial=(4, 5), kernel_size=(3, 2),
+                                         units=5, stride=stride, bias=False)).code()
+    assert "::-1" in torch_kernel, torch_kernel
+
+
 def test_depthwise_is_feature_group_count(jax):
     from jax import lax
 
