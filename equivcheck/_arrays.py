@@ -249,5 +249,14 @@ def ops_for(x: Any) -> ArrayOps:
     )
 
 
+def to_numpy(a: Any) -> Any:
+    """A torch/tensorflow/jax array as numpy (CPU); anything else unchanged."""
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    if hasattr(a, "numpy") and not isinstance(a, np.ndarray):
+        return a.numpy()
+    return a
+
+
 def framework_of(x: Any) -> str:
     return ops_for(x).framework

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck._arrays import to_numpy
 from equivcheck.errors import EquivcheckError, NoMapping, SpecError
 from equivcheck.mapping import Mapping
 from equivcheck.plan import plan
@@ -231,7 +232,7 @@ def identify_conventions(convert: Callable, source: LayerSpec, target: LayerSpec
     bias = -_probe(source.bias_shape) if source.bias else None
     try:
         result = convert(probe.copy(), None if bias is None else bias.copy())
-        got = np.asarray(_to_numpy(result[0]), dtype=np.float64)
+        got = np.asarray(to_numpy(result[0]), dtype=np.float64)
     except Exception as exc:  # the user's converter may not accept probe values; say so, do not hide the check
         return Conventions(label, problem=f"not identified: the converter raised {type(exc).__name__} on probe weights")
     if got.shape != target.kernel_shape:
@@ -272,14 +273,6 @@ def identify_conventions(convert: Callable, source: LayerSpec, target: LayerSpec
 
 def _invertible(m: Mapping) -> bool:
     return math.prod(m.in_shape) == math.prod(m.out_shape)
-
-
-def _to_numpy(a: Any) -> Any:
-    if hasattr(a, "detach"):
-        return a.detach().cpu().numpy()
-    if hasattr(a, "numpy") and not isinstance(a, np.ndarray):
-        return a.numpy()
-    return a
 
 
 # -- one check ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from equivcheck import backends as _backends
+from equivcheck._arrays import to_numpy
 from equivcheck.backends.base import np_dtype
 from equivcheck.backends.numpy import forward as np_forward
 from equivcheck.compare import Comparison, compare
@@ -249,7 +250,7 @@ def _call_converter(convert: Converter, kernel: np.ndarray, bias: np.ndarray | N
     result = convert(kernel.copy(), None if bias is None else bias.copy())
     if not (isinstance(result, tuple) and len(result) == 2):
         raise SpecError(f"converter returned {type(result).__name__}: expected a (kernel, bias) tuple")
-    new_kernel, new_bias = (None if r is None else np.asarray(_to_numpy(r)) for r in result)
+    new_kernel, new_bias = (None if r is None else np.asarray(to_numpy(r)) for r in result)
     if new_kernel is None or new_kernel.shape != target.kernel_shape:
         got = None if new_kernel is None else new_kernel.shape
         raise VerificationError(f"converter returned a kernel of shape={got}: the target expects {target.kernel_shape}")
@@ -258,14 +259,6 @@ def _call_converter(convert: Converter, kernel: np.ndarray, bias: np.ndarray | N
         raise VerificationError(f"converter returned a bias of shape={got}: the target expects {target.bias_shape}")
     dt = np_dtype(dtype)
     return new_kernel.astype(dt), None if new_bias is None or not target.bias else new_bias.astype(dt)
-
-
-def _to_numpy(a: Any) -> Any:
-    if hasattr(a, "detach"):
-        return a.detach().cpu().numpy()
-    if hasattr(a, "numpy") and not isinstance(a, np.ndarray):
-        return a.numpy()
-    return a
 
 
 def _check_mutants(case: Case, mapping: Mapping, kernel: np.ndarray, bias: np.ndarray | None,
