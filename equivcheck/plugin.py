@@ -25,7 +25,8 @@ _OPTIONS = (  # (name, ini name, help)
     ("backends", "equivcheck_backends", "comma-separated backends the checks may run layers on (default: every installed one)"),
     ("max_examples", "equivcheck_max_examples", "examples per hypothesis search over shapes or spec pairs (default: 20)"),
     ("seed", "equivcheck_seed", "seed of every check (default: random, shown in the header)"),
-    ("report", "equivcheck_report", "write equivcheck.json, .md and .html for the checks into this folder"),
+    ("report", "equivcheck_report", "write equivcheck.json, .md and .html for the checks into this folder "
+               "(--equivcheck-report alone: reports/)"),
 )
 _MARKER = ("equivcheck(**options): options for this test's equivcheck fixture — backends, dtypes, max_examples, "
            "seed, and spec_pairs() arguments (kinds, presets, min_*/max_*) for check_pairs")
@@ -50,7 +51,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for name, ini, text in _OPTIONS:
         flag = "--equivcheck-" + name.replace("_", "-")
         kind = int if name in ("max_examples", "seed") else str
-        group.addoption(flag, dest=ini, type=kind, default=None, metavar=name.upper(), help=text)
+        extra: dict[str, Any] = {"nargs": "?", "const": "reports"} if name == "report" else {}
+        group.addoption(flag, dest=ini, type=kind, default=None, metavar=name.upper(), help=text, **extra)
         parser.addini(ini, text, default=None)
 
 

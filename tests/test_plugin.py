@@ -143,3 +143,17 @@ def test_restricted(equivcheck):
     result.assert_outcomes(passed=2)
     summary = result.stdout.str().split("equivcheck ==")[1]
     assert "torch → torch  bfloat16" in summary and "numpy → numpy  float32" in summary
+
+
+def test_report_flag_alone_writes_into_reports(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        "import equivcheck as ec\n\n"
+        "def test_it(equivcheck):\n"
+        "    src = ec.spec('onnx:dense', channels=2, spatial=(3,), units=2)\n"
+        "    dst = ec.spec('caffe:conv', channels=2, spatial=(3,), units=2)\n"
+        "    equivcheck.check_converter(lambda k, b: ec.convert(src, dst, k, b), source='onnx:dense', target='caffe:conv',\n"
+        "                               channels=2, spatial=(3,), units=2)\n"
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "--equivcheck-report")
+    assert result.ret == 0
+    assert sorted(p.name for p in (pytester.path / "reports").iterdir()) == ["equivcheck.html", "equivcheck.json", "equivcheck.md"]
