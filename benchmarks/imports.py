@@ -46,8 +46,8 @@ def rows(repeat: int = 5, suite: bool = False) -> list[tuple[str, float, float]]
     out.append(("pytest --co with -p no:equivcheck (baseline for the row above)", no_plugin, 1.0))
     if suite:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True)
-        out.append(("whole test suite (make test)", time.perf_counter() - start, float("nan")))
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True)
+        out.append(("whole test suite (make test: pytest -n 2)", time.perf_counter() - start, float("nan")))
     return out
 
 
