@@ -60,6 +60,8 @@ class NumpyOps(ArrayOps):
 
         if normal is not None and x.nbytes >= _BLOCKED_MIN_BYTES and x.flags.c_contiguous:
             out = _row_gather_transpose(x, normal)
+            if out is None:
+                out = _column_scatter_transpose(x, normal)
             if out is not None:
                 return out
         final = None
@@ -130,6 +132,38 @@ def _row_gather_transpose(x: np.ndarray, nf: Any) -> np.ndarray | None:
             out[:, j0 : j0 + step] = np.take(src, rows[j0 : j0 + step], axis=0).T
 
         list(_pool().map(block, range(0, height, step)))
+    return out.reshape(tuple(nf_out_shape(nf)))
+
+
+def _column_scatter_transpose(x: np.ndarray, nf: Any) -> np.ndarray | None:
+    """The conv→dense shape, the reverse of :func:`_row_gather_transpose` (compiled kernel only).
+
+    Applies when the input's first axis (say the conv's out channels) becomes the output's
+    trailing axes unchanged: each source column lands, whole, in one output row.
+    """
+    fast = _fastcopy()
+    first = nf.in_groups[0] if nf.in_groups else ()
+    n = len(first)
+    if fast is None or x.itemsize not in (1, 2, 4, 8) or not first:
+        return None
+    if nf.out_atoms[-n:] != first or nf.flipped & set(first):
+        return None
+    height = x.shape[0]
+    width = x.size // height
+    rest = [a for a in nf.in_atoms if a not in first]
+    order = [rest.index(a) for a in nf.out_atoms[:-n]]
+    cols = np.arange(width).reshape([nf.sizes[a] for a in rest] or [1]).transpose(order or [0])
+    cols = cols[tuple(slice(None, None, -1) if a in nf.flipped else slice(None) for a in nf.out_atoms[:-n])]
+    rows = np.empty(width, dtype=np.int64)
+    rows[cols.ravel()] = np.arange(width)  # output row of each source column
+    src = x.reshape(height, width)
+    out = np.empty((width, height), dtype=x.dtype)
+    share = -(-width // _WORKERS)
+
+    def part(c0: int) -> None:
+        fast.scatter_transpose(src, width, rows[c0 : c0 + share], out, c0, x.itemsize)
+
+    list(_pool().map(part, range(0, width, share)))
     return out.reshape(tuple(nf_out_shape(nf)))
 
 
