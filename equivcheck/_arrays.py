@@ -10,6 +10,7 @@ import itertools
 import math
 import os
 import sys
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -22,13 +23,14 @@ _BLOCKED_MIN_BYTES = 1 << 22
 _BLOCK_BYTES = 1 << 20
 
 
-class ArrayOps:
+class ArrayOps(ABC):
     """Reshape / transpose / flip for one array kind."""
 
     framework = ""
 
+    @abstractmethod
     def is_array(self, x: Any) -> bool:
-        raise NotImplementedError
+        """Whether ``x`` is this kind of array (without importing its framework)."""
 
     def apply(self, x: Any, ops: tuple) -> Any:
         from equivcheck.mapping import Flip, Reshape

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from abc import ABC, abstractmethod
 from functools import lru_cache
 from typing import Any
 
@@ -145,27 +146,27 @@ def check_input(spec: LayerSpec, x: np.ndarray) -> None:
 
 
 # -- the interface -----------------------------------------------------------------------
-class Layer:
+class Layer(ABC):
     """A layer built by a backend. Subclasses implement the three methods."""
 
     def __init__(self, spec: LayerSpec, dtype: str) -> None:
         self.spec = spec
         self.dtype = dtype
 
+    @abstractmethod
     def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
         """Load ``kernel`` (in the spec's stored layout) and ``bias``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
         """The layer's kernel (in the spec's stored layout) and bias."""
-        raise NotImplementedError
 
+    @abstractmethod
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Forward pass: a numpy batch in ``spec.data_format`` → numpy output in ``self.dtype``."""
-        raise NotImplementedError
 
 
-class Backend:
+class Backend(ABC):
     """One framework. ``module`` is what must be importable for it to be available."""
 
     name = ""
@@ -208,8 +209,9 @@ class Backend:
 
         return accumulation_dtype(dtype)
 
+    @abstractmethod
     def build(self, spec: LayerSpec, dtype: str = "float32") -> Layer:
-        raise NotImplementedError
+        """A real layer realising ``spec`` in ``dtype`` (its weights are set next)."""
 
     def _check(self, spec: LayerSpec, dtype: str) -> None:
         """Raise :class:`SpecError` for a spec this backend cannot build (see :meth:`unsupported`)."""

@@ -17,12 +17,14 @@ import inspect
 import math
 import os
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from equivcheck._arrays import to_numpy
 from equivcheck.errors import EquivcheckError, SpecError
 from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, DATA_FORMATS, ConvSpec, DenseSpec, LayerSpec
 
@@ -123,7 +125,7 @@ class BlackBox:
         )
 
 
-class Side:
+class Side(ABC):
     """A layer the explorer can set weights on and run. Subclasses implement :meth:`_forward`."""
 
     framework = "numpy"
@@ -218,8 +220,9 @@ class Side:
             ) from None
         return self.from_output(np.asarray(_to_numpy(y), dtype=np.float64), x.shape[0])
 
+    @abstractmethod
     def _forward(self, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> Any:
-        raise NotImplementedError
+        """The layer's raw output for ``kernel``, ``bias`` and input ``x`` in its own layout."""
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
@@ -232,11 +235,10 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.nda
 
 
 def _to_numpy(y: Any) -> Any:
+    """A layer's output as numpy; a one-element tuple or list (some callables) unwrapped."""
     if isinstance(y, (tuple, list)) and len(y) == 1:
         y = y[0]
-    if hasattr(y, "detach"):
-        return y.detach().cpu().numpy()
-    return y
+    return to_numpy(y)
 
 
 # -- geometry ------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class GhostBackend(Backend):
     name = "ghost"
     module = "equivcheck_no_such_framework"
 
+    def build(self, spec, dtype="float32"):
+        self.load()  # as every backend does first: raises BackendUnavailable here
+
 
 def test_missing_framework_makes_verify_skip(monkeypatch):
     monkeypatch.setitem(backends.BACKENDS, "ghost", f"{__name__}:GhostBackend")
