@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/equivcheck demo --report reports
+	$(PY) -m equivcheck.report.example reports/example --backends numpy,torch
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2
