@@ -234,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", dest="source_obj", metavar="MODULE:ATTR", help="a layer or callable to probe")
     p.add_argument("--target", dest="target_obj", metavar="MODULE:ATTR", help="a layer or callable to probe")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--report", metavar="DIR")
+    p.add_argument("--report", metavar="DIR", help="write equivcheck.json/.md/.html to DIR")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", help="run preset sides on this backend (default: the preset's own framework)")
+    p.add_argument("--probe", choices=("auto", "lines", "selectors"), default="auto",
+                   help="probing scheme (auto: selectors for wide layers)")
 
     p = add("report", cmd_report, "rebuild the Markdown and HTML report from equivcheck.json")
     p.add_argument("json_path", metavar="JSON")

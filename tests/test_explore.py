@@ -344,7 +344,10 @@ def test_cli_json_and_exit_codes(capsys, tmp_path):
     assert rc == 0 and out["found"] is True
     assert out["code"]["numpy"] == ec.plan(ec.spec("keras:dense", **DENSE), ec.spec("theano:conv", **DENSE)).code()
     assert all({"name", "holds"} <= set(c) for c in out["conventions"]) and out["forward_calls"] >= 2
-    assert json.loads((tmp_path / "explore.json").read_text())["found"] is True
+    written = json.loads((tmp_path / "equivcheck.json").read_text())
+    assert written["extra"]["explorations"][0]["found"] is True
+    assert written["extra"]["explorations"][0]["code"]["numpy"] == out["code"]["numpy"]
+    assert (tmp_path / "equivcheck.html").is_file() and (tmp_path / "equivcheck.md").is_file()
     rc = main(["explore", "--from", "keras:dense", "--to", "torch:conv", "--channels", "3", "--spatial", "4,4",
                "--units", "2", "--kernel-size", "2,2"])
     assert rc == 1 and "no mapping" in capsys.readouterr().out

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 from equivcheck.errors import SpecError
@@ -51,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     source = _side(args, args.source, getattr(args, "source_obj", None), "source", "--from", "--source")
     target = _side(args, args.target, getattr(args, "target_obj", None), "target", "--to", "--target")
-    result = explore(source, target, seed=getattr(args, "seed", 0), **_shape_kwargs(args))
+    result = explore(source, target, seed=getattr(args, "seed", 0), backend=getattr(args, "backend", None),
+                     probe=getattr(args, "probe", "auto"), **_shape_kwargs(args))
     data = result.to_dict()
     if getattr(args, "json", False):
         print(json.dumps(data, indent=2, default=str))
@@ -59,12 +59,10 @@ def run(args: argparse.Namespace) -> int:
         print(result.render())
     report = getattr(args, "report", None)
     if report:
-        from equivcheck.files import atomic_write_text
+        from equivcheck.report import write_report
 
-        folder = Path(report)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "explore.json", json.dumps(data, indent=2, default=str) + "\n")
-        atomic_write_text(folder / "explore.md", "# equivcheck explore\n\n```\n" + result.render() + "\n```\n")
+        paths = write_report(report, [], seed=getattr(args, "seed", 0), command="explore",
+                             extra={"explorations": [json.loads(json.dumps(data, default=str))]})
         if not getattr(args, "json", False):
-            print(f"wrote {folder / 'explore.json'} and {folder / 'explore.md'}")
+            print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if result.found else 1
