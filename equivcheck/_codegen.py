@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from equivcheck.errors import MappingError
 
@@ -45,8 +45,7 @@ def _einops(mapping: Mapping, var: str) -> str:
     nf = mapping._normal
     if nf is None:
         raise MappingError(f"mapping {mapping.code('numpy')} has an irregular reshape that einops cannot express")
-    # Name atoms in output order, so the right-hand side reads a, b, c, ...
-    names = {a: string.ascii_lowercase[i] if i < 26 else f"x{i}" for i, a in enumerate(nf.out_atoms)}
+    names = _atom_names(mapping, nf)
 
     def side(groups: tuple[tuple[int, ...], ...]) -> str:
         parts = []
@@ -73,6 +72,20 @@ def _einops(mapping: Mapping, var: str) -> str:
         return call(var + _numpy_flip(in_flip), nf.in_groups, nf.out_groups)
     flip = tuple(i for i, a in enumerate(nf.out_atoms) if a in nf.flipped)
     return call(call(var, nf.in_groups, atoms) + _numpy_flip(flip), atoms, nf.out_groups)
+
+
+def _atom_names(mapping: Mapping, nf: Any) -> dict[int, str]:
+    """An einops name per atom: the axis name where an atom is a whole named axis (output side
+    first), else a free letter in output order, so the right-hand side reads a, b, c, ..."""
+    names: dict[int, str] = {}
+    for groups, axis_names in ((nf.out_groups, mapping.out_names), (nf.in_groups, mapping.in_names)):
+        for group, name in zip(groups, axis_names or ()):
+            name = name.lower()
+            if len(group) == 1 and group[0] not in names and name.isidentifier() and name not in names.values():
+                names[group[0]] = name
+    free = (c for c in [*string.ascii_lowercase, *(f"x{i}" for i in range(len(nf.sizes)))] if c not in names.values())
+    ordered = {a: names.get(a) or next(free) for a in nf.out_atoms}
+    return ordered
 
 
 def render(mapping: Mapping, lang: str, var: str) -> str:

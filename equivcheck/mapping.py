@@ -13,6 +13,7 @@ merged axis is a flip of each atom in it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -300,7 +301,9 @@ class Mapping:
 
     in_shape: tuple[int, ...]
     ops: tuple[Op, ...] = ()
-    names: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
+    # Optional axis names (e.g. ("i", "o") and ("o", "i", "h", "w")), used only to render einops code.
+    in_names: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
+    out_names: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "in_shape", _ints(self.in_shape, "in_shape"))
@@ -316,7 +319,15 @@ class Mapping:
         return cls(tuple(shape))
 
     def _with(self, op: Op) -> Mapping:
-        return Mapping(self.in_shape, (*self.ops, op))
+        return Mapping(self.in_shape, (*self.ops, op), in_names=self.in_names)
+
+    def named(self, in_names: str | tuple[str, ...] | None, out_names: str | tuple[str, ...] | None) -> Mapping:
+        """The same mapping with axis names for its input and output (e.g. ``"io"``, ``"oihw"``) for einops code."""
+        for which, names, shape in (("in_names", in_names, self.in_shape), ("out_names", out_names, self.out_shape)):
+            if names is not None and len(names) != len(shape):
+                raise MappingError(f"{which}={names!r} has {len(names)} names for shape={shape}")
+        return dataclasses.replace(self, in_names=None if in_names is None else tuple(in_names),
+                                   out_names=None if out_names is None else tuple(out_names))
 
     def reshape(self, *shape: int) -> Mapping:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -345,7 +356,7 @@ class Mapping:
                 f"cannot compose: first mapping gives shape={self.out_shape}, "
                 f"second expects in_shape={other.in_shape}"
             )
-        return Mapping(self.in_shape, self.ops + other.ops)
+        return Mapping(self.in_shape, self.ops + other.ops, in_names=self.in_names, out_names=other.out_names)
 
     def inverse(self) -> Mapping:
         """The mapping that undoes this one."""
@@ -360,7 +371,7 @@ class Mapping:
                 inv.append(Transpose(tuple(np.argsort(op.perm).tolist())))
             else:
                 inv.append(op)
-        return Mapping(self.out_shape, tuple(inv), names=self.names)
+        return Mapping(self.out_shape, tuple(inv), in_names=self.out_names, out_names=self.in_names)
 
     @cached_property
     def _normal(self) -> _NormalForm | None:
@@ -375,7 +386,7 @@ class Mapping:
 
     def simplify(self) -> Mapping:
         """An equivalent mapping in normal form: at most reshape, transpose, flip, reshape."""
-        return Mapping(self.in_shape, self._simple_ops, names=self.names)
+        return Mapping(self.in_shape, self._simple_ops, in_names=self.in_names, out_names=self.out_names)
 
     @property
     def regular(self) -> bool:

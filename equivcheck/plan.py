@@ -128,7 +128,7 @@ def _plan(src: LayerSpec, dst: LayerSpec) -> Mapping:
         m = canonical(src).then(_dense_to_conv(dst, src).inverse())
     else:
         m = _conv_to_conv(src, dst)
-    return m.simplify()
+    return m.simplify().named(_axis_names(src), _axis_names(dst))
 
 
 def plan(source: LayerSpec, target: LayerSpec) -> Mapping:
@@ -142,6 +142,11 @@ def plan(source: LayerSpec, target: LayerSpec) -> Mapping:
         if not isinstance(s, (DenseSpec, ConvSpec)):
             raise SpecError(f"{role}={s!r} is not a spec: build one with equivcheck.spec('keras:dense', ...)")
     return _plan(source, target)
+
+
+def _axis_names(spec: LayerSpec) -> str:
+    """The stored kernel's axis names: ``"io"``, ``"oihw"``, ``"hwim"``..."""
+    return spec.kernel_layout.lower()
 
 
 def convert(source: LayerSpec, target: LayerSpec, kernel: Any, bias: Any = None) -> tuple[Any, Any]:

@@ -212,3 +212,11 @@ class TestArrayKinds:
         y = self.m.apply(jnp.asarray(probe((12, 5)).astype(np.float32)))
         assert isinstance(y, jax.Array)
         np.testing.assert_array_equal(np.asarray(y), self.expected())
+
+
+def test_einops_uses_axis_names_where_an_atom_is_a_whole_named_axis():
+    m = Mapping.identity((25088, 4096)).transpose(1, 0).reshape(4096, 512, 7, 7).flip(2, 3)
+    assert m.named("io", "oihw").code("einops") == "rearrange(w, '(i h w) o -> o i h w', i=512, h=7, w=7)[:, :, ::-1, ::-1]"
+    assert m.named("io", "oihw").inverse().code("einops").startswith("rearrange(w[:, :, ::-1, ::-1], 'o i h w -> (i h w) o'")
+    with pytest.raises(MappingError, match="in_names='abc' has 3 names"):
+        m.named("abc", None)
