@@ -46,6 +46,22 @@ def is_torch_model(model: Any) -> bool:
     return torch is not None and isinstance(model, torch.nn.Module)
 
 
+def _inference(model: Any, x: np.ndarray) -> Any:
+    """``model(x)`` in eval mode without gradients, in the model's own dtype and device; training flags restored."""
+    import torch
+
+    modes = {m: m.training for m in model.modules()}
+    first = next(model.parameters(), None)
+    dtype, device = (first.dtype, first.device) if first is not None else (torch.float32, "cpu")
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(torch.as_tensor(x, dtype=dtype, device=device))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def _kind(module: Any) -> str:
     return type(module).__name__
 
@@ -106,13 +122,8 @@ def trace(model: Any, input_shape: tuple[int, ...]) -> list[Call]:
     for _, module in model.named_modules():
         if not list(module.children()):
             hooks.append(module.register_forward_hook(hook))
-    modes = {m: m.training for m in model.modules()}
-    first = next(model.parameters(), None)
-    dtype, device = (first.dtype, first.device) if first is not None else (torch.float32, "cpu")
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape), dtype=dtype, device=device))
+        _inference(model, np.zeros((1, *input_shape)))
     except HeadError:
         raise
     except Exception as exc:
@@ -121,8 +132,6 @@ def trace(model: Any, input_shape: tuple[int, ...]) -> list[Call]:
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     seen: dict[str, int] = {}
     for c in calls:
         seen[c.path] = seen.get(c.path, 0) + 1
@@ -377,22 +386,14 @@ class TorchSplit:
         return type(self.analysis.model).__name__
 
     def _run(self, model: Any, x: np.ndarray, capture: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
-        import torch
 
         got: list[Any] = []
         hook = capture.register_forward_hook(lambda m, i, o: got.append(o.detach().clone())) if capture is not None else None
-        modes = {m: m.training for m in model.modules()}
-        first = next(model.parameters(), None)
-        dtype, device = (first.dtype, first.device) if first is not None else (torch.float32, "cpu")
         try:
-            model.eval()
-            with torch.no_grad():
-                y = model(torch.as_tensor(x, dtype=dtype, device=device))
+            y = _inference(model, x)
         finally:
             if hook is not None:
                 hook.remove()
-            for m, mode in modes.items():
-                m.training = mode
         return y.cpu().numpy(), (got[-1].cpu().numpy() if got else None)
 
     def run(self, x: np.ndarray) -> np.ndarray:
