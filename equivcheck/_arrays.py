@@ -98,6 +98,19 @@ def _pool() -> Any:
     return _POOL
 
 
+def _source_order(nf: Any, moved: tuple[int, ...], out_rest: tuple[int, ...]) -> np.ndarray:
+    """For each output position along the atoms other than ``moved``, its flat source index.
+
+    The atoms other than ``moved`` keep their input order in the source and appear as
+    ``out_rest`` (permuted, some flipped) in the output.
+    """
+    rest = [a for a in nf.in_atoms if a not in moved]
+    order = [rest.index(a) for a in out_rest]
+    index = np.arange(math.prod(nf.sizes[a] for a in rest)).reshape([nf.sizes[a] for a in rest] or [1])
+    index = index.transpose(order or [0])
+    return index[tuple(slice(None, None, -1) if a in nf.flipped else slice(None) for a in out_rest)].ravel()
+
+
 def _row_gather_transpose(x: np.ndarray, nf: Any) -> np.ndarray | None:
     """The dense→conv shape of mapping: a 2-D transpose whose rows are permuted and flipped.
 
@@ -111,11 +124,7 @@ def _row_gather_transpose(x: np.ndarray, nf: Any) -> np.ndarray | None:
         return None
     width = x.shape[-1]
     height = x.size // width
-    rest = [a for a in nf.in_atoms if a not in last]
-    order = [rest.index(a) for a in nf.out_atoms[n:]]
-    rows = np.arange(height).reshape([nf.sizes[a] for a in rest] or [1]).transpose(order or [0])
-    rows = rows[tuple(slice(None, None, -1) if a in nf.flipped else slice(None) for a in nf.out_atoms[n:])]
-    rows = rows.ravel()
+    rows = _source_order(nf, last, nf.out_atoms[n:])
     src = x.reshape(height, width)
     out = np.empty((width, height), dtype=x.dtype)
     fast = _fastcopy()
@@ -152,12 +161,8 @@ def _column_scatter_transpose(x: np.ndarray, nf: Any) -> np.ndarray | None:
         return None
     height = x.shape[0]
     width = x.size // height
-    rest = [a for a in nf.in_atoms if a not in first]
-    order = [rest.index(a) for a in nf.out_atoms[:-n]]
-    cols = np.arange(width).reshape([nf.sizes[a] for a in rest] or [1]).transpose(order or [0])
-    cols = cols[tuple(slice(None, None, -1) if a in nf.flipped else slice(None) for a in nf.out_atoms[:-n])]
     rows = np.empty(width, dtype=np.int64)
-    rows[cols.ravel()] = np.arange(width)  # output row of each source column
+    rows[_source_order(nf, first, nf.out_atoms[:-n])] = np.arange(width)  # output row of each source column
     src = x.reshape(height, width)
     out = np.empty((width, height), dtype=x.dtype)
     share = -(-width // _WORKERS)

@@ -264,14 +264,12 @@ def _ops_from_normal_form(nf: _NormalForm, in_shape: tuple[int, ...], out_shape:
         ops.append(Flip(in_flip))
         out_flip = ()
 
-    if identity_perm:
-        pass
-    elif group_perm is not None and len(group_perm) == len(nonempty):
+    if not identity_perm and group_perm is not None and len(group_perm) == len(nonempty):
         # Permute whole input axes first; size-1 input axes are squeezed away by a reshape.
         if len(nonempty) != len(in_shape):
             ops.append(Reshape(tuple(in_shape[i] for i in nonempty)))
         ops.append(Transpose(tuple(nonempty.index(i) for i in group_perm)))
-    else:
+    elif not identity_perm:
         if atom_shape != in_shape:
             ops.append(Reshape(atom_shape))
         ops.append(Transpose(perm))
