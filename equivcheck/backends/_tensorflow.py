@@ -44,3 +44,22 @@ def import_keras() -> Any:
     import keras
 
     return keras
+
+
+# TensorFlow reads a buffer in place only when it is aligned for its kernels
+# (Allocator::kAllocatorAlignment); a misaligned DLPack buffer aborts the process.
+TF_ALIGNMENT = 64
+
+
+def tensor_in_place(a: Any) -> Any:
+    """A TensorFlow tensor reading numpy array ``a`` in place (DLPack), or None when it cannot.
+
+    Assigning it to a variable hands the buffer over: the variable then aliases ``a``.
+    """
+    from equivcheck.backends.base import can_share
+
+    if "tensorflow" not in sys.modules or not can_share(a, a.dtype, TF_ALIGNMENT) or a.dtype.kind != "f":
+        return None
+    if a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 has no DLPack code
+        return None
+    return sys.modules["tensorflow"].experimental.dlpack.from_dlpack(a.__dlpack__())

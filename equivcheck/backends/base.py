@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import time
 from abc import ABC, abstractmethod
 from functools import lru_cache
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "DTYPES",
     "Backend",
     "Layer",
+    "can_share",
     "check_bias",
     "check_input",
     "check_kernel",
@@ -102,7 +104,9 @@ def kernel_layout_mapping(spec: ConvSpec, layout: str) -> Mapping:
 def to_native_kernel(spec: ConvSpec, kernel: np.ndarray, layout: str) -> np.ndarray:
     """``kernel`` (stored as ``spec.kernel_layout``) rearranged to ``layout`` in correlation form."""
     check_kernel(spec, kernel)
-    return np.ascontiguousarray(kernel_layout_mapping(spec, layout).apply(np.asarray(kernel)))
+    mapping = kernel_layout_mapping(spec, layout)
+    kernel = np.asarray(kernel)
+    return np.ascontiguousarray(kernel if mapping.is_identity else mapping.apply(kernel))
 
 
 def stored_kernel(spec: ConvSpec, native: np.ndarray, layout: str) -> np.ndarray:
@@ -137,6 +141,12 @@ def raise_unset(spec: LayerSpec) -> None:
     raise SpecError(f"the weights of {spec.describe()} are not set: call set_weights(kernel, bias) first")
 
 
+def can_share(a: np.ndarray, dtype: Any, align: int = 1) -> bool:
+    """Whether a framework may read ``a`` in place: C-contiguous, writeable, of ``dtype``, aligned."""
+    return (a.dtype == np.dtype(dtype) and a.flags.c_contiguous and a.flags.writeable
+            and a.ctypes.data % align == 0)
+
+
 def check_input(spec: LayerSpec, x: np.ndarray) -> None:
     """Refuse an input batch that is not ``(batch, *spec.input_shape)``."""
     if tuple(x.shape[1:]) != spec.input_shape or x.ndim != len(spec.input_shape) + 1:
@@ -154,8 +164,14 @@ class Layer(ABC):
         self.dtype = dtype
 
     @abstractmethod
-    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
-        """Load ``kernel`` (in the spec's stored layout) and ``bias``."""
+    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
+        """Load ``kernel`` (in the spec's stored layout) and ``bias``.
+
+        ``copy=False`` lets the layer read the arrays in place, without a copy where its
+        framework can, until the next ``set_weights``: the caller must not change them meanwhile.
+        For a kernel of hundreds of MB (VGG fc6: 411 MB) the copies, not the forward pass, are
+        what a call costs.
+        """
 
     @abstractmethod
     def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -164,6 +180,10 @@ class Layer(ABC):
     @abstractmethod
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Forward pass: a numpy batch in ``spec.data_format`` → numpy output in ``self.dtype``."""
+
+
+# Seconds each backend's first load() took in this process (0 when its framework was already imported).
+IMPORT_SECONDS: dict[str, float] = {}
 
 
 class Backend(ABC):
@@ -178,12 +198,17 @@ class Backend(ABC):
 
     def load(self) -> Any:
         """Import the framework (first use), or raise :class:`BackendUnavailable`."""
+        if self.name in IMPORT_SECONDS:
+            return self._import()
         if not self.available():
             raise BackendUnavailable(
                 f"backend={self.name!r} needs the {self.module!r} package, which is not installed: "
                 f"pip install 'equivcheck[{self.name}]'"
             )
-        return self._import()
+        start = time.perf_counter()
+        framework = self._import()
+        IMPORT_SECONDS[self.name] = time.perf_counter() - start
+        return framework
 
     def _import(self) -> Any:
         """Import the framework; a backend whose framework needs set-up first overrides this."""

@@ -58,13 +58,14 @@ class JaxLayer(Layer):
     def _x64(self) -> Any:
         return self._jax.enable_x64(True) if self.dtype == "float64" else contextlib.nullcontext()
 
-    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
         spec = self.spec
         check_bias(spec, bias)
         dt = np_dtype(self.dtype)
         check_kernel(spec, kernel)
-        self._stored = np.asarray(kernel).astype(dt)
-        self._bias = None if bias is None else np.asarray(bias).astype(dt)
+        keep = True if copy else None  # None: numpy copies only to convert
+        self._stored = np.array(kernel, dtype=dt, copy=keep)
+        self._bias = None if bias is None else np.array(bias, dtype=dt, copy=keep)
 
     def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
         if self._stored is None:

@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.backends._tensorflow import import_keras, import_tensorflow, installed, keras_backend_name
+from equivcheck.backends._tensorflow import (
+    import_keras,
+    import_tensorflow,
+    installed,
+    keras_backend_name,
+    tensor_in_place,
+)
 from equivcheck.backends.base import (
     Backend,
     Layer,
@@ -116,7 +122,7 @@ class KerasLayer(Layer):
         layer.build((None, *shape))
         self.layer = layer
 
-    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
         spec = self.spec
         check_kernel(spec, kernel)
         check_bias(spec, bias)
@@ -125,8 +131,11 @@ class KerasLayer(Layer):
         else:
             native = to_native_kernel(spec, kernel, self._layout)
         dt = np_dtype(self.dtype)
-        weights = [native.astype(dt)] + ([] if bias is None else [np.asarray(bias).astype(dt)])
-        self.layer.set_weights(weights)
+        values = [native] + ([] if bias is None else [np.asarray(bias)])
+        for variable, value in zip(self.layer.weights, values, strict=True):
+            value = value.astype(dt, copy=False)  # assign() copies a numpy array itself
+            shared = None if copy else tensor_in_place(value)
+            variable.assign(value if shared is None else shared)
 
     def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
         weights = self.layer.get_weights()

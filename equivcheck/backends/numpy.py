@@ -101,12 +101,13 @@ def forward(spec: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None, x: np.
 
 
 class NumpyLayer(Layer):
-    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
         check_kernel(self.spec, kernel)
         check_bias(self.spec, bias)
         dt = np_dtype(self.dtype)
-        self.kernel = np.array(kernel, dtype=dt)
-        self.bias = None if bias is None else np.array(bias, dtype=dt)
+        keep = True if copy else None  # None: numpy copies only to convert
+        self.kernel = np.array(kernel, dtype=dt, copy=keep)
+        self.bias = None if bias is None else np.array(bias, dtype=dt, copy=keep)
 
     def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
         return self.kernel.copy(), None if self.bias is None else self.bias.copy()

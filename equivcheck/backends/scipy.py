@@ -50,12 +50,13 @@ class ScipyLayer(Layer):
         self.kernel: np.ndarray | None = None
         self.bias: np.ndarray | None = None
 
-    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
         check_kernel(self.spec, kernel)
         check_bias(self.spec, bias)
         dt = np_dtype(self.dtype)
-        self.kernel = np.asarray(kernel).astype(dt)
-        self.bias = None if bias is None else np.asarray(bias).astype(dt)
+        keep = True if copy else None  # None: numpy copies only to convert
+        self.kernel = np.array(kernel, dtype=dt, copy=keep)
+        self.bias = None if bias is None else np.array(bias, dtype=dt, copy=keep)
 
     def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
         return self.kernel.copy(), None if self.bias is None else self.bias.copy()

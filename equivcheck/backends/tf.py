@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.backends._tensorflow import import_tensorflow, installed
+from equivcheck.backends._tensorflow import import_tensorflow, installed, tensor_in_place
 from equivcheck.backends.base import (
     Backend,
     Layer,
@@ -67,7 +67,7 @@ class TFLayer(Layer):
         self._format = ("NC" + letters) if self._native_cf else ("N" + letters + "C")
 
     # -- weights ---------------------------------------------------------------------------
-    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
         spec, tf = self.spec, self._tf
         check_kernel(spec, kernel)
         check_bias(spec, bias)
@@ -76,7 +76,9 @@ class TFLayer(Layer):
         else:
             native = to_native_kernel(spec, kernel, self._layout)
         dt = np_dtype(self.dtype)
-        self.kernel = tf.constant(native.astype(dt), dtype=self._tdtype)
+        native = native.astype(dt, copy=False)
+        shared = None if copy else tensor_in_place(native)
+        self.kernel = tf.constant(native, dtype=self._tdtype) if shared is None else shared
         self.bias = None if bias is None else tf.constant(np.asarray(bias).astype(dt), dtype=self._tdtype)
 
     def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:

@@ -18,6 +18,7 @@ import numpy as np
 from equivcheck.backends.base import (
     Backend,
     Layer,
+    can_share,
     check_bias,
     check_input,
     check_kernel,
@@ -46,6 +47,20 @@ def _to_numpy(t: Any, dtype: str) -> np.ndarray:
     return t.numpy()
 
 
+def _uninitialised(cls: Any, *args: Any, **kwargs: Any) -> Any:
+    """``cls(*args, **kwargs)`` with empty parameters: weights are set right after, so no random init.
+
+    Like ``torch.nn.utils.skip_init``, without its first-use import of torch's reference
+    decompositions (half a second).
+    """
+    import torch
+
+    module = cls(*args, device="meta", **kwargs)
+    for name, p in list(module.named_parameters(recurse=False)):
+        setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad))
+    return module
+
+
 class TorchLayer(Layer):
     """A torch module realising ``spec``, plus the permutes and pads around it."""
 
@@ -53,15 +68,15 @@ class TorchLayer(Layer):
         super().__init__(spec, dtype)
         import torch
         from torch import nn
-        from torch.nn.utils import skip_init  # weights are set right after: no random initialisation
 
         self._torch = torch
         self._tdtype = getattr(torch, _TORCH_DTYPES[dtype])
         self._pre_pad: list[int] | None = None
+        self._handed_over = False  # a parameter may read a caller's array (set_weights(copy=False))
         if isinstance(spec, DenseSpec):
             self._perm = flatten_permutation(spec)
             self.module = nn.Sequential(
-                nn.Flatten(), skip_init(nn.Linear, spec.in_features, spec.units, bias=spec.bias, dtype=self._tdtype)
+                nn.Flatten(), _uninitialised(nn.Linear, spec.in_features, spec.units, bias=spec.bias, dtype=self._tdtype)
             )
             self._weighted = self.module[1]
             return
@@ -84,11 +99,11 @@ class TorchLayer(Layer):
                 # F.pad takes (lo, hi) pairs from the last axis backwards.
                 self._pre_pad = [p for lo_hi in reversed(pads) for p in lo_hi]
                 kwargs["padding"] = 0
-        self.module = skip_init(cls, spec.in_channels, spec.out_channels, spec.kernel_size, **kwargs)
+        self.module = _uninitialised(cls, spec.in_channels, spec.out_channels, spec.kernel_size, **kwargs)
         self._weighted = self.module
         self._layout = ("IO" if spec.transposed else "OI") + spec.letters
 
-    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
         spec = self.spec
         check_kernel(spec, kernel)
         check_bias(spec, bias)
@@ -96,10 +111,19 @@ class TorchLayer(Layer):
             native = dense_kernel(spec, kernel, "OI")
         else:
             native = to_native_kernel(spec, kernel, self._layout)
-        with self._torch.no_grad():
-            self._weighted.weight.copy_(_to_torch(self._torch, native, self._tdtype))
-            if bias is not None:
-                self._weighted.bias.copy_(_to_torch(self._torch, np.asarray(bias), self._tdtype))
+        torch = self._torch
+        with torch.no_grad():
+            for param, value in ((self._weighted.weight, native), (self._weighted.bias, bias)):
+                if value is None:
+                    continue
+                value = np.asarray(value)
+                if not copy and can_share(value, np_dtype(self.dtype)) and self.dtype != "bfloat16":
+                    param.set_(torch.from_numpy(value))  # the parameter now reads ``value`` in place
+                    continue
+                if self._handed_over:  # storage of the caller's: copying into it would write their array
+                    param.set_(torch.empty(param.shape, dtype=param.dtype))
+                param.copy_(_to_torch(torch, value, self._tdtype))
+        self._handed_over = not copy
 
     def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
         native = _to_numpy(self._weighted.weight, self.dtype)

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck._arrays import aligned_empty
 from equivcheck.compare import Comparison, compare
 from equivcheck.explore.atoms import stored_index
 from equivcheck.explore.conventions import Candidate
 from equivcheck.explore.probe import Probed
-from equivcheck.explore.sides import aligned_empty
 from equivcheck.mapping import Mapping, Reshape, Transpose
 from equivcheck.specs import ConvSpec
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck._arrays import to_numpy
+from equivcheck._arrays import aligned_empty, to_numpy
 from equivcheck.errors import EquivcheckError, SpecError
 from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, DATA_FORMATS, ConvSpec, DenseSpec, LayerSpec
 
@@ -171,6 +171,10 @@ class Side(ABC):
             buf = self._scratch = aligned_empty(self.kernel_shape, self.np_dtype)
         return buf
 
+    def release(self) -> None:
+        """Drop the buffers (and layers) this side allocated: the explorer is done running it."""
+        self._scratch = None
+
     def share_scratch(self, other: Side) -> None:
         """Reuse ``other``'s buffer when it has the same size and dtype (the sides are probed one after the other)."""
         if other.np_dtype == self.np_dtype and other.weights == self.weights:
@@ -225,15 +229,6 @@ class Side(ABC):
         """The layer's raw output for ``kernel``, ``bias`` and input ``x`` in its own layout."""
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % align
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
-
-
 def _to_numpy(y: Any) -> Any:
     """A layer's output as numpy; a one-element tuple or list (some callables) unwrapped."""
     if isinstance(y, (tuple, list)) and len(y) == 1:
@@ -265,9 +260,9 @@ def _probe_dtype(weights: int, supports64: bool) -> str:
 class LayerSide(Side):
     """A spec built by a backend (``equivcheck.backends``)."""
 
-    def __init__(self, layer: Any, label: str) -> None:
+    def __init__(self, layer: Any, label: str, *, owned: bool = False) -> None:
         spec = layer.spec
-        self.layer = layer
+        self.layer, self.owned = layer, owned  # owned: built here, dropped on release()
         self.framework = label.split("(")[-1].rstrip(")") if "(" in label else "numpy"
         if isinstance(spec, DenseSpec):
             geometry = dense_geometry(spec.channels, spec.spatial, spec.units, spec.bias)
@@ -278,12 +273,19 @@ class LayerSide(Side):
                          has_bias=spec.bias, data_format=spec.data_format, dtype=layer.dtype,
                          rank0=isinstance(spec, DenseSpec) and spec.rank == 0)
 
+    def release(self) -> None:
+        super().release()
+        if self.owned:
+            self.layer = None
+
     def _forward(self, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> Any:
         from equivcheck.backends.numpy import NumpyLayer, forward
 
+        if self.layer is None:
+            raise EquivcheckError(f"{self.label} was released after exploring: make a new side to run it")
         if type(self.layer) in (NumpyLayer, _Reference):  # the reference itself: run it without copying weights in
             return forward(self.layer.spec, kernel, bias, x)
-        self.layer.set_weights(kernel, bias)
+        self.layer.set_weights(kernel, bias, copy=False)  # set again before every call: no copy needed
         return self.layer(x)
 
 
@@ -319,7 +321,7 @@ def spec_side(spec: LayerSpec, backend: str | None) -> LayerSide:
         raise SpecError(f"backend={name!r} cannot run {spec.describe()}: {why}")
     # The numpy reference is run straight from its forward function: no weights to allocate.
     layer = _Reference(spec, dtype) if name == "numpy" else b.build(spec, dtype)
-    return LayerSide(layer, f"{spec.name or spec.kind} ({name})")
+    return LayerSide(layer, f"{spec.name or spec.kind} ({name})", owned=True)
 
 
 class _Reference:
@@ -503,13 +505,12 @@ class KerasSide(Side):
 
     @staticmethod
     def _tensor(a: np.ndarray) -> Any:
-        """Hand a big aligned array to TensorFlow without a copy (DLPack); anything else as is."""
-        tf = sys.modules.get("tensorflow")
-        keras = sys.modules.get("keras")
-        if (tf is None or keras is None or keras.backend.backend() != "tensorflow" or a.size < (1 << 16)
-                or not a.flags.c_contiguous or a.ctypes.data % 64):
-            return a
-        return tf.experimental.dlpack.from_dlpack(a.__dlpack__())
+        """Hand an aligned array to TensorFlow without a copy (DLPack); anything else as is."""
+        from equivcheck.backends._tensorflow import tensor_in_place
+
+        keras = sys.modules["keras"]
+        shared = tensor_in_place(a) if keras.backend.backend() == "tensorflow" else None
+        return a if shared is None else shared
 
     def _forward(self, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> Any:
         values = []

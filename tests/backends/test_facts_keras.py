@@ -102,7 +102,7 @@ def _keras_layer(spec, dtype):
 
 RULES = {
     "transposed-groups": (ec.spec("keras:conv_transpose", channels=4, spatial=(4, 4), kernel_size=(2, 2), units=4, groups=2),
-                          "float32", "weight shape"),
+                          "float32", "(weight shape|shape of the target variable).*(is not compatible|must match)"),
     "output-padding-vs-stride": (ec.spec("keras:conv_transpose", channels=2, spatial=(4,), kernel_size=(3,), units=2,
                                          dilation=2, output_padding=1), "float32", "output_padding"),
     "stride-and-dilation": (ec.spec("keras:conv", channels=2, spatial=(9,), kernel_size=(3,), units=2, dilation=2, stride=2),
