@@ -335,6 +335,20 @@ def test_result_dict_and_render():
     assert "mapping found" in text and "HWC" in text and "OIHW" in text
 
 
+def test_explore_releases_its_buffers_and_times_imports_apart(frameworks):
+    from equivcheck.backends.base import IMPORT_SECONDS
+
+    r = explore("keras:dense", "torch:conv", **DENSE)
+    assert r.found, r.reason
+    for rep in (r.source, r.target):  # at VGG fc6 size each would pin hundreds of MB
+        assert rep.probed.side.layer is None and rep.probed.side._scratch is None
+    assert {"keras", "torch"} <= set(IMPORT_SECONDS)
+    d = r.to_dict()
+    assert set(d["import_seconds"]) <= {"keras", "torch"} and d["seconds"] >= 0
+    r.imports = {"keras": 2.5, "torch": 0.004}
+    assert r.render().endswith("(+2.50 s importing keras)")
+
+
 def test_cli_json_and_exit_codes(capsys, tmp_path):
     from equivcheck.cli import main
 

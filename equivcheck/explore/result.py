@@ -78,9 +78,10 @@ class Exploration:
     verification: Verification | None
     nearest: dict[str, Any] | None
     forward_calls: int
-    seconds: float
+    seconds: float  # wall time, leaving out framework imports
     bias: str = ""
     notes: list[str] = field(default_factory=list)
+    imports: dict[str, float] = field(default_factory=dict)  # backend -> seconds its first import took here
 
     @property
     def code(self) -> dict[str, str | None]:
@@ -102,6 +103,7 @@ class Exploration:
             "nearest": self.nearest,
             "forward_calls": self.forward_calls,
             "seconds": round(self.seconds, 4),
+            "import_seconds": {name: round(s, 4) for name, s in self.imports.items()},
             "source": self.source.to_dict(),
             "target": self.target.to_dict(),
             "notes": list(self.notes),
@@ -147,10 +149,16 @@ class Exploration:
         out.append(
             f"forward calls: {self.forward_calls} (source probe {self.source.probed.calls}, "
             f"target probe {self.target.probed.calls}, checks {self.forward_calls - self.source.probed.calls - self.target.probed.calls})"
-            f" in {self.seconds:.2f} s"
+            f" in {self.seconds:.2f} s{self._import_note()}"
         )
         out.extend(f"note: {n}" for n in self.notes)
         return "\n".join(out)
+
+    def _import_note(self) -> str:
+        slow = {name: s for name, s in self.imports.items() if s >= 0.01}
+        if not slow:
+            return ""
+        return f" (+{sum(slow.values()):.2f} s importing {', '.join(slow)})"
 
     def _convention_lines(self) -> list[str]:
         lines = []
