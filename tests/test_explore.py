@@ -328,6 +328,8 @@ def test_result_dict_and_render():
     r = explore("keras:dense", "torch:conv", backend="numpy", **DENSE)
     d = json.loads(json.dumps(r.to_dict()))
     assert d["code"]["numpy"] == _dense_conv_plan("keras", "torch").code("numpy")
+    assert d["code"]["einops"] == _dense_conv_plan("keras", "torch").code("einops") == (
+        "rearrange(w, '(h w i) o -> o i h w', i=3, h=2, w=3)")  # axes named after the probed layouts
     assert {"name", "holds"} <= set(d["conventions"][0])
     assert d["forward_calls"] == r.forward_calls == 4
     assert d["verification"]["passed"] is True

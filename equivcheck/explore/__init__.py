@@ -62,6 +62,16 @@ def pair_mapping(source: Probed, target: Probed) -> Mapping:
     return source.canonical.then(target.canonical.inverse()).simplify()
 
 
+def _axis_names(cands: list, held: list[bool]) -> str | None:
+    """A side's stored kernel axis names from a holding layout (``"io"``, ``"oihw"``): einops code reads them."""
+    for c, h in zip(cands, held):
+        values = dict(c.values)
+        layout = values.get("kernel layout") or values.get("kernel orientation")
+        if h and layout:
+            return layout.lower()
+    return None
+
+
 def _make_sides(source: Any, target: Any, shape: Shape, backend: str | None) -> list[Side]:
     """Both sides; a layer that knows its map lends channels, spatial and units to a preset name on the other side."""
     from dataclasses import replace
@@ -196,7 +206,7 @@ def _explore_sides(sides: list[Side], probe: str, seed: int) -> Exploration:
             reason = (f"the target computes {nearest['scale']:.4g} × what the source does (probe: {bad.failure}); "
                       "no rearrangement of weights fixes a scale")
     else:
-        mapping = pair_mapping(src, dst)
+        mapping = pair_mapping(src, dst).named(*(_axis_names(c, h) for c, h in zip(cands, holds)))
         why_bias, bias_text = _bias_reason(src, dst)
         verification = verify_mapping(src, dst, mapping, seed=seed)
         if why_bias:
