@@ -11,6 +11,9 @@ is smaller than the map, so the pictures show an output map too.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,10 +63,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     cases = example_cases([b for b in args.backends.split(",") if b], seed=args.seed)
-    for path in write_report(args.directory, cases, seed=args.seed,
-                             command=f"python -m equivcheck.report.example {args.directory} --backends {args.backends}"):
-        print(f"wrote {path}")
+    args.directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.directory) as tmp:
+        paths = write_report(tmp, cases, seed=args.seed,
+                             command=f"python -m equivcheck.report.example {args.directory} --backends {args.backends}")
+        if _same_run(Path(tmp) / "equivcheck.json", args.directory / "equivcheck.json"):
+            print(f"{args.directory} is up to date (only the run id and time would change)")
+            return 0
+        for path in paths:
+            os.replace(path, args.directory / path.name)
+            print(f"wrote {args.directory / path.name}")
     return 0
+
+
+def _same_run(new: Path, old: Path) -> bool:
+    """Whether two reports differ at most in their run id and creation time."""
+    if not old.is_file():
+        return False
+    docs = [json.loads(p.read_text(encoding="utf-8")) for p in (new, old)]
+    for doc in docs:
+        doc["run"].pop("run_id", None)
+        doc["run"].pop("created", None)
+    return docs[0] == docs[1]
 
 
 if __name__ == "__main__":
