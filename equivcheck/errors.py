@@ -34,3 +34,7 @@ class FileFormatError(EquivcheckError, ValueError):
 
 class VerificationError(EquivcheckError, AssertionError):
     """Two layers that should agree do not."""
+
+
+class HeadError(EquivcheckError, ValueError):
+    """A layer of a classifier head cannot be represented, converted or bounded."""

@@ -34,17 +34,13 @@ from typing import Any
 import numpy as np
 
 from equivcheck.compare import ACCUMULATION_FACTOR, Comparison, accumulation_dtype, compare, unit_roundoff
-from equivcheck.errors import EquivcheckError
+from equivcheck.errors import HeadError
 from equivcheck.specs import DenseSpec
 
 __all__ = ["ACTIVATIONS", "Activation", "Affine", "Dense", "Head", "HeadError", "Propagated"]
 
 # Rows of W (output units) per float64 block: bounds peak memory for a 25088×4096 kernel.
 _BLOCK_BYTES = 1 << 27
-
-
-class HeadError(EquivcheckError, ValueError):
-    """A layer of a classifier head cannot be represented, converted or bounded."""
 
 
 @dataclass
