@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from equivcheck.errors import EquivcheckError
 from equivcheck.mapping import Flip, Mapping, Reshape
 from equivcheck.plan import plan
 from equivcheck.specs import ConvSpec, DenseSpec, LayerSpec
 
-__all__ = ["Mutant", "mutants"]
+__all__ = ["Mutant", "convention_of", "diagnose", "mutants"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,26 @@ class Mutant:
     description: str
     mapping: Mapping
     ambiguous: bool = False  # moves no element: cannot be rejected on this shape
+
+    @property
+    def convention(self) -> str:
+        return convention_of(self.name)
+
+
+def convention_of(mutation: str) -> str:
+    """The convention a mutant breaks, from its name (an unknown name is its own column)."""
+    name = mutation.lower()
+    if "flip" in name:
+        return "flip"
+    if "flatten" in name:
+        return "flatten order"
+    if "transpos" in name or "reshape" in name:
+        return "kernel transposed"
+    if "axes" in name:
+        return "kernel axes"
+    if "channel" in name:
+        return "channels"
+    return mutation
 
 
 def _reread(m: Mapping, perm: tuple[int, ...]) -> Mapping:
@@ -128,3 +150,19 @@ def _unique(found: list[Mutant]) -> list[Mutant]:
             if not m.ambiguous:
                 seen.add(key)
     return kept
+
+
+def diagnose(source: LayerSpec, target: LayerSpec, mapping: Mapping, kernel: np.ndarray,
+             new_kernel: np.ndarray) -> dict[str, str] | None:
+    """The mutant whose kernel a converter returned, exactly: the mistake it makes, on any data.
+
+    ``new_kernel`` is compared with each mutant applied to ``kernel`` (in ``new_kernel``'s
+    dtype). ``None`` when none matches, or mutants breaking different conventions all do.
+    """
+    found = [m for m in mutants(source, target, mapping)
+             if not m.ambiguous and np.array_equal(m.mapping.apply(kernel).astype(new_kernel.dtype), new_kernel)]
+    if len({m.convention for m in found}) != 1:
+        return None
+    m = found[0]
+    return {"mutant": m.name, "convention": m.convention, "description": m.description,
+            "code": m.mapping.simplify().code("numpy")}

@@ -23,6 +23,7 @@ from equivcheck.compare import Comparison, compare
 from equivcheck.data import detection_batch, sample_inputs, sample_weights
 from equivcheck.errors import EquivcheckError, SpecError, VerificationError
 from equivcheck.mapping import Mapping
+from equivcheck.mutations import diagnose
 from equivcheck.plan import plan
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, require_memory
 
@@ -60,6 +61,7 @@ class Case:
     reason: str = ""
     seed: int = 0
     errors: dict[str, Any] = field(default_factory=dict, repr=False)  # error maps for pictures
+    diagnosis: dict[str, str] | None = None  # a failed conversion that is exactly one mutant: which
 
     @property
     def passed(self) -> bool:
@@ -87,6 +89,7 @@ class Case:
             "comparison": None if self.comparison is None else self.comparison.to_dict(),
             "source_comparison": None if self.source_comparison is None else self.source_comparison.to_dict(),
             "mutations": [m.to_dict() for m in self.mutations],
+            **({"diagnosis": dict(self.diagnosis)} if self.diagnosis else {}),
         }
 
 
@@ -232,11 +235,17 @@ def verify_pair(
     if not case.comparison.passed:
         case.verdict = "fail"
         case.reason = case.comparison.summary()
+        if mapping is not None and _same(new_bias, _planned(source, target, kernel, bias)[1]):
+            case.diagnosis = diagnose(source, target, mapping, kernel, new_kernel)
     else:
         case.verdict = "pass"
     if mutations and mapping is not None:
         _check_mutants(case, mapping, kernel, bias, new_bias, x, tgt_adapt, judge)
     return case
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None) == (b is None) and (a is None or np.array_equal(a, np.asarray(b).astype(a.dtype)))
 
 
 def _planned(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None) -> tuple:

@@ -99,3 +99,31 @@ def test_generated_cases_reject_every_mutant(pair, dtype):
     case = _verify(source, target, dtype=dtype)
     assert case.verdict == "pass", case.reason
     assert all(m.outcome == "rejected" for m in case.mutations), [(m.name, m.outcome) for m in case.mutations]
+
+
+def test_a_failed_conversion_is_diagnosed_from_its_kernel_on_any_data():
+    """The diagnosis compares the converted kernel with each mutant: no re-run, so the caller's data and a
+    kernel of any size (here 300k weights) get one too."""
+    src = ec.spec("theano:dense", channels=48, spatial=(5, 5), units=250)
+    dst = ec.spec("theano:conv", channels=48, spatial=(5, 5), units=250)
+    rng = np.random.default_rng(1)
+    kernel = rng.standard_normal(src.kernel_shape).astype(np.float32)
+    bias = rng.standard_normal(250).astype(np.float32)
+    x = rng.standard_normal((3, 48, 5, 5)).astype(np.float32)
+
+    def no_flip(k, b):
+        return k.T.reshape(250, 48, 5, 5), b
+
+    case = verify_pair(src, dst, converter=no_flip, data=(kernel, bias, x), mutations=False)
+    assert case.verdict == "fail"
+    assert case.diagnosis == {"mutant": "missing flip", "convention": "flip",
+                              "description": "kernel flipped 180° in space relative to the right conversion",
+                              "code": "w.T.reshape(250, 48, 5, 5)"}
+    assert case.to_dict()["diagnosis"]["mutant"] == "missing flip"
+
+    def no_flip_and_bias_lost(k, b):
+        return k.T.reshape(250, 48, 5, 5), np.zeros_like(b)
+
+    case = verify_pair(src, dst, converter=no_flip_and_bias_lost, data=(kernel, bias, x), mutations=False)
+    assert case.verdict == "fail" and case.diagnosis is None  # two mistakes: not exactly the mutant
+    assert "diagnosis" not in case.to_dict()

@@ -19,28 +19,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from equivcheck.mutations import convention_of
+
 __all__ = ["COLUMNS", "STATES", "convention_of", "conversion_label", "matrix"]
 
 COLUMNS = ("flip", "flatten order", "kernel transposed", "kernel axes", "channels")
 STATES = ("holds", "fails", "ambiguous", "n/a")
 _RANK = {"n/a": 0, "ambiguous": 1, "holds": 2, "fails": 3}
 _VERDICT_RANK = {"skip": 0, "pass": 1, "inconclusive": 2, "error": 3, "fail": 4}
-
-
-def convention_of(mutation: str) -> str:
-    """The convention a mutant breaks, from its name (an unknown name is its own column)."""
-    name = mutation.lower()
-    if "flip" in name:
-        return "flip"
-    if "flatten" in name:
-        return "flatten order"
-    if "transpos" in name or "reshape" in name:
-        return "kernel transposed"
-    if "axes" in name:
-        return "kernel axes"
-    if "channel" in name:
-        return "channels"
-    return mutation
 
 
 def spec_label(spec: dict[str, Any]) -> str:

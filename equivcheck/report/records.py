@@ -3,9 +3,10 @@
 A record is ``Case.to_dict()`` plus ``id`` (a content hash, so records sent twice — by two
 pytest-xdist workers, or a retry — collapse into one), ``title``, and, for a case that did not
 pass, ``error_map`` (its output error reduced to a small 2-D grid for a picture) and
-``diagnosis`` (the mutant that reproduces the failure exactly, when one does). Everything
-that needs the case's arrays is computed here, so a record can cross a process boundary as
-JSON and still give the same report.
+``diagnosis`` (the mutant whose kernel the converter returned, found by
+:func:`equivcheck.verify.verify_pair`). Everything that needs the case's arrays is computed
+before the record leaves the process, so a record can cross a process boundary as JSON and
+still give the same report.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.errors import EquivcheckError, SpecError
+from equivcheck.errors import SpecError
 
-__all__ = ["case_id", "case_record", "diagnose", "merge_cases", "reduce_map", "to_jsonable"]
+__all__ = ["case_id", "case_record", "merge_cases", "reduce_map", "to_jsonable"]
 
 MAP_CELLS = 48  # an error map is pooled down to at most this many rows and columns
-DIAGNOSE_MAX_ELEMENTS = 200_000  # re-run mutants only on kernels this small
 _VOLATILE = ("id", "title", "pictures", "error_map", "diagnosis")
 
 
@@ -100,48 +100,7 @@ def _pool(grid: np.ndarray, cells: int) -> np.ndarray:
     return grid
 
 
-def diagnose(case: Any) -> dict[str, Any] | None:
-    """The mutant that reproduces a failed case's output error, if only one kind of mistake does.
-
-    Re-runs the case on numpy with each mutant of the right mapping as the converter, on the
-    very same data (same seed, dtype, batch), and compares output errors. ``None`` when the
-    case did not fail, has no right mapping or error map, or no mutant matches.
-    """
-    from equivcheck.mutations import mutants
-    from equivcheck.plan import convert
-    from equivcheck.report.conventions import convention_of
-    from equivcheck.verify import verify_pair
-
-    errors = (getattr(case, "errors", None) or {}).get("output")
-    if case.verdict != "fail" or case.mapping is None or errors is None:
-        return None
-    if math.prod(case.source.kernel_shape) > DIAGNOSE_MAX_ELEMENTS:
-        return None
-    errors = np.asarray(errors, dtype=np.float64)
-    found = []
-    try:
-        for mutant in mutants(case.source, case.target, case.mapping):
-            if mutant.ambiguous:
-                continue
-
-            def wrong(k: np.ndarray, b: np.ndarray | None, m: Any = mutant.mapping) -> tuple:
-                return m.apply(k), convert(case.source, case.target, k, b)[1]
-
-            rerun = verify_pair(case.source, case.target, dtype=case.dtype, converter=wrong, seed=case.seed,
-                                batch=errors.shape[0], mutations=False)
-            got = np.asarray(rerun.errors.get("output"), dtype=np.float64)
-            if got.shape == errors.shape and np.allclose(got, errors, rtol=1e-3, atol=1e-3 * float(np.nanmax(errors))):
-                found.append(mutant)
-    except EquivcheckError:
-        return None
-    if len({convention_of(m.name) for m in found}) != 1:  # none, or mistakes of different kinds alike here
-        return None
-    m = found[0]
-    return {"mutant": m.name, "convention": convention_of(m.name), "description": m.description,
-            "code": m.mapping.simplify().code("numpy")}
-
-
-def case_record(case: Any, *, diagnosis: bool = True) -> dict[str, Any]:
+def case_record(case: Any) -> dict[str, Any]:
     """A :class:`~equivcheck.verify.Case` (or an existing record) as a report record."""
     if isinstance(case, dict):
         record = dict(case)
@@ -151,9 +110,6 @@ def case_record(case: Any, *, diagnosis: bool = True) -> dict[str, Any]:
             out = (getattr(case, "errors", None) or {}).get("output")
             if out is not None:
                 record["error_map"] = reduce_map(out)
-            found = diagnose(case) if diagnosis else None
-            if found:
-                record["diagnosis"] = found
     else:
         raise SpecError(f"case={type(case).__name__} is not a Case or a case dict: pass verify()'s cases or Case.to_dict()")
     for key in ("source", "target", "verdict"):
