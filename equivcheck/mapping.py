@@ -411,15 +411,33 @@ class Mapping:
         return bool(np.array_equal(self.apply(probe), other.apply(probe)))
 
     # -- application ------------------------------------------------------------------------
-    def apply(self, array: Any) -> Any:
-        """Apply to a numpy, torch, tensorflow or jax array; returns the same kind, contiguous."""
+    def apply(self, array: Any, *, out: np.ndarray | None = None) -> Any:
+        """Apply to a numpy, torch, tensorflow or jax array; returns the same kind, contiguous.
+
+        ``out``: for a numpy array, a C-contiguous array of ``out_shape`` and the same dtype to
+        write into (e.g. an ``np.memmap``) instead of a new one; it is returned.
+        """
         ops = _arrays.ops_for(array)
         shape = tuple(int(s) for s in array.shape)
         if shape != self.in_shape:
             raise MappingError(f"mapping expects an array of shape={self.in_shape}, got shape={shape}")
+        if out is not None:
+            self._check_out(array, out)
         if isinstance(ops, _arrays.NumpyOps):
-            return ops.apply(array, self._simple_ops, self._normal)
+            return ops.apply(array, self._simple_ops, self._normal, out)
         return ops.apply(array, self._simple_ops)
+
+    def _check_out(self, array: Any, out: Any) -> None:
+        if not isinstance(array, np.ndarray) or not isinstance(out, np.ndarray):
+            raise MappingError(f"out= takes a numpy array for a numpy input, got {type(out).__name__} "
+                               f"for {type(array).__name__}: leave out=None")
+        if tuple(out.shape) != self.out_shape or out.dtype != array.dtype:
+            raise MappingError(f"out has shape={tuple(out.shape)} dtype={out.dtype}: expected shape={self.out_shape} "
+                               f"dtype={array.dtype}")
+        if not (out.flags.c_contiguous and out.flags.writeable):
+            raise MappingError("out is not a writeable C-contiguous array: pass np.empty(mapping.out_shape, dtype)")
+        if np.shares_memory(array, out):
+            raise MappingError("out overlaps the input array: a mapping cannot rearrange in place")
 
     __call__ = apply
 

@@ -193,6 +193,31 @@ class TestArrayKinds:
             np.testing.assert_array_equal(y, np.ascontiguousarray(reference_apply(m, x)))
             np.testing.assert_array_equal(m.inverse().apply(y), x)  # the reverse (conv→dense) path
             np.testing.assert_array_equal(m.inverse().apply(y), reference_apply(m.inverse(), y))
+            for mapping, source, want in ((m, x, y), (m.inverse(), y, x)):
+                out = np.full(mapping.out_shape, np.nan, dtype=dtype)
+                assert mapping.apply(source, out=out) is out
+                np.testing.assert_array_equal(out, want)
+
+    def test_numpy_out_is_filled_and_returned(self):
+        x = probe((12, 5))
+        for m in (self.m, Mapping.identity((12, 5))):
+            out = np.empty(m.out_shape)
+            assert m.apply(x, out=out) is out
+            np.testing.assert_array_equal(out, m.apply(x))
+
+    def test_numpy_out_is_checked(self):
+        x = probe((12, 5))
+        m = self.m
+        cases = [
+            (np.empty((5, 12)), r"out has shape=\(5, 12\) dtype=float64: expected shape=\(5, 3, 2, 2\)"),
+            (np.empty(m.out_shape, np.float32), r"dtype=float32: expected .* dtype=float64"),
+            (np.empty((5, 3, 2, 4))[..., ::2], "not a writeable C-contiguous array"),
+            (x.reshape(m.out_shape), "overlaps the input"),
+            ([0.0] * 60, "out= takes a numpy array"),
+        ]
+        for out, match in cases:
+            with pytest.raises(MappingError, match=match):
+                m.apply(x, out=out)
 
     def test_torch(self):
         torch = pytest.importorskip("torch", reason="torch not installed")
