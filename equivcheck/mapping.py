@@ -396,6 +396,11 @@ class Mapping:
         return not self._simple_ops
 
     @property
+    def is_reshape(self) -> bool:
+        """Whether the mapping only reshapes: every element keeps its place in memory order."""
+        return all(isinstance(op, Reshape) for op in self._simple_ops)
+
+    @property
     def flipped_axes(self) -> int:
         """How many atomic axes the mapping reverses."""
         nf = self._normal

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from equivcheck.errors import EquivcheckError
-from equivcheck.mapping import Flip, Mapping, Reshape
+from equivcheck.mapping import Flip, Mapping
 from equivcheck.plan import plan
 from equivcheck.specs import ConvSpec, DenseSpec, LayerSpec
 
@@ -78,10 +78,6 @@ def _flips(conv: ConvSpec, flip: Callable[..., Mapping], flip_name: str) -> list
     return out
 
 
-def _reshape_only(right: Mapping) -> bool:
-    return all(isinstance(op, Reshape) for op in right.simplify().ops)
-
-
 def mutants(source: LayerSpec, target: LayerSpec, mapping: Mapping | None = None) -> list[Mutant]:
     """The catalogue of wrong conversions from ``source`` to ``target`` (``mapping``: the right one)."""
     right = mapping if mapping is not None else plan(source, target)
@@ -133,7 +129,7 @@ def mutants(source: LayerSpec, target: LayerSpec, mapping: Mapping | None = None
         else:
             m = plan(source, wrong).reshape(*dense.kernel_shape)
         add(f"dense kernel not transposed{side}", "dense kernel reshaped where it needed a transpose", m)
-    if not _reshape_only(right):  # last: the catch-all name for a kernel left in its source order
+    if not right.is_reshape:  # last: the catch-all name for a kernel left in its source order
         add("reshape only", "kernel reshaped straight into the target shape, without transpose or flip",
             Mapping.identity(source.kernel_shape).reshape(*target.kernel_shape))
     return _unique(out)

@@ -245,3 +245,11 @@ def test_einops_uses_axis_names_where_an_atom_is_a_whole_named_axis():
     assert m.named("io", "oihw").inverse().code("einops").startswith("rearrange(w[:, :, ::-1, ::-1], 'o i h w -> (i h w) o'")
     with pytest.raises(MappingError, match="in_names='abc' has 3 names"):
         m.named("abc", None)
+
+
+def test_is_reshape_means_memory_order_is_kept():
+    assert Mapping.identity((6, 4)).reshape(2, 3, 4).reshape(24).is_reshape
+    assert Mapping.identity((6, 4)).transpose(1, 0).transpose(1, 0).is_reshape  # simplifies away
+    assert not Mapping.identity((6, 4)).transpose(1, 0).is_reshape
+    assert not Mapping.identity((6, 4)).flip(0).is_reshape
+    assert Mapping.identity((1, 4)).transpose(1, 0).is_reshape  # a 1-wide axis moves no element

@@ -153,7 +153,7 @@ def verify_mapping(src: Probed, dst: Probed, mapping: Mapping, *, seed: int = 0,
     bias = rng.standard_normal(geo.out_channels).astype(np.float32) if s.has_bias else None
     x = rng.standard_normal((2, geo.in_channels, *geo.spatial)).astype(np.float32)
     x = np.concatenate([x, -x[:1]])
-    if all(isinstance(op, Reshape) for op in mapping.simplify().ops):  # same memory order: no copy
+    if mapping.is_reshape:  # same memory order: the target reads a view, no copy
         w_dst = w.reshape(mapping.out_shape)
     else:  # aligned, so that a Keras target adopts it without a copy
         w_dst = mapping.apply(w, out=aligned_empty(mapping.out_shape, w.dtype))
@@ -166,7 +166,7 @@ def verify_mapping(src: Probed, dst: Probed, mapping: Mapping, *, seed: int = 0,
     y_dst = t.run(w_dst, b_dst, x)
     canon_src = source_canonical or src.canonical
     assert canon_src is not None
-    if dst.canonical is not None and all(isinstance(op, Reshape) for op in dst.canonical.simplify().ops):
+    if dst.canonical is not None and dst.canonical.is_reshape:
         exact, mag = reference(geo, dst.canonical, w_dst, b_src, x)  # rows of the canonical kernel are contiguous
     else:
         exact, mag = reference(geo, canon_src, w, b_src, x)
