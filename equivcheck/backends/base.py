@@ -28,6 +28,7 @@ from equivcheck.specs import CHANNELS_FIRST, ConvSpec, DenseSpec, LayerSpec
 
 __all__ = [
     "DTYPES",
+    "ArrayLayer",
     "Backend",
     "Layer",
     "can_share",
@@ -180,6 +181,28 @@ class Layer(ABC):
     @abstractmethod
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Forward pass: a numpy batch in ``spec.data_format`` → numpy output in ``self.dtype``."""
+
+
+class ArrayLayer(Layer):
+    """A layer that holds its weights as numpy arrays (the numpy, scipy and jax backends)."""
+
+    def __init__(self, spec: LayerSpec, dtype: str) -> None:
+        super().__init__(spec, dtype)
+        self.kernel: np.ndarray | None = None
+        self.bias: np.ndarray | None = None
+
+    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
+        check_kernel(self.spec, kernel)
+        check_bias(self.spec, bias)
+        dt = np_dtype(self.dtype)
+        keep = True if copy else None  # None: numpy copies only to convert
+        self.kernel = np.array(kernel, dtype=dt, copy=keep)
+        self.bias = None if bias is None else np.array(bias, dtype=dt, copy=keep)
+
+    def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.kernel is None:
+            raise_unset(self.spec)
+        return self.kernel.copy(), None if self.bias is None else self.bias.copy()
 
 
 # Seconds each backend's first load() took in this process (0 when its framework was already imported).

@@ -18,11 +18,9 @@ from typing import Any
 import numpy as np
 
 from equivcheck.backends.base import (
+    ArrayLayer,
     Backend,
-    Layer,
-    check_bias,
     check_input,
-    check_kernel,
     dense_kernel,
     flatten_permutation,
     kernel_layout_mapping,
@@ -43,7 +41,7 @@ def dimension_numbers(spec: ConvSpec) -> tuple[str, str, str]:
     return io, spec.kernel_layout if direct else "OI" + letters, io
 
 
-class JaxLayer(Layer):
+class JaxLayer(ArrayLayer):
     """``spec`` as jnp / lax calls on device arrays."""
 
     def __init__(self, spec: LayerSpec, dtype: str) -> None:
@@ -52,29 +50,13 @@ class JaxLayer(Layer):
         import jax.numpy as jnp
 
         self._jax, self._jnp = jax, jnp
-        self._stored: np.ndarray | None = None
-        self._bias: np.ndarray | None = None
 
     def _x64(self) -> Any:
         return self._jax.enable_x64(True) if self.dtype == "float64" else contextlib.nullcontext()
 
-    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
-        spec = self.spec
-        check_bias(spec, bias)
-        dt = np_dtype(self.dtype)
-        check_kernel(spec, kernel)
-        keep = True if copy else None  # None: numpy copies only to convert
-        self._stored = np.array(kernel, dtype=dt, copy=keep)
-        self._bias = None if bias is None else np.array(bias, dtype=dt, copy=keep)
-
-    def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
-        if self._stored is None:
-            raise_unset(self.spec)
-        return self._stored.copy(), None if self._bias is None else self._bias.copy()
-
     def _rhs(self) -> np.ndarray:
         """The kernel as the rhs of ``conv_general_dilated``, in the layout :func:`dimension_numbers` names."""
-        spec, k = self.spec, self._stored
+        spec, k = self.spec, self.kernel
         if not spec.transposed and not spec.is_depthwise_layout:
             if spec.op == "convolve":  # lax correlates: flip the spatial axes in place
                 k = np.flip(k, axis=tuple(spec.kernel_layout.index(a) for a in spec.letters))
@@ -92,14 +74,14 @@ class JaxLayer(Layer):
         spec, jnp = self.spec, self._jnp
         x = np.asarray(x, dtype=np_dtype(self.dtype))
         check_input(spec, x)
-        if self._stored is None:
+        if self.kernel is None:
             raise_unset(spec)
         if isinstance(spec, DenseSpec):
-            weight = dense_kernel(spec, self._stored, "IO")
+            weight = dense_kernel(spec, self.kernel, "IO")
         else:
             weight = self._rhs()
         with self._x64():
-            y = _compiled(spec)(jnp.asarray(x), jnp.asarray(weight), None if self._bias is None else jnp.asarray(self._bias))
+            y = _compiled(spec)(jnp.asarray(x), jnp.asarray(weight), None if self.bias is None else jnp.asarray(self.bias))
             return np.asarray(y)
 
 

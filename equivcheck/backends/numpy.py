@@ -11,7 +11,7 @@ import itertools
 
 import numpy as np
 
-from equivcheck.backends.base import Backend, Layer, check_bias, check_input, check_kernel, np_dtype
+from equivcheck.backends.base import ArrayLayer, Backend, check_input, np_dtype
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec
 
 
@@ -100,18 +100,7 @@ def forward(spec: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None, x: np.
     return conv_forward(spec, kernel, bias, x)
 
 
-class NumpyLayer(Layer):
-    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
-        check_kernel(self.spec, kernel)
-        check_bias(self.spec, bias)
-        dt = np_dtype(self.dtype)
-        keep = True if copy else None  # None: numpy copies only to convert
-        self.kernel = np.array(kernel, dtype=dt, copy=keep)
-        self.bias = None if bias is None else np.array(bias, dtype=dt, copy=keep)
-
-    def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.kernel.copy(), None if self.bias is None else self.bias.copy()
-
+class NumpyLayer(ArrayLayer):
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np_dtype(self.dtype))
         check_input(self.spec, x)

@@ -15,11 +15,9 @@ import itertools
 import numpy as np
 
 from equivcheck.backends.base import (
+    ArrayLayer,
     Backend,
-    Layer,
-    check_bias,
     check_input,
-    check_kernel,
     kernel_layout_mapping,
     np_dtype,
 )
@@ -39,7 +37,7 @@ def dilate(kernel: np.ndarray, dilation: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-class ScipyLayer(Layer):
+class ScipyLayer(ArrayLayer):
     """``spec`` computed with ``scipy.signal.convolve`` channel pair by channel pair."""
 
     def __init__(self, spec: LayerSpec, dtype: str) -> None:
@@ -47,19 +45,6 @@ class ScipyLayer(Layer):
         import scipy.signal
 
         self._signal = scipy.signal
-        self.kernel: np.ndarray | None = None
-        self.bias: np.ndarray | None = None
-
-    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
-        check_kernel(self.spec, kernel)
-        check_bias(self.spec, bias)
-        dt = np_dtype(self.dtype)
-        keep = True if copy else None  # None: numpy copies only to convert
-        self.kernel = np.array(kernel, dtype=dt, copy=keep)
-        self.bias = None if bias is None else np.array(bias, dtype=dt, copy=keep)
-
-    def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.kernel.copy(), None if self.bias is None else self.bias.copy()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         spec = self.spec
