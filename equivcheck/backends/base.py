@@ -184,12 +184,13 @@ class Layer(ABC):
 
 
 class ArrayLayer(Layer):
-    """A layer that holds its weights as numpy arrays (the numpy, scipy and jax backends)."""
+    """A layer that holds its weights as numpy arrays (the numpy, scipy and jax backends); zeros at first."""
 
     def __init__(self, spec: LayerSpec, dtype: str) -> None:
         super().__init__(spec, dtype)
-        self.kernel: np.ndarray | None = None
-        self.bias: np.ndarray | None = None
+        dt = np_dtype(dtype)
+        self.kernel = np.zeros(spec.kernel_shape, dt)
+        self.bias = np.zeros(spec.bias_shape, dt) if spec.bias else None
 
     def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
         check_kernel(self.spec, kernel)
@@ -200,8 +201,6 @@ class ArrayLayer(Layer):
         self.bias = None if bias is None else np.array(bias, dtype=dt, copy=keep)
 
     def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
-        if self.kernel is None:
-            raise_unset(self.spec)
         return self.kernel.copy(), None if self.bias is None else self.bias.copy()
 
 

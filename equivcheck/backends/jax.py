@@ -25,7 +25,6 @@ from equivcheck.backends.base import (
     flatten_permutation,
     kernel_layout_mapping,
     np_dtype,
-    raise_unset,
 )
 from equivcheck.specs import CHANNELS_FIRST, ConvSpec, DenseSpec, LayerSpec
 
@@ -74,8 +73,6 @@ class JaxLayer(ArrayLayer):
         spec, jnp = self.spec, self._jnp
         x = np.asarray(x, dtype=np_dtype(self.dtype))
         check_input(spec, x)
-        if self.kernel is None:
-            raise_unset(spec)
         if isinstance(spec, DenseSpec):
             weight = dense_kernel(spec, self.kernel, "IO")
         else:
@@ -129,10 +126,7 @@ class JaxBackend(Backend):
     def build(self, spec: LayerSpec, dtype: str = "float32") -> JaxLayer:
         self._check(spec, dtype)
         self.load()
-        layer = JaxLayer(spec, dtype)
-        dt = np_dtype(dtype)
-        layer.set_weights(np.zeros(spec.kernel_shape, dt), np.zeros(spec.bias_shape, dt) if spec.bias else None)
-        return layer
+        return JaxLayer(spec, dtype)
 
 
 __all__ = ["JaxBackend", "JaxLayer", "dimension_numbers"]

@@ -113,7 +113,4 @@ class NumpyBackend(Backend):
 
     def build(self, spec: LayerSpec, dtype: str = "float32") -> NumpyLayer:
         self._check(spec, dtype)
-        layer = NumpyLayer(spec, dtype)
-        dt = np_dtype(dtype)
-        layer.set_weights(np.zeros(spec.kernel_shape, dt), np.zeros(spec.bias_shape, dt) if spec.bias else None)
-        return layer
+        return NumpyLayer(spec, dtype)

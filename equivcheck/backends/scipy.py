@@ -110,7 +110,4 @@ class ScipyBackend(Backend):
     def build(self, spec: LayerSpec, dtype: str = "float32") -> ScipyLayer:
         self._check(spec, dtype)
         self.load()
-        layer = ScipyLayer(spec, dtype)
-        dt = np_dtype(dtype)
-        layer.set_weights(np.zeros(spec.kernel_shape, dt), np.zeros(spec.bias_shape, dt) if spec.bias else None)
-        return layer
+        return ScipyLayer(spec, dtype)
