@@ -1,0 +1,233 @@
+"""ONNX Runtime (CPU execution provider): a single-node ONNX model per layer.
+
+A dense spec is ``[Transpose →] Flatten(axis=1) → Gemm``, its kernel the initializer ``B`` as
+stored (``transB=1`` for an (out, in) kernel, 0 for (in, out)); a conv spec is ``Conv`` or
+``ConvTranspose`` (weights ``(M, C/group, *k)`` and ``(C, M/group, *k)``, cross-correlation,
+explicit ``pads``, ``auto_pad="SAME_UPPER"`` for TensorFlow's "same" when undilated), with ``Transpose`` nodes
+around it for a channels-last map. The model is built once with :mod:`onnx.helper`, checked by
+:func:`onnx.checker.check_model` (shape inference included), and serialised; each
+``set_weights`` gives the next call a fresh ``InferenceSession`` whose initializers are the new
+weights serialised into its initializers, so ONNX Runtime sees constant weights and optimises
+(pre-packs, casts) them as it does for an exported model. (``SessionOptions.add_initializer``
+would skip the serialisation, but ONNX Runtime 1.32 computes float16 layers from the model's
+placeholder weights when they are overridden that way: wrong results.)
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from equivcheck.backends.base import (
+    Backend,
+    Layer,
+    check_bias,
+    check_input,
+    check_kernel,
+    flatten_permutation,
+    np_dtype,
+    stored_kernel,
+    to_native_kernel,
+)
+from equivcheck.errors import SpecError
+from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec
+
+OPSET = 17
+IR_VERSION = 8
+PROVIDER = "CPUExecutionProvider"
+# ONNX TensorProto element types by dtype name.
+ELEM_TYPES = {"float64": 11, "float32": 1, "float16": 10, "bfloat16": 16}
+
+
+def op_type(spec: LayerSpec) -> str:
+    """The ONNX operator that realises ``spec``: Gemm, Conv or ConvTranspose."""
+    if isinstance(spec, DenseSpec):
+        return "Gemm"
+    return "ConvTranspose" if spec.transposed else "Conv"
+
+
+def _native_layout(spec: ConvSpec) -> str:
+    return ("IO" if spec.transposed else "OI") + spec.letters
+
+
+def weight_shape(spec: ConvSpec) -> tuple[int, ...]:
+    """ONNX's weight shape: Conv ``(M, C/group, *k)``, ConvTranspose ``(C, M/group, *k)``."""
+    g = spec.groups
+    if spec.transposed:
+        return (spec.in_channels, spec.out_channels // g, *spec.kernel_size)
+    return (spec.out_channels, spec.in_channels // g, *spec.kernel_size)
+
+
+def _conv_attributes(spec: ConvSpec) -> dict[str, Any]:
+    attrs: dict[str, Any] = dict(kernel_shape=list(spec.kernel_size), strides=list(spec.stride),
+                                 dilations=list(spec.dilation), group=spec.groups)
+    if spec.padding == "same" and all(d == 1 for d in spec.dilation):
+        # TensorFlow's "same": the odd pad after. ONNX Runtime refuses auto_pad with dilation > 1.
+        attrs["auto_pad"] = "SAME_UPPER"
+    else:
+        pads = spec.pads()
+        attrs["pads"] = [lo for lo, _ in pads] + [hi for _, hi in pads]
+    if spec.transposed and any(spec.output_padding):
+        attrs["output_padding"] = list(spec.output_padding)
+    return attrs
+
+
+def build_model(spec: LayerSpec, dtype: str, kernel: np.ndarray, bias: np.ndarray | None) -> Any:
+    """The checked single-layer ``ModelProto`` of ``spec``; ``kernel`` already in ONNX's layout.
+
+    Input ``x`` is ``(N, *spec.input_shape)``, output ``y`` is ``(N, *spec.output_shape)``.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    elem = ELEM_TYPES[dtype]
+    nodes, x = [], "x"
+    inits = [numpy_helper.from_array(kernel, "W")]
+    weights = ["W"] + ([] if bias is None else ["B"])
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "B"))
+    to_first = from_first = None
+    if isinstance(spec, DenseSpec):
+        perm = flatten_permutation(spec)
+        if perm is not None:
+            nodes.append(helper.make_node("Transpose", [x], ["x_t"], perm=list(perm)))
+            x = "x_t"
+        nodes.append(helper.make_node("Flatten", [x], ["x_flat"], axis=1))
+        nodes.append(helper.make_node("Gemm", ["x_flat", *weights], ["y"], transB=int(spec.kernel_layout == "OI")))
+    else:
+        n = spec.rank + 2
+        if spec.data_format == CHANNELS_LAST:
+            to_first, from_first = [0, n - 1, *range(1, n - 1)], [0, *range(2, n), 1]
+            nodes.append(helper.make_node("Transpose", [x], ["x_t"], perm=to_first))
+            x = "x_t"
+        out = "y_t" if from_first else "y"
+        nodes.append(helper.make_node(op_type(spec), [x, *weights], [out], **_conv_attributes(spec)))
+        if from_first:
+            nodes.append(helper.make_node("Transpose", [out], ["y"], perm=from_first))
+    graph = helper.make_graph(
+        nodes, f"equivcheck_{op_type(spec)}",
+        [helper.make_tensor_value_info("x", elem, ["N", *spec.input_shape])],
+        [helper.make_tensor_value_info("y", elem, ["N", *spec.output_shape])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="equivcheck")
+    model.ir_version = IR_VERSION
+    try:
+        onnx.checker.check_model(model, full_check=True)  # full_check: shape inference must agree with the spec
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpecError(f"onnx model of {spec.describe()} is invalid: {first}") from None
+    return model
+
+
+def session_options(ort: Any) -> Any:
+    """One thread, errors only: a single small layer gains nothing from a thread pool."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+class OnnxLayer(Layer):
+    """A single-node ONNX model of ``spec`` and the ``InferenceSession`` running it.
+
+    The weights live in the model's initializers (``W`` in ONNX's layout, ``B``); a new session
+    is built on the first call after ``set_weights``.
+    """
+
+    def __init__(self, spec: LayerSpec, dtype: str) -> None:
+        super().__init__(spec, dtype)
+        import onnxruntime
+
+        self._ort = onnxruntime
+        dt = np_dtype(dtype)
+        native = spec.kernel_shape if isinstance(spec, DenseSpec) else weight_shape(spec)
+        self.model = build_model(spec, dtype, np.zeros(native, dt), np.zeros(spec.bias_shape, dt) if spec.bias else None)
+        self._inits = {t.name: t for t in self.model.graph.initializer}
+        self._session: Any = None
+
+    def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
+        # One copy either way: the values are serialised into the model (``copy`` needs no other care).
+        spec = self.spec
+        check_kernel(spec, kernel)
+        check_bias(spec, bias)
+        dt = np_dtype(self.dtype)
+        native = np.asarray(kernel) if isinstance(spec, DenseSpec) else to_native_kernel(spec, kernel, _native_layout(spec))
+        for name, value in (("W", native), ("B", bias)):
+            if value is not None:
+                self._inits[name].raw_data = np.ascontiguousarray(value, dtype=dt).astype("<" + dt.str[1:], copy=False).tobytes()
+        self._session = None
+
+    def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
+        from onnx import numpy_helper
+
+        spec = self.spec
+        native = numpy_helper.to_array(self._inits["W"])
+        kernel = native if isinstance(spec, DenseSpec) else stored_kernel(spec, native, _native_layout(spec))
+        return kernel, numpy_helper.to_array(self._inits["B"]) if "B" in self._inits else None
+
+    def session(self) -> Any:
+        """The ``InferenceSession`` on the current weights (built on first use after ``set_weights``)."""
+        if self._session is None:
+            ort = self._ort
+            self._session = ort.InferenceSession(self.model.SerializeToString(), session_options(ort), providers=[PROVIDER])
+        return self._session
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np_dtype(self.dtype))
+        check_input(self.spec, x)
+        return self.session().run(None, {"x": x})[0]
+
+
+@cache
+def kernel_missing(op: str, rank: int, dtype: str) -> str | None:
+    """Why ONNX Runtime's CPU provider cannot run ``op`` of ``rank`` in ``dtype`` (a probe), or None."""
+    import onnxruntime as ort
+
+    if op == "Gemm":
+        spec: LayerSpec = DenseSpec(channels=2, units=2, kernel_layout="OI")
+    else:
+        spec = ConvSpec(2, 2, (1,) * rank, transposed=op == "ConvTranspose")
+    dt = np_dtype(dtype)
+    kernel = np.zeros(spec.kernel_shape, dt)
+    try:
+        model = build_model(spec, dtype, kernel, np.zeros(2, dt))
+    except SpecError:  # the operator's schema refuses the type
+        return f"ONNX {op} (opset {OPSET}) does not take {dtype} tensors"
+    try:
+        ort.InferenceSession(model.SerializeToString(), session_options(ort), providers=[PROVIDER])
+    except Exception as exc:  # NOT_IMPLEMENTED / INVALID_GRAPH: no kernel registered for this type
+        text = str(exc).split(":", 2)[-1].strip().splitlines()[0]
+        return f"onnxruntime {ort.__version__} {PROVIDER} has no {op} kernel for {dtype}: {text}"
+    return None
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    module = "onnxruntime"
+
+    def available(self) -> bool:
+        import importlib.util
+
+        return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+    def version(self) -> str:
+        ort = self.load()
+        import onnx
+
+        return f"{ort.__version__} ({PROVIDER}, onnx {onnx.__version__}, opset {OPSET})"
+
+    def unsupported(self, spec: LayerSpec, dtype: str) -> str | None:
+        why = super().unsupported(spec, dtype)
+        if why or not self.available() or not isinstance(spec, (DenseSpec, ConvSpec)):
+            return why
+        self.load()
+        return kernel_missing(op_type(spec), getattr(spec, "rank", 0) if isinstance(spec, ConvSpec) else 0, dtype)
+
+    def build(self, spec: LayerSpec, dtype: str = "float32") -> OnnxLayer:
+        self._check(spec, dtype)
+        self.load()
+        return OnnxLayer(spec, dtype)
