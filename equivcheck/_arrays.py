@@ -47,6 +47,10 @@ class ArrayOps(ABC):
     def finish(self, x: Any) -> Any:
         return x
 
+    def check(self, x: Any, what: str = "array") -> None:
+        """Refuse an array whose values are not plain real numbers (see :func:`check_dtype`)."""
+        check_dtype(np.dtype(x.dtype), what)
+
     def zeros(self, like: Any, shape: tuple[int, ...]) -> Any:
         return np.zeros(shape, dtype=like.dtype)
 
@@ -87,16 +91,28 @@ class NumpyOps(ArrayOps):
 
 
 _POOL: Any = None
+_POOL_PID = 0
 _WORKERS = min(4, os.cpu_count() or 1)
 
 
 def _pool() -> Any:
-    global _POOL
-    if _POOL is None:
+    """The copy threads of this process: a forked child, which inherits none, makes its own."""
+    global _POOL, _POOL_PID
+    if _POOL is None or os.getpid() != _POOL_PID:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="equivcheck")
+        _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="equivcheck"), os.getpid()
     return _POOL
+
+
+def _forget_pool() -> None:
+    """In a forked child: drop the parent's pool, whose threads did not survive the fork."""
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _source_order(nf: Any, moved: tuple[int, ...], out_rest: tuple[int, ...]) -> np.ndarray:
@@ -132,9 +148,10 @@ def _row_gather_transpose(x: np.ndarray, nf: Any, into: np.ndarray | None = None
     if fast is not None and x.itemsize in (1, 2, 4, 8):
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         share = -(-height // _WORKERS)
+        raw_src, raw_out = raw_view(src), raw_view(out)
 
         def part(j0: int) -> None:
-            fast.gather_transpose(src, width, rows[j0 : j0 + share], out, height, j0, x.itemsize)
+            fast.gather_transpose(raw_src, width, rows[j0 : j0 + share], raw_out, height, j0, x.itemsize)
 
         list(_pool().map(part, range(0, height, share)))
     else:
@@ -167,9 +184,10 @@ def _column_scatter_transpose(x: np.ndarray, nf: Any, into: np.ndarray | None = 
     src = x.reshape(height, width)
     out = np.empty((width, height), dtype=x.dtype) if into is None else into.reshape(width, height)
     share = -(-width // _WORKERS)
+    raw_src, raw_out = raw_view(src), raw_view(out)
 
     def part(c0: int) -> None:
-        fast.scatter_transpose(src, width, rows[c0 : c0 + share], out, c0, x.itemsize)
+        fast.scatter_transpose(raw_src, width, rows[c0 : c0 + share], raw_out, c0, x.itemsize)
 
     list(_pool().map(part, range(0, width, share)))
     return out.reshape(tuple(nf_out_shape(nf))) if into is None else into
@@ -228,7 +246,15 @@ class TorchOps(ArrayOps):
         return x.flip(axes)
 
     def finish(self, x: Any) -> Any:
-        return x.contiguous()
+        return x.clone(memory_format=sys.modules["torch"].contiguous_format)  # never the caller's storage
+
+    def check(self, x: Any, what: str = "array") -> None:
+        if x.is_quantized or x.layout != sys.modules["torch"].strided or x.is_meta:
+            kind = "quantized" if x.is_quantized else "meta" if x.is_meta else str(x.layout).removeprefix("torch.")
+            raise MappingError(f"{what} is a {kind} torch tensor (dtype={x.dtype}), not a plain array: expected a dense tensor "
+                               "with its values (call .dequantize() / .to_dense() first)")
+        if x.dtype.is_complex:
+            raise MappingError(f"{what} dtype={x.dtype} is not a real numeric type: expected float, bfloat16, integer or bool values")
 
     def zeros(self, like: Any, shape: tuple[int, ...]) -> Any:
         return like.new_zeros(shape)
@@ -252,6 +278,11 @@ class TensorflowOps(ArrayOps):
 
     def finish(self, x: Any) -> Any:
         return sys.modules["tensorflow"].identity(x)
+
+    def check(self, x: Any, what: str = "array") -> None:
+        dtype = x.dtype
+        if not (dtype.is_floating or dtype.is_integer or dtype.is_bool) or dtype.is_quantized:
+            raise MappingError(f"{what} dtype={dtype.name} is not a real numeric type: expected float, bfloat16, integer or bool values")
 
     def zeros(self, like: Any, shape: tuple[int, ...]) -> Any:
         return sys.modules["tensorflow"].zeros(shape, dtype=like.dtype)
@@ -289,6 +320,25 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.nda
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
+def check_dtype(dtype: np.dtype, what: str = "array") -> None:
+    """Refuse a dtype that is not plain real numbers: complex, object, void, structured, text, dates.
+
+    Accepted: numpy's bool, integer and float kinds and the ml_dtypes types (bfloat16, float8...).
+    """
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    plain = dtype.fields is None and dtype.subdtype is None and (
+        dtype.kind in "biuf" or (ml_dtypes is not None and dtype.type is getattr(ml_dtypes, dtype.name, None)))
+    if not plain:
+        raise MappingError(f"{what} dtype={str(dtype)[:60]} is not a real numeric type: expected float, bfloat16, integer "
+                           "or bool values")
+
+
+def raw_view(x: np.ndarray) -> np.ndarray:
+    """``x``'s bytes as unsigned integers of its item size: all the compiled kernel may see."""
+    check_dtype(x.dtype)
+    return x.view(f"u{x.itemsize}")
+
+
 def ops_for(x: Any) -> ArrayOps:
     """The :class:`ArrayOps` for ``x``'s kind, or a clear error."""
     for ops in _REGISTRY:
@@ -300,10 +350,27 @@ def ops_for(x: Any) -> ArrayOps:
     )
 
 
+# torch dtypes numpy lacks, read through an integer view as their ml_dtypes twin.
+_TORCH_VIA_INT = {"bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",
+                  "float8_e4m3fnuz": "uint8", "float8_e5m2fnuz": "uint8"}
+
+
+def _torch_to_numpy(t: Any) -> np.ndarray:
+    """A torch tensor's values as numpy on the host (bfloat16 and float8 as ml_dtypes), detached."""
+    t = t.detach().cpu()
+    name = str(t.dtype).removeprefix("torch.")
+    if name in _TORCH_VIA_INT:
+        import ml_dtypes
+
+        torch = sys.modules["torch"]
+        return t.view(getattr(torch, _TORCH_VIA_INT[name])).numpy().view(getattr(ml_dtypes, name))
+    return t.numpy()
+
+
 def to_numpy(a: Any) -> Any:
     """A torch/tensorflow/jax array as numpy (CPU); anything else unchanged."""
     if hasattr(a, "detach"):
-        return a.detach().cpu().numpy()
+        return _torch_to_numpy(a)
     if hasattr(a, "numpy") and not isinstance(a, np.ndarray):
         return a.numpy()
     return a

@@ -6,8 +6,11 @@
  * 16 source row pieces of 64 elements into a small tile (contiguous reads) and writes the
  * tile out column by column (16 contiguous elements per output row), so both sides stay in
  * cache. Plain C, no numpy headers: buffers come through the buffer protocol; the GIL is
- * released while copying, so two threads can split the columns. When this module is not
- * built, equivcheck/_arrays.py does the same in numpy, about twice as slowly.
+ * released while copying, so two threads can split the columns. Buffers must be C-contiguous
+ * plain unsigned integers of the item size (the caller passes uint views of numeric arrays), so
+ * object pointers never reach a memcpy. The module keeps no threads or state: the Python pool
+ * that calls it is re-created after fork. When this module is not built, equivcheck/_arrays.py
+ * does the same in numpy, about twice as slowly.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -72,20 +75,70 @@ SCATTER(uint16_t)
 SCATTER(uint32_t)
 SCATTER(uint64_t)
 
+/* Borrow a C-contiguous buffer of single plain integers (format one of `codes`, `itemsize` bytes each).
+ * The kernels copy bytes, so they must never see object pointers (which carry reference counts),
+ * structured records or anything else numpy could export: the caller passes uint views. */
+static int get_plain(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t itemsize, const char *codes,
+                     const char *what) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0)
+        return -1;
+    const char *f = view->format ? view->format : "B";
+    if (*f == '@' || *f == '=')
+        f++;
+    if (view->itemsize != itemsize || strlen(f) != 1 || strchr(codes, *f) == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a buffer of %zd-byte plain integers (format in '%s'), got format=%s itemsize=%zd",
+                     what, itemsize, codes, view->format ? view->format : "B", view->itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/* src (read), rows (int64) and dst (written) for one call, or -1 with an exception set. */
+static int get_three(PyObject *s, PyObject *r, PyObject *d, Py_ssize_t itemsize, Py_buffer *src, Py_buffer *rows,
+                     Py_buffer *dst, const char *what) {
+    if (itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8) {
+        PyErr_Format(PyExc_ValueError, "%s: itemsize must be 1, 2, 4 or 8", what);
+        return -1;
+    }
+    if (get_plain(s, src, 0, itemsize, "BHILQ", what) < 0)
+        return -1;
+    if (get_plain(r, rows, 0, 8, "lq", what) < 0) {
+        PyBuffer_Release(src);
+        return -1;
+    }
+    if (get_plain(d, dst, 1, itemsize, "BHILQ", what) < 0) {
+        PyBuffer_Release(src);
+        PyBuffer_Release(rows);
+        return -1;
+    }
+    return 0;
+}
+
+static void release_three(Py_buffer *src, Py_buffer *rows, Py_buffer *dst) {
+    PyBuffer_Release(src);
+    PyBuffer_Release(rows);
+    PyBuffer_Release(dst);
+}
+
 static PyObject *gather_transpose(PyObject *self, PyObject *args) {
+    PyObject *s, *r_obj, *d;
     Py_buffer src, rows, dst;
     Py_ssize_t width, dst_cols, c0, itemsize;
-    if (!PyArg_ParseTuple(args, "y*ny*w*nnn", &src, &width, &rows, &dst, &dst_cols, &c0, &itemsize))
+    if (!PyArg_ParseTuple(args, "OnOOnnn", &s, &width, &r_obj, &d, &dst_cols, &c0, &itemsize))
+        return NULL;
+    if (get_three(s, r_obj, d, itemsize, &src, &rows, &dst, "gather_transpose") < 0)
         return NULL;
     Py_ssize_t n = rows.len / (Py_ssize_t)sizeof(int64_t);
-    int ok = width > 0 && itemsize > 0 && src.len % (width * itemsize) == 0 &&
+    int ok = width > 0 && src.len % (width * itemsize) == 0 && dst_cols >= 0 &&
              dst.len >= width * dst_cols * itemsize && c0 >= 0 && c0 + n <= dst_cols;
     const int64_t *r = (const int64_t *)rows.buf;
     Py_ssize_t height = ok ? src.len / (width * itemsize) : 0;
     for (Py_ssize_t j = 0; ok && j < n; j++)
         ok = r[j] >= 0 && r[j] < height;
     if (!ok) {
-        PyBuffer_Release(&src); PyBuffer_Release(&rows); PyBuffer_Release(&dst);
+        release_three(&src, &rows, &dst);
         PyErr_SetString(PyExc_ValueError, "gather_transpose: buffer sizes or row indices out of range");
         return NULL;
     }
@@ -94,32 +147,30 @@ static PyObject *gather_transpose(PyObject *self, PyObject *args) {
     case 1: gather_T_uint8_t(src.buf, width, r, n, dst.buf, dst_cols, c0); break;
     case 2: gather_T_uint16_t(src.buf, width, r, n, dst.buf, dst_cols, c0); break;
     case 4: gather_T_uint32_t(src.buf, width, r, n, dst.buf, dst_cols, c0); break;
-    case 8: gather_T_uint64_t(src.buf, width, r, n, dst.buf, dst_cols, c0); break;
-    default: ok = 0;
+    default: gather_T_uint64_t(src.buf, width, r, n, dst.buf, dst_cols, c0); break;
     }
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&src); PyBuffer_Release(&rows); PyBuffer_Release(&dst);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "gather_transpose: itemsize must be 1, 2, 4 or 8");
-        return NULL;
-    }
+    release_three(&src, &rows, &dst);
     Py_RETURN_NONE;
 }
 
 static PyObject *scatter_transpose(PyObject *self, PyObject *args) {
+    PyObject *s, *r_obj, *d;
     Py_buffer src, rows, dst;
     Py_ssize_t width, c0, itemsize;
-    if (!PyArg_ParseTuple(args, "y*ny*w*nn", &src, &width, &rows, &dst, &c0, &itemsize))
+    if (!PyArg_ParseTuple(args, "OnOOnn", &s, &width, &r_obj, &d, &c0, &itemsize))
+        return NULL;
+    if (get_three(s, r_obj, d, itemsize, &src, &rows, &dst, "scatter_transpose") < 0)
         return NULL;
     Py_ssize_t n = rows.len / (Py_ssize_t)sizeof(int64_t);
-    int ok = width > 0 && itemsize > 0 && src.len % (width * itemsize) == 0 && c0 >= 0 && c0 + n <= width;
+    int ok = width > 0 && src.len % (width * itemsize) == 0 && c0 >= 0 && c0 + n <= width;
     Py_ssize_t height = ok ? src.len / (width * itemsize) : 0;
     Py_ssize_t out_rows = ok && height ? dst.len / (height * itemsize) : 0;
     const int64_t *r = (const int64_t *)rows.buf;
     for (Py_ssize_t j = 0; ok && j < n; j++)
         ok = r[j] >= 0 && r[j] < out_rows;
     if (!ok) {
-        PyBuffer_Release(&src); PyBuffer_Release(&rows); PyBuffer_Release(&dst);
+        release_three(&src, &rows, &dst);
         PyErr_SetString(PyExc_ValueError, "scatter_transpose: buffer sizes or row indices out of range");
         return NULL;
     }
@@ -128,15 +179,10 @@ static PyObject *scatter_transpose(PyObject *self, PyObject *args) {
     case 1: scatter_T_uint8_t(src.buf, width, height, r, n, dst.buf, c0); break;
     case 2: scatter_T_uint16_t(src.buf, width, height, r, n, dst.buf, c0); break;
     case 4: scatter_T_uint32_t(src.buf, width, height, r, n, dst.buf, c0); break;
-    case 8: scatter_T_uint64_t(src.buf, width, height, r, n, dst.buf, c0); break;
-    default: ok = 0;
+    default: scatter_T_uint64_t(src.buf, width, height, r, n, dst.buf, c0); break;
     }
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&src); PyBuffer_Release(&rows); PyBuffer_Release(&dst);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "scatter_transpose: itemsize must be 1, 2, 4 or 8");
-        return NULL;
-    }
+    release_three(&src, &rows, &dst);
     Py_RETURN_NONE;
 }
 

@@ -419,10 +419,13 @@ class Mapping:
     def apply(self, array: Any, *, out: np.ndarray | None = None) -> Any:
         """Apply to a numpy, torch, tensorflow or jax array; returns the same kind, contiguous.
 
-        ``out``: for a numpy array, a C-contiguous array of ``out_shape`` and the same dtype to
-        write into (e.g. an ``np.memmap``) instead of a new one; it is returned.
+        The values must be real numbers (float, bfloat16, integer, bool): complex, object, void
+        and structured arrays are refused. The result is a new array, never a view of ``array``,
+        unless ``out`` is given: for a numpy array, a C-contiguous array of ``out_shape`` and the
+        same dtype to write into (e.g. an ``np.memmap``) instead of a new one; it is returned.
         """
         ops = _arrays.ops_for(array)
+        ops.check(array)
         shape = tuple(int(s) for s in array.shape)
         if shape != self.in_shape:
             raise MappingError(f"mapping expects an array of shape={self.in_shape}, got shape={shape}")

@@ -176,7 +176,8 @@ def check_weights(name: str, array: Any, shape: tuple[int, ...], spec: LayerSpec
         raise SpecError(f"{name} of type={type(array).__name__} is not an array: expected a numpy, torch, tensorflow or jax array")
     if got != shape:
         raise SpecError(f"{name} shape={got} does not match {spec.describe()}: expected {shape}")
-    values = np.asarray(array)
+    _arrays.ops_for(array).check(array, name)
+    values = np.asarray(_arrays.to_numpy(array))
     if not (np.issubdtype(values.dtype, np.floating) or values.dtype.name == "bfloat16"):
         raise SpecError(f"{name} dtype={values.dtype} is not a floating-point type: expected float16/bfloat16/float32/float64 weights")
     if not np.all(np.isfinite(values.astype(np.float32) if values.dtype.name == "bfloat16" else values)):
@@ -184,4 +185,5 @@ def check_weights(name: str, array: Any, shape: tuple[int, ...], spec: LayerSpec
 
 
 def _copy(array: Any) -> Any:
-    return array.copy() if isinstance(array, np.ndarray) else array
+    """A new array of the same kind and values: a converted bias never shares the caller's memory."""
+    return Mapping.identity(tuple(int(s) for s in array.shape)).apply(array)

@@ -54,6 +54,13 @@ API_CASES = {
     "converter returning one array": (lambda: ec.verify_pair(SRC, DST, converter=lambda k, b: k), "expected a (kernel, bias) tuple"),
     "unknown dtype": (lambda: ec.verify_pair(SRC, DST, dtype="int8"), "dtype='int8'"),
     "unknown backend": (lambda: ec.verify_pair(SRC, DST, source_backend="mxnet"), "backend='mxnet' is unknown"),
+    "complex kernel": (lambda: ec.convert(SRC, DST, GOOD.astype(np.complex64)), "kernel dtype=complex64 is not a real numeric"),
+    "complex bias": (lambda: ec.convert(SRC, DST, GOOD, np.zeros(6, np.complex128)), "bias dtype=complex128"),
+    "object array applied": (lambda: ec.plan(SRC, DST).apply(np.empty((60, 6), object)), "array dtype=object"),
+    "void array applied": (lambda: ec.plan(SRC, DST).apply(np.zeros((60, 6), "V2")), "array dtype=|V2"),
+    "structured array applied": (lambda: ec.plan(SRC, DST).apply(np.zeros((60, 6), [("a", "f4")])), "dtype=[('a', '<f4')]"),
+    "text array applied": (lambda: ec.plan(SRC, DST).apply(np.full((60, 6), "x")), "array dtype=<U1"),
+    "dates applied": (lambda: ec.plan(SRC, DST).apply(np.zeros((60, 6), "M8[s]")), "array dtype=datetime64[s]"),
 }
 
 
@@ -62,6 +69,103 @@ def test_api_bad_input(name):
     build, match = API_CASES[name]
     with pytest.raises(EquivcheckError, match=re.escape(match)) as info:
         build()
+    assert "\n" not in str(info.value)
+
+
+# -- memory safety of the mapping engine ---------------------------------------------------------
+BIG = dict(channels=512, spatial=(7, 7), units=32)  # a 6.4 MB object kernel: past the 4 MiB compiled-kernel threshold
+
+
+def run_python(code, timeout=60):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def test_big_object_arrays_are_refused_in_both_directions():
+    code = f"""
+import numpy as np, equivcheck as ec
+m = ec.plan(ec.spec("keras:dense", **{BIG}), ec.spec("torch:conv", **{BIG}))
+for mapping in (m, m.inverse()):
+    x = np.empty(mapping.in_shape, object)
+    x[...] = [[object()]]
+    try:
+        mapping.apply(x)
+    except ec.MappingError as exc:
+        print(exc)
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr  # a segfault is -11
+    assert done.stdout.count("array dtype=object is not a real numeric type") == 2
+
+
+def test_compiled_kernel_takes_only_plain_integer_buffers():
+    fast = pytest.importorskip("equivcheck._fastcopy", reason="the compiled kernel was not built")
+    rows = np.arange(3, dtype=np.int64)
+    for src, dst in ((np.empty((3, 4), object), np.empty((4, 3), object)), (GOOD[:3, :4].copy(), np.empty((4, 3), np.float32))):
+        with pytest.raises(TypeError, match="plain integers"):
+            fast.gather_transpose(src, 4, rows, dst, 3, 0, src.itemsize)
+        with pytest.raises(TypeError, match="plain integers"):
+            fast.scatter_transpose(src, 4, rows, dst, 0, src.itemsize)
+
+
+def test_apply_after_fork_does_not_hang():
+    code = f"""
+import multiprocessing, os, numpy as np, equivcheck as ec
+m = ec.plan(ec.spec("keras:dense", **{BIG}), ec.spec("torch:conv", **{BIG}))
+x = np.ones(m.in_shape, np.float32)
+m.apply(x)  # starts the copy threads in the parent
+
+def child():
+    assert m.inverse().apply(m.apply(x)).sum() == x.size
+
+pid = os.fork()
+if pid == 0:
+    child()
+    os._exit(0)
+assert os.waitpid(pid, 0)[1] == 0
+p = multiprocessing.get_context("fork").Process(target=child)
+p.start(); p.join(20)
+print("exit", p.exitcode)
+"""
+    done = run_python(code, timeout=40)
+    assert done.returncode == 0 and done.stdout.strip() == "exit 0", done.stderr[-500:]
+
+
+def test_results_never_alias_the_inputs():
+    src, dst = ec.spec("torch:dense", **SMALL), ec.spec("torch:conv", **SMALL)  # a reshape-only pair
+    kernel, bias = GOOD.T.copy(), np.ones(6, np.float32)
+    assert ec.plan(src, dst).is_reshape
+    new_kernel, new_bias = ec.convert(src, dst, kernel, bias)
+    assert not np.shares_memory(new_kernel, kernel) and not np.shares_memory(new_bias, bias)
+    torch = pytest.importorskip("torch", reason="torch tensors")
+    kernel, bias = torch.from_numpy(kernel), torch.from_numpy(bias)
+    new_kernel, new_bias = ec.convert(src, dst, kernel, bias)
+    assert new_bias is not bias and new_bias.data_ptr() != bias.data_ptr()
+    assert new_kernel.untyped_storage().data_ptr() != kernel.untyped_storage().data_ptr()
+    new_kernel += 1
+    assert float(kernel.sum()) == float(GOOD.sum(dtype=np.float32))
+
+
+def test_torch_parameters_and_bfloat16_convert():
+    torch = pytest.importorskip("torch", reason="torch tensors")
+    kernel = torch.nn.Parameter(torch.from_numpy(GOOD.copy()))
+    assert tuple(ec.convert(SRC, DST, kernel)[0].shape) == DST.kernel_shape
+    new_kernel, new_bias = ec.convert(SRC, DST, kernel.detach().bfloat16(), torch.zeros(6, dtype=torch.bfloat16))
+    assert new_kernel.dtype == new_bias.dtype == torch.bfloat16
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+@pytest.mark.parametrize("kind, match", [("complex", "dtype=torch.complex64"), ("sparse", "sparse_coo torch tensor"),
+                                         ("meta", "meta torch tensor"), ("quantized", "quantized torch tensor")])
+def test_torch_tensors_without_plain_values_are_refused(kind, match):
+    torch = pytest.importorskip("torch", reason="torch tensors")
+    k = torch.from_numpy(GOOD.copy())
+    bad = {"complex": lambda: k.to(torch.complex64), "sparse": k.to_sparse, "meta": lambda: k.to("meta"),
+           "quantized": lambda: torch.quantize_per_tensor(k, 0.1, 0, torch.qint8)}[kind]()
+    with pytest.raises(EquivcheckError, match=re.escape(match)) as info:
+        ec.convert(SRC, DST, bad)
     assert "\n" not in str(info.value)
 
 
