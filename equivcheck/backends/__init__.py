@@ -18,6 +18,8 @@ BACKENDS: dict[str, str] = {
     "tf": "equivcheck.backends.tf:TFBackend",
     "jax": "equivcheck.backends.jax:JaxBackend",
     "scipy": "equivcheck.backends.scipy:ScipyBackend",
+    "onnxruntime": "equivcheck.backends.onnxruntime:OnnxRuntimeBackend",
+    "tflite": "equivcheck.backends.tflite:TFLiteBackend",
 }
 
 
