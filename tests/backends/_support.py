@@ -17,10 +17,13 @@ MODULES = {
     "tf": ("tensorflow",),
     "jax": ("jax",),
     "scipy": ("scipy",),
+    "onnxruntime": ("onnx", "onnxruntime"),
+    "tflite": ("tensorflow",),
 }
 BACKEND_NAMES = tuple(MODULES)
 # The preset whose conventions each backend's own layers follow (numpy, any: TFLite's).
-PRESET_OF = {"numpy": "tflite", "torch": "torch", "keras": "keras", "tf": "tf", "jax": "jax", "scipy": "scipy"}
+PRESET_OF = {"numpy": "tflite", "torch": "torch", "keras": "keras", "tf": "tf", "jax": "jax", "scipy": "scipy",
+             "onnxruntime": "onnx", "tflite": "tflite"}
 
 
 def require(name: str) -> backends.Backend:
