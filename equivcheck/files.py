@@ -20,43 +20,105 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from equivcheck import _arrays, _readers
 from equivcheck.errors import FileFormatError, SpecError
-from equivcheck.specs import LayerSpec
+from equivcheck.specs import LayerSpec, require_memory
 
 KERNEL_KEYS = ("kernel", "weight", "w", "W", "arr_0")
 BIAS_KEYS = ("bias", "b", "arr_1")
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], *, force: bool = False, protect: tuple = (),
-                suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
-    ``suffix`` ends the temporary name (default ``.tmp`` + the target's suffix), for writers
-    that insist on a name ending, such as Keras's ``.weights.h5``.
-    """
+
+def check_output(path: str | os.PathLike[str], *, force: bool = False, protect: tuple = ()) -> Path:
+    """Refuse, before any work, an output that is an input, exists (without ``force``), or cannot be a new file."""
     target = Path(path)
+    name_max = 255
+    with contextlib.suppress(OSError, ValueError):
+        name_max = os.pathconf(target.parent if str(target.parent) else ".", "PC_NAME_MAX")
+    if len(os.fsencode(target.name)) > name_max:
+        raise FileFormatError(f"output name of {len(os.fsencode(target.name))} bytes is too long: expected at most {name_max}")
     for other in protect:
-        if other is not None and Path(other).exists() and target.exists() and target.resolve() == Path(other).resolve():
+        if other is not None and _same_file(target, other):
             raise FileFormatError(f"output={str(target)!r} is the input file: write to a new file instead")
-        if other is not None and target.resolve() == Path(other).resolve():
-            raise FileFormatError(f"output={str(target)!r} is the input file: write to a new file instead")
-    if target.exists() and not force:
+    try:
+        os.stat(target)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # a symlink loop, a path through a file, a name too long for the system
+        raise FileFormatError(f"output={str(target)!r} cannot be written: {exc.strerror or exc}") from None
+    if target.is_dir():
+        raise FileFormatError(f"output={str(target)!r} is a directory: expected a file name")
+    if os.path.lexists(target) and not force:  # a dangling symlink counts: writing through it would create its target
         raise FileFormatError(f"output={str(target)!r} already exists: pass --force (force=True) to replace it")
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise FileFormatError(f"output folder={str(folder)!r} does not exist: create it first")
     if not os.access(folder, os.W_OK):
         raise FileFormatError(f"output folder={str(folder)!r} is not writable")
+    return target
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux says (thread-safe)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, target: Path, force: bool) -> None:
+    """Move the finished ``tmp`` to ``target``: replacing it with ``force``, else only if no one created it meanwhile."""
+    if force:
+        os.replace(tmp, target)
+        return
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp" + target.suffix, dir=folder)
+        os.link(tmp, target)  # atomic create-if-absent: of two racing writers exactly one wins
+    except FileExistsError:
+        raise FileFormatError(f"output={str(target)!r} already exists (another writer made it meanwhile): pass --force "
+                              "(force=True) to replace it") from None
+    except OSError:  # a file system without hard links: claim the name exclusively, then replace it
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise FileFormatError(f"output={str(target)!r} already exists (another writer made it meanwhile): pass "
+                                  "--force (force=True) to replace it") from None
+        os.replace(tmp, target)
+        return
+    tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, force: bool = False, protect: tuple = (),
+                suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it to ``path`` in one atomic step.
+
+    Without ``force`` the move creates ``path`` only if it still does not exist (a hard link),
+    so of two racing writers one wins and the other gets a :class:`FileFormatError`. The file
+    gets the mode a new file would (``0o666`` less the umask). ``suffix`` ends the temporary
+    name (default ``.tmp`` + the target's suffix), for writers that insist on a name ending,
+    such as Keras's ``.weights.h5``.
+    """
+    target = check_output(path, force=force, protect=protect)
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:48]}.", suffix=suffix or ".tmp" + target.suffix[:16], dir=folder)
     except OSError as exc:
         raise FileFormatError(f"cannot write in folder={str(folder)!r}: {exc.strerror or exc}") from None
     os.close(fd)
@@ -65,7 +127,8 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = False, protect: t
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp_path, target)
+        os.chmod(tmp_path, 0o666 & ~_umask())
+        _publish(tmp_path, target, force)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -98,64 +161,84 @@ H5_SUFFIXES = (".h5", ".hdf5")
 ARRAY_SUFFIXES = (".npz", ".npy", ".safetensors", *TORCH_SUFFIXES)
 
 
-def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Named arrays from a weight file (by suffix, see the module table), refusing anything that could run code."""
+def load_arrays(path: str | os.PathLike[str], keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Named arrays from a weight file (by suffix, see the module table), refusing anything that could run code.
+
+    ``keys``: read only these (default: all). Sizes are checked from the file's headers
+    against the memory guard before anything is inflated or read.
+    """
+    p = _input(path)
+    with _readers.open_index(p) as index:
+        if not index:
+            raise FileFormatError(f"input={str(p)!r} holds no arrays")
+        names = list(index) if keys is None else [_pick(index, k, (), "array", p) for k in keys]
+        require_memory(f"reading {str(p)!r}", sum(index[k].nbytes for k in names))
+        return {k: index[k].load(repr(str(p))) for k in names}
+
+
+def _input(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
-    if not p.is_file():
-        raise FileFormatError(f"input={str(p)!r} does not exist or is not a file")
-    if p.suffix == ".safetensors":
-        return _load_safetensors(p)
-    if p.suffix in TORCH_SUFFIXES:
-        return _load_torch(p)
-    if p.suffix in H5_SUFFIXES:
-        return _load_h5(p)
     if p.suffix == ".keras":
         raise FileFormatError(f"input={str(p)!r} is a whole Keras model: load it with equivcheck.files.load_keras_model")
-    with open(p, "rb") as fh:
-        magic = fh.read(6)
-    if magic[:1] == b"\x80":
-        raise FileFormatError(f"input={str(p)!r} is a pickle, which could run code when loaded: refused")
-    if magic != b"\x93NUMPY" and magic[:2] != b"PK":
-        raise FileFormatError(f"input={str(p)!r} is not a readable .npz/.npy file (unknown format)")
     try:
-        data = np.load(p, allow_pickle=False)
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise FileFormatError(f"input={str(p)!r} holds pickled Python objects, which could run code: refused") from None
-        raise FileFormatError(f"input={str(p)!r} is not a readable .npz/.npy file ({exc})") from None
-    except Exception as exc:  # OSError, EOFError, zipfile.BadZipFile on a truncated file
-        raise FileFormatError(f"input={str(p)!r} is truncated or corrupt ({type(exc).__name__})") from None
-    if isinstance(data, np.ndarray):
-        return {"kernel": data}
-    try:
-        with data:
-            return {k: data[k] for k in data.files}
-    except ValueError as exc:
-        raise FileFormatError(f"input={str(p)!r} holds pickled Python objects, which could run code: refused ({exc})") from None
-    except Exception as exc:  # zipfile errors on a truncated archive
-        raise FileFormatError(f"input={str(p)!r} is truncated or corrupt ({type(exc).__name__})") from None
+        regular = stat.S_ISREG(os.stat(p).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        raise FileFormatError(f"input={str(p)!r} does not exist or is not a file")
+    return p
+
+
+def _storable(p: Path, name: str, array: Any) -> np.ndarray:
+    """``array`` as the format of ``p`` can hold it (native byte order), or a one-line refusal."""
+    array = np.asarray(array)
+    _arrays.check_dtype(array.dtype, f"{name}")
+    if array.dtype.byteorder not in "=|":
+        array = array.astype(array.dtype.newbyteorder("="))
+    ml = array.dtype.type.__module__ == "ml_dtypes"
+    if ml and p.suffix in (".npz", ".npy"):
+        raise FileFormatError(f"{name} dtype={array.dtype} cannot be written to {p.suffix} (numpy would record it as void "
+                              f"|V{array.dtype.itemsize}, unreadable): write .safetensors or .pt, or cast to float32")
+    if ml and array.dtype.name != "bfloat16" and p.suffix in TORCH_SUFFIXES:
+        raise FileFormatError(f"{name} dtype={array.dtype} cannot be written to {p.suffix}: cast to bfloat16 or float32")
+    if array.dtype.itemsize > 8 and p.suffix not in (".npz", ".npy"):
+        raise FileFormatError(f"{name} dtype={array.dtype} cannot be written to {p.suffix}: cast to float64 or write .npz")
+    return np.ascontiguousarray(array)
+
+
+def _to_tensor(array: np.ndarray) -> Any:
+    import torch
+
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def save_arrays(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], *, force: bool = False, protect: tuple = ()) -> None:
-    """Write named arrays atomically as ``.npz``, ``.npy`` (one array), ``.safetensors`` or a torch ``.pt``/``.pth`` state dict."""
+    """Write named arrays atomically as ``.npz``, ``.npy`` (one array), ``.safetensors`` or a torch ``.pt``/``.pth`` state dict.
+
+    bfloat16 goes to ``.safetensors`` and ``.pt``; ``.npz`` cannot record it and refuses.
+    """
     p = Path(path)
     if p.suffix not in ARRAY_SUFFIXES:
         raise FileFormatError(f"output={str(p)!r} has suffix {p.suffix!r}: expected .npz or .npy (or .safetensors, .pt, .pth)")
+    if p.suffix == ".npy" and len(arrays) != 1:
+        raise FileFormatError(f"output={str(p)!r} is .npy, which holds one array: use .npz for kernel and bias")
+    check_output(p, force=force, protect=protect)
+    arrays = {k: _storable(p, k, v) for k, v in arrays.items()}
     if p.suffix == ".safetensors":
         safetensors_numpy = _require("safetensors.numpy", "files")
         with atomic_path(p, force=force, protect=protect) as tmp:
-            safetensors_numpy.save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+            safetensors_numpy.save_file(arrays, str(tmp))
         return
     if p.suffix in TORCH_SUFFIXES:
         torch = _require("torch", "torch")
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        tensors = {k: _to_tensor(v) for k, v in arrays.items()}
         with atomic_path(p, force=force, protect=protect) as tmp:
             torch.save(tensors, str(tmp))
         return
     with atomic_path(p, force=force, protect=protect) as tmp, open(tmp, "wb") as fh:
         if p.suffix == ".npy":
-            if len(arrays) != 1:
-                raise FileFormatError(f"output={str(p)!r} is .npy, which holds one array: use .npz for kernel and bias")
             np.save(fh, next(iter(arrays.values())), allow_pickle=False)
         else:
             np.savez(fh, **arrays)
@@ -175,77 +258,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
 
 
-def _load_safetensors(p: Path) -> dict[str, np.ndarray]:
-    safetensors_numpy = _require("safetensors.numpy", "files")
-    try:
-        arrays = safetensors_numpy.load_file(str(p))
-    except Exception as exc:  # SafetensorError on a bad header, truncated data
-        raise FileFormatError(f"input={str(p)!r} is not a readable .safetensors file ({_first_line(exc)})") from None
-    if not arrays:
-        raise FileFormatError(f"input={str(p)!r} holds no arrays")
-    return dict(arrays)
-
-
 def _tensor_to_numpy(t: Any) -> np.ndarray:
-    import torch
-
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _load_torch(p: Path) -> dict[str, np.ndarray]:
-    """A state dict (or a checkpoint dict holding one) through ``torch.load(weights_only=True)``."""
-    torch = _require("torch", "torch")
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc)
-        if "Unsupported global" in text:  # torch's safe unpickler met a class or function
-            raise FileFormatError(
-                f"input={str(p)!r} holds pickled Python objects beyond tensors (a whole module?), which could run code "
-                "when loaded: refused; save model.state_dict() instead"
-            ) from None
-        raise FileFormatError(f"input={str(p)!r} is not a readable torch file ({_first_line(exc)})") from None
-    if isinstance(obj, torch.Tensor):
-        return {"kernel": _tensor_to_numpy(obj)}
-    if not isinstance(obj, dict):
-        raise FileFormatError(f"input={str(p)!r} holds a {type(obj).__name__}: expected a state dict of tensors")
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    out: dict[str, np.ndarray] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for k, v in node.items():
-            name = f"{prefix}{k}"
-            if isinstance(v, torch.Tensor):
-                out[name] = _tensor_to_numpy(v)
-            elif isinstance(v, dict):
-                walk(v, f"{name}.")
-
-    walk(obj, "")
-    if not out:
-        raise FileFormatError(f"input={str(p)!r} holds no tensors: expected a state dict")
-    return out
-
-
-def _load_h5(p: Path) -> dict[str, np.ndarray]:
-    """Every dataset of an HDF5 file (Keras ``.weights.h5`` included), keyed by its path."""
-    h5py = _require("h5py", "files")
-    out: dict[str, np.ndarray] = {}
-    try:
-        with h5py.File(p, "r") as f:
-            f.visititems(lambda name, obj: out.__setitem__(name, np.asarray(obj)) if isinstance(obj, h5py.Dataset) else None)
-    except Exception as exc:  # OSError on a file that is not HDF5 or is truncated
-        raise FileFormatError(f"input={str(p)!r} is not a readable HDF5 file ({_first_line(exc)})") from None
-    if not out:
-        raise FileFormatError(f"input={str(p)!r} holds no arrays")
-    return out
+    """A torch tensor as numpy (bfloat16 as ml_dtypes.bfloat16)."""
+    return _arrays.to_numpy(t)
 
 
 # -- Keras ------------------------------------------------------------------------------------
@@ -307,31 +322,43 @@ def save_keras_weights(model: Any, path: str | os.PathLike[str], *, force: bool 
 
 def convert_file(source: LayerSpec, target: LayerSpec, input: str | os.PathLike[str], output: str | os.PathLike[str], *,
                  force: bool = False, kernel_key: str | None = None, bias_key: str | None = None) -> None:
-    """Read ``source``'s weights from ``input``, write ``target``'s to ``output`` atomically."""
+    """Read ``source``'s weights from ``input``, write ``target``'s to ``output`` atomically.
+
+    The output is checked first, then the kernel's declared shape and dtype; only the kernel and
+    bias are read, and only after the memory guard.
+    """
     from equivcheck.plan import convert
 
-    if Path(output).exists() and Path(input).exists() and Path(output).resolve() == Path(input).resolve():
-        raise FileFormatError(f"output={str(output)!r} is the input file: write to a new file instead")
-    arrays = load_arrays(input)
-    k = _pick(arrays, kernel_key, KERNEL_KEYS, "kernel", input)
-    if k is None:
-        raise FileFormatError(f"no kernel in {str(input)!r}: it holds {', '.join(arrays)}; name one with --kernel-key")
-    b = _pick(arrays, bias_key, BIAS_KEYS, "bias", input)
-    kernel = arrays[k]
-    bias = arrays[b] if b is not None else None
-    for name, arr in (("kernel", kernel), ("bias", bias)):
-        if arr is not None and not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
-            raise FileFormatError(f"{name} dtype={arr.dtype} in {str(input)!r}: expected a floating-point array")
-        if arr is not None and np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-            raise FileFormatError(f"{name} in {str(input)!r} holds NaN or Inf: refusing to convert it")
-    if tuple(kernel.shape) != source.kernel_shape:
-        raise SpecError(f"kernel shape={tuple(kernel.shape)} in {str(input)!r} does not match {source.describe()}: expected {source.kernel_shape}")
+    check_output(output, force=force, protect=(input,))
+    kernel, bias = _read_weights(source, _input(input), kernel_key, bias_key)
     new_kernel, new_bias = convert(source, target, kernel, bias)
     out = {"kernel": new_kernel}
-    if new_bias is not None:
+    if new_bias is not None and Path(output).suffix != ".npy":
         out["bias"] = new_bias
-    if Path(output).suffix == ".npy" and new_bias is not None:
-        out = {"kernel": new_kernel}
-        if bias is not None:
-            raise FileFormatError(f"output={str(output)!r} is .npy, which holds one array: use .npz to keep the bias")
+    elif bias is not None and Path(output).suffix == ".npy":
+        raise FileFormatError(f"output={str(output)!r} is .npy, which holds one array: use .npz to keep the bias")
     save_arrays(output, out, force=force, protect=(input,))
+
+
+def _read_weights(source: LayerSpec, p: Path, kernel_key: str | None, bias_key: str | None) -> tuple[np.ndarray, Any]:
+    """The kernel and (if any) bias of ``source`` from ``p``, declared shapes and dtypes checked before reading."""
+    with _readers.open_index(p) as index:
+        k = _pick(index, kernel_key, KERNEL_KEYS, "kernel", p)
+        if k is None:
+            raise FileFormatError(f"no kernel in {str(p)!r}: it holds {', '.join(index)[:200] or 'nothing'}; name one with --kernel-key")
+        b = _pick(index, bias_key, BIAS_KEYS, "bias", p)
+        if index[k].shape != source.kernel_shape:
+            raise SpecError(f"kernel shape={index[k].shape} in {str(p)!r} does not match {source.describe()}: "
+                            f"expected {source.kernel_shape}")
+        picked = [("kernel", index[k])] + ([("bias", index[b])] if b is not None else [])
+        require_memory(f"reading {str(p)!r}", sum(e.nbytes for _, e in picked))
+        arrays = [_checked_weights(name, e.load(repr(str(p))), p) for name, e in picked]
+    return arrays[0], arrays[1] if len(arrays) > 1 else None
+
+
+def _checked_weights(name: str, arr: np.ndarray, p: Path) -> np.ndarray:
+    if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
+        raise FileFormatError(f"{name} dtype={arr.dtype} in {str(p)!r}: expected a floating-point array")
+    if not np.all(np.isfinite(arr.astype(np.float32) if arr.dtype.name == "bfloat16" else arr)):
+        raise FileFormatError(f"{name} in {str(p)!r} holds NaN or Inf: refusing to convert it")
+    return arr
