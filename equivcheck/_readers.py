@@ -88,7 +88,7 @@ def open_index(p: Path) -> Iterator[dict[str, Entry]]:
     except EquivcheckError:
         raise
     except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, RecursionError,
-            zipfile.BadZipFile, NotImplementedError, RuntimeError, struct.error) as exc:
+            zipfile.BadZipFile, NotImplementedError, RuntimeError, SystemError, struct.error) as exc:
         raise corrupt(where, exc) from None
 
 
@@ -226,13 +226,19 @@ def _h5(p: Path, where: str) -> Iterator[dict[str, Entry]]:
     import h5py
 
     with h5py.File(p, "r") as f:
-        links: list[tuple[str, Any]] = []
-        f.visititems_links(lambda name, link: links.append((name, link)))  # raising inside the callback upsets h5py
-        for name, link in links:
-            if isinstance(link, h5py.ExternalLink):
-                raise FileFormatError(f"input={where} links {name!r} to another file ({link.filename!r}): external links refused")
-        names = [name for name, link in links if isinstance(link, h5py.HardLink) and isinstance(f.get(name), h5py.Dataset)]
-        yield {name: _h5_entry(f[name], name, where) for name in names}
+        names: list[bytes] = []
+        f.id.links.visit(names.append)  # raw names: a callback that raises (bad UTF-8, a refusal) upsets h5py
+        kinds = {name: f.id.links.get_info(name).type for name in names}
+        for name, kind in kinds.items():
+            if kind == h5py.h5l.TYPE_EXTERNAL:
+                target = f.id.links.get_val(name)[0].decode(errors="replace")
+                raise FileFormatError(f"input={where} links {_text(name)!r} to another file ({target!r}): external links refused")
+        objects = {_text(name): f[name] for name, kind in kinds.items() if kind == h5py.h5l.TYPE_HARD}
+        yield {name: _h5_entry(obj, name, where) for name, obj in objects.items() if isinstance(obj, h5py.Dataset)}
+
+
+def _text(name: bytes) -> str:
+    return name.decode(errors="replace")
 
 
 def _h5_entry(ds: Any, name: str, where: str) -> Entry:
