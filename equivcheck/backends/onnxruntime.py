@@ -15,7 +15,8 @@ placeholder weights when they are overridden that way: wrong results.)
 
 from __future__ import annotations
 
-from functools import cache
+import math
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -131,6 +132,23 @@ def session_options(ort: Any) -> Any:
     return options
 
 
+# What one serialised protobuf can hold, less room for the graph.
+_PROTOBUF_MAX = (1 << 31) - (1 << 20)
+# Layers with at most this many weights share one checked, serialised model per (spec, dtype).
+_CACHE_MAX_WEIGHTS = 1 << 20
+
+
+def _zeros(spec: LayerSpec, dt: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    native = spec.kernel_shape if isinstance(spec, DenseSpec) else weight_shape(spec)
+    return np.zeros(native, dt), np.zeros(spec.bias_shape, dt) if spec.bias else None
+
+
+@lru_cache(maxsize=256)
+def _checked_model(spec: LayerSpec, dtype: str) -> bytes:
+    """The serialised, checked model of ``spec`` with zero weights (building and checking is half a case's cost)."""
+    return build_model(spec, dtype, *_zeros(spec, np_dtype(dtype))).SerializeToString()
+
+
 class OnnxLayer(Layer):
     """A single-node ONNX model of ``spec`` and the ``InferenceSession`` running it.
 
@@ -140,12 +158,15 @@ class OnnxLayer(Layer):
 
     def __init__(self, spec: LayerSpec, dtype: str) -> None:
         super().__init__(spec, dtype)
+        import onnx
         import onnxruntime
 
         self._ort = onnxruntime
         dt = np_dtype(dtype)
-        native = spec.kernel_shape if isinstance(spec, DenseSpec) else weight_shape(spec)
-        self.model = build_model(spec, dtype, np.zeros(native, dt), np.zeros(spec.bias_shape, dt) if spec.bias else None)
+        if math.prod(spec.kernel_shape) <= _CACHE_MAX_WEIGHTS:
+            self.model = onnx.ModelProto.FromString(_checked_model(spec, dtype))
+        else:
+            self.model = build_model(spec, dtype, *_zeros(spec, dt))
         self._inits = {t.name: t for t in self.model.graph.initializer}
         self._session: Any = None
 
@@ -225,6 +246,9 @@ class OnnxRuntimeBackend(Backend):
         if why or not self.available() or not isinstance(spec, (DenseSpec, ConvSpec)):
             return why
         self.load()
+        nbytes = math.prod(spec.kernel_shape) * np_dtype(dtype).itemsize
+        if nbytes > _PROTOBUF_MAX:
+            return f"the kernel's {nbytes} bytes exceed the 2 GiB an in-memory ONNX model (protobuf) can hold"
         return kernel_missing(op_type(spec), getattr(spec, "rank", 0) if isinstance(spec, ConvSpec) else 0, dtype)
 
     def build(self, spec: LayerSpec, dtype: str = "float32") -> OnnxLayer:

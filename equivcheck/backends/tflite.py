@@ -8,9 +8,10 @@ DHWOI). TFLite maps are NHWC and its ops pad only "SAME" or "VALID": what the sp
 that is done around the model in numpy (channels-first transposes, the flatten, explicit pads,
 a rank-1 map as a 1×W image, a transposed conv's crop).
 
-Converting takes 0.1–0.4 s, so a layer converts once per batch size, with probe weights (the
-numbers 1, 2, 3 …): where the converter put each of them in the flatbuffer says where each
-weight lives, and ``set_weights`` then writes the real ones into a copy of those bytes.
+Converting takes 0.1–0.4 s, so a spec converts once per batch size (shared by its layers), with
+probe weights (the numbers 1, 2, 3 …): where the converter put each of them in the flatbuffer
+says where each weight lives, and ``set_weights`` then writes the real ones into a copy of those
+bytes. (Where it cannot tell, each new set of weights is converted.)
 Runs on ``ai_edge_litert``'s interpreter where installed, else ``tf.lite.Interpreter`` (its
 default XNNPACK delegate included), one thread.
 """
@@ -18,6 +19,7 @@ default XNNPACK delegate included), one thread.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -183,8 +185,27 @@ def _locate(model: bytes, probes: dict[str, np.ndarray]) -> dict[str, tuple[int,
             offset = model.find(raw)
             if offset < 0 or model.find(raw, offset + 1) >= 0:
                 return None
+            index.setflags(write=False)  # shared by the layers of one spec
             places[name] = (offset, index)
     return places if len(places) == len(probes) else None
+
+
+def _probe_template(spec: LayerSpec, batch: int) -> _Template:
+    """Convert ``spec`` for ``batch`` samples with probe weights 1, 2, 3 … and locate them."""
+    geo = None if isinstance(spec, DenseSpec) else _Geometry(spec)
+    shape = (spec.in_features, spec.units) if isinstance(spec, DenseSpec) else native_shape(
+        spec, TF_LAYOUTS[layer_kind(spec)].replace("S", spec.letters))
+    k = math.prod(shape)
+    probe_k = np.arange(1, k + 1, dtype=np.float32).reshape(shape)
+    probe_b = np.arange(k + 1, k + spec.out_channels + 1, dtype=np.float32) if spec.bias else None
+    model = convert(_tf_function(spec, geo, batch, probe_k[None] if geo and geo.lift else probe_k, probe_b))
+    probes = {"kernel": probe_k} | ({} if probe_b is None else {"bias": probe_b})
+    return _Template(model, _locate(model, probes))
+
+
+# Layers with at most this many weights share their converted templates (per spec and batch size).
+_CACHE_MAX_WEIGHTS = 1 << 20
+_shared_template = lru_cache(maxsize=128)(_probe_template)
 
 
 class TFLiteLayer(Layer):
@@ -226,21 +247,19 @@ class TFLiteLayer(Layer):
             kernel = stored_kernel(spec, self.kernel, self._layout)
         return np.ascontiguousarray(kernel), None if self.bias is None else self.bias.copy()
 
-    def _tf_kernel(self, kernel: np.ndarray) -> np.ndarray:
+    def _tf_kernel(self, kernel: np.ndarray) -> np.ndarray:  # a rank-1 kernel as a 1×W one
         return kernel[None] if self._geo is not None and self._geo.lift else kernel
 
     def _template(self, batch: int) -> _Template:
         if batch not in self._templates:
             k = math.prod(self.native_shape)
             b = 0 if self.bias is None else self.bias.size
-            probe_k = np.arange(1, k + 1, dtype=np.float32).reshape(self.native_shape)
-            probe_b = None if self.bias is None else np.arange(k + 1, k + b + 1, dtype=np.float32)
             if k + b >= _MAX_PROBE:
                 self._templates[batch] = _Template(b"", None)
+            elif k + b <= _CACHE_MAX_WEIGHTS:
+                self._templates[batch] = _shared_template(self.spec, batch)
             else:
-                model = convert(_tf_function(self.spec, self._geo, batch, self._tf_kernel(probe_k), probe_b))
-                probes = {"kernel": probe_k} | ({} if probe_b is None else {"bias": probe_b})
-                self._templates[batch] = _Template(model, _locate(model, probes))
+                self._templates[batch] = _probe_template(self.spec, batch)
         return self._templates[batch]
 
     def model(self, batch: int) -> bytes:
@@ -255,28 +274,24 @@ class TFLiteLayer(Layer):
         return bytes(model)
 
     # -- forward ------------------------------------------------------------------------
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def to_native(self, x: np.ndarray) -> np.ndarray:
+        """A batch in the spec's layout → the model's input: flattened, or NHWC, lifted and padded."""
         spec, geo = self.spec, self._geo
-        x = np.asarray(x, dtype=np.float32)
-        check_input(spec, x)
-        batch = len(x)
         if isinstance(spec, DenseSpec):
             perm = flatten_permutation(spec)
-            x = (x if perm is None else x.transpose(perm)).reshape(batch, -1)
-        else:
-            assert geo is not None
-            if spec.data_format == CHANNELS_FIRST:
-                x = np.moveaxis(x, 1, -1)
-            if geo.lift:
-                x = x[:, None]
-            if geo.pads:
-                x = np.pad(x, ((0, 0), *geo.pads, (0, 0)))
-        if batch not in self._interpreters:
-            self._interpreters[batch] = interpreter(self.model(batch))
-        it = self._interpreters[batch]
-        it.set_tensor(it.get_input_details()[0]["index"], np.ascontiguousarray(x))
-        it.invoke()
-        y = it.get_tensor(it.get_output_details()[0]["index"])
+            return np.ascontiguousarray(x if perm is None else x.transpose(perm)).reshape(len(x), -1)
+        assert geo is not None
+        if spec.data_format == CHANNELS_FIRST:
+            x = np.moveaxis(x, 1, -1)
+        if geo.lift:
+            x = x[:, None]
+        if geo.pads:
+            x = np.pad(x, ((0, 0), *geo.pads, (0, 0)))
+        return np.ascontiguousarray(x)
+
+    def from_native(self, y: np.ndarray) -> np.ndarray:
+        """The model's output → the spec's layout (a transposed conv's padding cropped)."""
+        spec, geo = self.spec, self._geo
         if geo is not None:
             if geo.crop is not None:
                 y = y[(slice(None), *geo.crop)]
@@ -285,6 +300,17 @@ class TFLiteLayer(Layer):
             if spec.data_format == CHANNELS_FIRST:
                 y = np.moveaxis(y, -1, 1)
         return np.ascontiguousarray(y)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        check_input(self.spec, x)
+        batch = len(x)
+        if batch not in self._interpreters:
+            self._interpreters[batch] = interpreter(self.model(batch))
+        it = self._interpreters[batch]
+        it.set_tensor(it.get_input_details()[0]["index"], self.to_native(x))
+        it.invoke()
+        return self.from_native(it.get_tensor(it.get_output_details()[0]["index"]))
 
 
 class TFLiteBackend(Backend):
