@@ -53,8 +53,10 @@ def _native_layout(spec: ConvSpec) -> str:
     return ("IO" if spec.transposed else "OI") + spec.letters
 
 
-def weight_shape(spec: ConvSpec) -> tuple[int, ...]:
-    """ONNX's weight shape: Conv ``(M, C/group, *k)``, ConvTranspose ``(C, M/group, *k)``."""
+def native_shape(spec: LayerSpec) -> tuple[int, ...]:
+    """ONNX's weight shape: Gemm's B as stored, Conv ``(M, C/group, *k)``, ConvTranspose ``(C, M/group, *k)``."""
+    if isinstance(spec, DenseSpec):
+        return spec.kernel_shape
     g = spec.groups
     if spec.transposed:
         return (spec.in_channels, spec.out_channels // g, *spec.kernel_size)
@@ -75,20 +77,20 @@ def _conv_attributes(spec: ConvSpec) -> dict[str, Any]:
     return attrs
 
 
-def build_model(spec: LayerSpec, dtype: str, kernel: np.ndarray, bias: np.ndarray | None) -> Any:
-    """The checked single-layer ``ModelProto`` of ``spec``; ``kernel`` already in ONNX's layout.
+def build_model(spec: LayerSpec, dtype: str, kernel: np.ndarray | None = None, bias: np.ndarray | None = None) -> Any:
+    """The checked single-layer ``ModelProto`` of ``spec``: weights ``W`` (ONNX's layout) and ``B`` as initializers.
 
-    Input ``x`` is ``(N, *spec.input_shape)``, output ``y`` is ``(N, *spec.output_shape)``.
+    Input ``x`` is ``(N, *spec.input_shape)``, output ``y`` is ``(N, *spec.output_shape)``. The graph is
+    checked (shape inference included) with the weights declared as inputs, so a 411 MB kernel is never
+    copied by the checker; they then become initializers holding ``kernel`` and ``bias``, or no data yet
+    where None (:func:`fill` sets them).
     """
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     elem = ELEM_TYPES[dtype]
     nodes, x = [], "x"
-    inits = [numpy_helper.from_array(kernel, "W")]
-    weights = ["W"] + ([] if bias is None else ["B"])
-    if bias is not None:
-        inits.append(numpy_helper.from_array(bias, "B"))
+    weights = ["W"] + (["B"] if spec.bias else [])
     to_first = from_first = None
     if isinstance(spec, DenseSpec):
         perm = flatten_permutation(spec)
@@ -107,11 +109,12 @@ def build_model(spec: LayerSpec, dtype: str, kernel: np.ndarray, bias: np.ndarra
         nodes.append(helper.make_node(op_type(spec), [x, *weights], [out], **_conv_attributes(spec)))
         if from_first:
             nodes.append(helper.make_node("Transpose", [out], ["y"], perm=from_first))
+    shapes = {"W": native_shape(spec), "B": spec.bias_shape}
     graph = helper.make_graph(
         nodes, f"equivcheck_{op_type(spec)}",
-        [helper.make_tensor_value_info("x", elem, ["N", *spec.input_shape])],
+        [helper.make_tensor_value_info("x", elem, ["N", *spec.input_shape]),
+         *(helper.make_tensor_value_info(w, elem, list(shapes[w])) for w in weights)],
         [helper.make_tensor_value_info("y", elem, ["N", *spec.output_shape])],
-        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="equivcheck")
     model.ir_version = IR_VERSION
@@ -120,7 +123,20 @@ def build_model(spec: LayerSpec, dtype: str, kernel: np.ndarray, bias: np.ndarra
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpecError(f"onnx model of {spec.describe()} is invalid: {first}") from None
+    del model.graph.input[1:]
+    for w in weights:  # declared, data to come
+        model.graph.initializer.add(name=w, data_type=elem, dims=shapes[w])
+    fill(model, dtype, kernel, bias)
     return model
+
+
+def fill(model: Any, dtype: str, kernel: np.ndarray | None, bias: np.ndarray | None) -> None:
+    """Write ``kernel`` (ONNX's layout) and ``bias`` into the model's initializers ``W`` and ``B`` (None: keep)."""
+    dt = np_dtype(dtype)
+    for init in model.graph.initializer:
+        value = {"W": kernel, "B": bias}.get(init.name)
+        if value is not None:
+            init.raw_data = np.ascontiguousarray(value, dtype=dt).astype(dt.newbyteorder("<"), copy=False).tobytes()
 
 
 def session_options(ort: Any) -> Any:
@@ -134,26 +150,19 @@ def session_options(ort: Any) -> Any:
 
 # What one serialised protobuf can hold, less room for the graph.
 _PROTOBUF_MAX = (1 << 31) - (1 << 20)
-# Layers with at most this many weights share one checked, serialised model per (spec, dtype).
-_CACHE_MAX_WEIGHTS = 1 << 20
-
-
-def _zeros(spec: LayerSpec, dt: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
-    native = spec.kernel_shape if isinstance(spec, DenseSpec) else weight_shape(spec)
-    return np.zeros(native, dt), np.zeros(spec.bias_shape, dt) if spec.bias else None
 
 
 @lru_cache(maxsize=256)
 def _checked_model(spec: LayerSpec, dtype: str) -> bytes:
-    """The serialised, checked model of ``spec`` with zero weights (building and checking is half a case's cost)."""
-    return build_model(spec, dtype, *_zeros(spec, np_dtype(dtype))).SerializeToString()
+    """The serialised, checked model of ``spec`` without weight data (building and checking is half a case)."""
+    return build_model(spec, dtype).SerializeToString()
 
 
 class OnnxLayer(Layer):
     """A single-node ONNX model of ``spec`` and the ``InferenceSession`` running it.
 
-    The weights live in the model's initializers (``W`` in ONNX's layout, ``B``); a new session
-    is built on the first call after ``set_weights``.
+    The weights live in the model's initializers (``W`` in ONNX's layout, ``B``; zeros until set);
+    a new session is built on the first call after ``set_weights``.
     """
 
     def __init__(self, spec: LayerSpec, dtype: str) -> None:
@@ -162,11 +171,7 @@ class OnnxLayer(Layer):
         import onnxruntime
 
         self._ort = onnxruntime
-        dt = np_dtype(dtype)
-        if math.prod(spec.kernel_shape) <= _CACHE_MAX_WEIGHTS:
-            self.model = onnx.ModelProto.FromString(_checked_model(spec, dtype))
-        else:
-            self.model = build_model(spec, dtype, *_zeros(spec, dt))
+        self.model = onnx.ModelProto.FromString(_checked_model(spec, dtype))
         self._inits = {t.name: t for t in self.model.graph.initializer}
         self._session: Any = None
 
@@ -175,16 +180,21 @@ class OnnxLayer(Layer):
         spec = self.spec
         check_kernel(spec, kernel)
         check_bias(spec, bias)
-        dt = np_dtype(self.dtype)
         native = np.asarray(kernel) if isinstance(spec, DenseSpec) else to_native_kernel(spec, kernel, _native_layout(spec))
-        for name, value in (("W", native), ("B", bias)):
-            if value is not None:
-                self._inits[name].raw_data = np.ascontiguousarray(value, dtype=dt).astype("<" + dt.str[1:], copy=False).tobytes()
+        fill(self.model, self.dtype, native, bias)
         self._session = None
+
+    def _fill_unset(self) -> None:
+        """Zeros (all-zero bytes) in an initializer never set."""
+        size = np_dtype(self.dtype).itemsize
+        for init in self._inits.values():
+            if not init.raw_data:
+                init.raw_data = bytes(math.prod(init.dims) * size)
 
     def get_weights(self) -> tuple[np.ndarray, np.ndarray | None]:
         from onnx import numpy_helper
 
+        self._fill_unset()
         spec = self.spec
         native = numpy_helper.to_array(self._inits["W"])
         kernel = native if isinstance(spec, DenseSpec) else stored_kernel(spec, native, _native_layout(spec))
@@ -194,6 +204,7 @@ class OnnxLayer(Layer):
         """The ``InferenceSession`` on the current weights (built on first use after ``set_weights``)."""
         if self._session is None:
             ort = self._ort
+            self._fill_unset()
             self._session = ort.InferenceSession(self.model.SerializeToString(), session_options(ort), providers=[PROVIDER])
         return self._session
 
@@ -213,9 +224,8 @@ def kernel_missing(op: str, rank: int, dtype: str) -> str | None:
     else:
         spec = ConvSpec(2, 2, (1,) * rank, transposed=op == "ConvTranspose")
     dt = np_dtype(dtype)
-    kernel = np.zeros(spec.kernel_shape, dt)
     try:
-        model = build_model(spec, dtype, kernel, np.zeros(2, dt))
+        model = build_model(spec, dtype, np.zeros(spec.kernel_shape, dt), np.zeros(2, dt))
     except SpecError:  # the operator's schema refuses the type
         return f"ONNX {op} (opset {OPSET}) does not take {dtype} tensors"
     try:

@@ -8,8 +8,8 @@ DHWOI). TFLite maps are NHWC and its ops pad only "SAME" or "VALID": what the sp
 that is done around the model in numpy (channels-first transposes, the flatten, explicit pads,
 a rank-1 map as a 1×W image, a transposed conv's crop).
 
-Converting takes 0.1–0.4 s, so a spec converts once per batch size (shared by its layers), with
-probe weights (the numbers 1, 2, 3 …): where the converter put each of them in the flatbuffer
+Converting takes 0.1–0.4 s (a minute for VGG's fc6), so a spec converts once per batch size
+(shared by its layers), with probe weights (distinct float32 numbers from 1.0 up): where the converter put each of them in the flatbuffer
 says where each weight lives, and ``set_weights`` then writes the real ones into a copy of those
 bytes. (Where it cannot tell, each new set of weights is converted.)
 Runs on ``ai_edge_litert``'s interpreter where installed, else ``tf.lite.Interpreter`` (its
@@ -41,8 +41,9 @@ from equivcheck.specs import CHANNELS_FIRST, ConvSpec, DenseSpec, LayerSpec
 
 # TensorFlow's kernel layouts for the ops the converter maps, S for the spatial letters.
 TF_LAYOUTS = {"conv": "SIO", "depthwise": "SIM", "conv_transpose": "SOI"}
-# The largest probe value float32 holds exactly.
-_MAX_PROBE = 1 << 24
+# Probe weights are the float32 numbers from 1.0 up, one ulp apart: distinct and finite for 2**30 of them.
+_PROBE_BASE = 0x3F800000
+_MAX_PROBE = 1 << 30
 
 
 def layer_kind(spec: LayerSpec) -> str:
@@ -163,7 +164,7 @@ class _Template:
 
 
 def _locate(model: bytes, probes: dict[str, np.ndarray]) -> dict[str, tuple[int, np.ndarray]] | None:
-    """Where the converter stored each probe array (values 1, 2, …), as (offset, gather index)."""
+    """Where the converter stored each probe array, as (byte offset, which probe value sits at each place)."""
     it = interpreter(model)
     io = {d["index"] for d in it.get_input_details() + it.get_output_details()}
     places: dict[str, tuple[int, np.ndarray]] = {}
@@ -175,12 +176,11 @@ def _locate(model: bytes, probes: dict[str, np.ndarray]) -> dict[str, tuple[int,
         except ValueError:  # an intermediate tensor with no data
             continue
         for name, probe in probes.items():
-            lo = probe.flat[0]
-            if values.size != probe.size or values.min() != lo or name in places:
+            if values.size != probe.size or name in places:
                 continue
-            index = values.ravel().astype(np.int64) - int(lo)
-            if not np.array_equal(np.sort(index), np.arange(probe.size)):
-                continue
+            index = values.ravel().view(np.uint32).astype(np.int64) - int(probe.ravel()[:1].view(np.uint32)[0])
+            if index.min() != 0 or index.max() != probe.size - 1 or np.bincount(index).max() != 1:
+                continue  # not a permutation of this probe
             raw = values.astype("<f4").tobytes()
             offset = model.find(raw)
             if offset < 0 or model.find(raw, offset + 1) >= 0:
@@ -191,13 +191,13 @@ def _locate(model: bytes, probes: dict[str, np.ndarray]) -> dict[str, tuple[int,
 
 
 def _probe_template(spec: LayerSpec, batch: int) -> _Template:
-    """Convert ``spec`` for ``batch`` samples with probe weights 1, 2, 3 … and locate them."""
+    """Convert ``spec`` for ``batch`` samples with probe weights and locate them in the flatbuffer."""
     geo = None if isinstance(spec, DenseSpec) else _Geometry(spec)
     shape = (spec.in_features, spec.units) if isinstance(spec, DenseSpec) else native_shape(
         spec, TF_LAYOUTS[layer_kind(spec)].replace("S", spec.letters))
     k = math.prod(shape)
-    probe_k = np.arange(1, k + 1, dtype=np.float32).reshape(shape)
-    probe_b = np.arange(k + 1, k + spec.out_channels + 1, dtype=np.float32) if spec.bias else None
+    bits = np.arange(_PROBE_BASE, _PROBE_BASE + k + (spec.out_channels if spec.bias else 0), dtype=np.uint32).view(np.float32)
+    probe_k, probe_b = bits[:k].reshape(shape), bits[k:] if spec.bias else None
     model = convert(_tf_function(spec, geo, batch, probe_k[None] if geo and geo.lift else probe_k, probe_b))
     probes = {"kernel": probe_k} | ({} if probe_b is None else {"bias": probe_b})
     return _Template(model, _locate(model, probes))
@@ -206,6 +206,7 @@ def _probe_template(spec: LayerSpec, batch: int) -> _Template:
 # Layers with at most this many weights share their converted templates (per spec and batch size).
 _CACHE_MAX_WEIGHTS = 1 << 20
 _shared_template = lru_cache(maxsize=128)(_probe_template)
+_last_large_template = lru_cache(maxsize=1)(_probe_template)  # fc6's takes a minute and 9 GB to convert
 
 
 class TFLiteLayer(Layer):
@@ -256,10 +257,9 @@ class TFLiteLayer(Layer):
             b = 0 if self.bias is None else self.bias.size
             if k + b >= _MAX_PROBE:
                 self._templates[batch] = _Template(b"", None)
-            elif k + b <= _CACHE_MAX_WEIGHTS:
-                self._templates[batch] = _shared_template(self.spec, batch)
             else:
-                self._templates[batch] = _probe_template(self.spec, batch)
+                shared = _shared_template if k + b <= _CACHE_MAX_WEIGHTS else _last_large_template
+                self._templates[batch] = shared(self.spec, batch)
         return self._templates[batch]
 
     def model(self, batch: int) -> bytes:

@@ -187,6 +187,8 @@ def test_backend_model_is_a_checked_single_node():
     model = build_model(spec, "float32", np.zeros((3, 2, 3, 3), np.float32), np.zeros(3, np.float32))
     assert [n.op_type for n in model.graph.node] == ["Conv"]
     assert [i.name for i in model.graph.initializer] == ["W", "B"]
+    assert [i.name for i in model.graph.input] == ["x"], "weights are initializers, not inputs"
+    onnx.checker.check_model(model, full_check=True)
 
 
 def test_dtypes_without_kernels_say_so():
