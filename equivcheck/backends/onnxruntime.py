@@ -1,20 +1,23 @@
 """ONNX Runtime (CPU execution provider): a single-node ONNX model per layer.
 
-A dense spec is ``[Transpose →] Flatten(axis=1) → Gemm``, its kernel the initializer ``B`` as
-stored (``transB=1`` for an (out, in) kernel, 0 for (in, out)); a conv spec is ``Conv`` or
+A dense spec is ``[Transpose →] Flatten(axis=1) → Gemm``, its kernel Gemm's ``B`` as stored
+(``transB=1`` for an (out, in) kernel, 0 for (in, out)); a conv spec is ``Conv`` or
 ``ConvTranspose`` (weights ``(M, C/group, *k)`` and ``(C, M/group, *k)``, cross-correlation,
-explicit ``pads``, ``auto_pad="SAME_UPPER"`` for TensorFlow's "same" when undilated), with ``Transpose`` nodes
-around it for a channels-last map. The model is built once with :mod:`onnx.helper`, checked by
-:func:`onnx.checker.check_model` (shape inference included), and serialised; each
-``set_weights`` gives the next call a fresh ``InferenceSession`` whose initializers are the new
-weights serialised into its initializers, so ONNX Runtime sees constant weights and optimises
-(pre-packs, casts) them as it does for an exported model. (``SessionOptions.add_initializer``
-would skip the serialisation, but ONNX Runtime 1.32 computes float16 layers from the model's
-placeholder weights when they are overridden that way: wrong results.)
+explicit ``pads``, or ``auto_pad="SAME_UPPER"`` for TensorFlow's "same" when undilated), with
+``Transpose`` nodes around it for a channels-last map. The graph is built with
+:mod:`onnx.helper` and checked by :func:`onnx.checker.check_model` (shape inference included)
+once per spec; the weights are initializers, serialised into the model by ``set_weights``, and
+the next call builds a fresh ``InferenceSession`` on it. ONNX Runtime thus sees constant
+weights and optimises them (pre-packing, casts) as it does in an exported model; feeding them
+as graph inputs to one session would cost 0.04 ms instead of about 1 ms per new weights
+(``benchmarks/runtimes.py``) but runs other kernels. ``SessionOptions.add_initializer``, which
+skips the serialisation, gave wrong float16 results on ONNX Runtime 1.32 (the model's
+placeholder values were used).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from functools import cache, lru_cache
 from typing import Any
@@ -241,8 +244,6 @@ class OnnxRuntimeBackend(Backend):
     module = "onnxruntime"
 
     def available(self) -> bool:
-        import importlib.util
-
         return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
     def version(self) -> str:
@@ -259,7 +260,7 @@ class OnnxRuntimeBackend(Backend):
         nbytes = math.prod(spec.kernel_shape) * np_dtype(dtype).itemsize
         if nbytes > _PROTOBUF_MAX:
             return f"the kernel's {nbytes} bytes exceed the 2 GiB an in-memory ONNX model (protobuf) can hold"
-        return kernel_missing(op_type(spec), getattr(spec, "rank", 0) if isinstance(spec, ConvSpec) else 0, dtype)
+        return kernel_missing(op_type(spec), spec.rank if isinstance(spec, ConvSpec) else 0, dtype)
 
     def build(self, spec: LayerSpec, dtype: str = "float32") -> OnnxLayer:
         self._check(spec, dtype)

@@ -8,12 +8,12 @@ DHWOI). TFLite maps are NHWC and its ops pad only "SAME" or "VALID": what the sp
 that is done around the model in numpy (channels-first transposes, the flatten, explicit pads,
 a rank-1 map as a 1×W image, a transposed conv's crop).
 
-Converting takes 0.1–0.4 s (a minute for VGG's fc6), so a spec converts once per batch size
-(shared by its layers), with probe weights (distinct float32 numbers from 1.0 up): where the converter put each of them in the flatbuffer
-says where each weight lives, and ``set_weights`` then writes the real ones into a copy of those
-bytes. (Where it cannot tell, each new set of weights is converted.)
-Runs on ``ai_edge_litert``'s interpreter where installed, else ``tf.lite.Interpreter`` (its
-default XNNPACK delegate included), one thread.
+Converting takes 0.1–0.4 s (70 s and 9 GB for VGG's fc6), so a spec converts once per batch
+size, shared by its layers, with probe weights (distinct float32 numbers from 1.0 up): where the
+converter put each of them in the flatbuffer says where each weight lives, and ``set_weights``
+then writes the real ones into a copy of those bytes (where it cannot tell, each new set of
+weights is converted). Runs on ``ai_edge_litert``'s interpreter where installed, else
+``tf.lite.Interpreter``, with its default XNNPACK delegate, on one thread. float32 only.
 """
 
 from __future__ import annotations
