@@ -130,9 +130,11 @@ def resolve_backend(layer: LayerSpec, dtype: str, allowed: Sequence[str] | None 
         return "numpy", f"{layer.name} ran on numpy: backend {name!r} is not among the allowed backends ({', '.join(allowed)})"
     if not _installed(name):
         return "numpy", f"{layer.name} ran on numpy: backend {name!r} is not installed"
-    why = registry.get(name).unsupported(layer, dtype)
-    if why:
-        return "numpy", f"{layer.name} ran on numpy: {why}"
+    from equivcheck.backends.probe import probe
+
+    facts = probe(registry.get(name), layer, dtype)
+    if not facts.runs:
+        return "numpy", f"{layer.name} ran on numpy: {facts.reason}"
     return name, ""
 
 

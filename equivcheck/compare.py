@@ -11,9 +11,10 @@ element ``j``, from how the output was computed:
   after the sum and once after the bias is added (Keras and torch's float16 paths add the
   bias in a separate rounded step; a fused path rounds once and stays within the bound).
 - ``m = |W|·|x|`` is the same layer run on absolute values, ``n`` the fan-in.
-- ``u_acc`` is the unit roundoff of the precision the sums run in (float32 for
-  float16/bfloat16 on CPUs); ``k·√n`` (``k`` = 4) is the probabilistic growth of rounding
-  errors that do not all align (Higham & Mary, 2019).
+- ``u_acc`` is the unit roundoff of the precision the sums run in, as the backend's probe
+  measured it on this machine (:mod:`equivcheck.backends.probe`): float32, the dtype, or a
+  measured ``"2^-k"`` in between; ``k·√n`` (``k`` = 4) is the probabilistic growth of
+  rounding errors that do not all align (Higham & Mary, 2019).
 - ``u_prod`` is non-zero only when float32 products are formed from rounded inputs: TF32
   (``u = 2⁻¹¹``) or bfloat16 passes (``u = 2⁻⁸``). Each product then carries its own
   relative error, summed without cancellation: ``2·u_prod·m``.
@@ -51,11 +52,18 @@ ACCUMULATION_FACTOR = 4.0
 
 
 def unit_roundoff(dtype: str) -> float:
-    """Unit roundoff (half an ulp at 1) of a dtype name."""
+    """Unit roundoff (half an ulp at 1) of a dtype name, or of a measured precision ``"2^-k"``.
+
+    ``"2^-k"`` is what a probe measured for sums that are neither float32 nor the dtype
+    throughout (blocked sums rounded to the dtype between blocks): see
+    :mod:`equivcheck.backends.probe`.
+    """
     from equivcheck.errors import SpecError
 
+    if isinstance(dtype, str) and dtype.startswith("2^-") and dtype[3:].isdigit():
+        return 2.0 ** -int(dtype[3:])
     if dtype not in _UNIT_ROUNDOFF:
-        raise SpecError(f"dtype={dtype!r} has no known rounding: expected one of {', '.join(_UNIT_ROUNDOFF)}")
+        raise SpecError(f"dtype={dtype!r} has no known rounding: expected one of {', '.join(_UNIT_ROUNDOFF)} or '2^-k'")
     return _UNIT_ROUNDOFF[dtype]
 
 

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from equivcheck.errors import SpecError
-from equivcheck.specs import CHANNELS_LAST, DenseSpec, LayerSpec
+from equivcheck.specs import CHANNELS_LAST, LayerSpec, fan_in
 
-__all__ = ["COVERAGE", "NONZEROS", "detection_batch", "fan_in", "sample_inputs", "sample_weights"]
+__all__ = ["COVERAGE", "NONZEROS", "detection_batch", "fan_in", "nonzeros_for", "sample_inputs", "sample_weights"]
 
 def _int(name: str, value: Any, floor: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -40,20 +40,31 @@ MIN_BATCH = 4
 #: Bias standard deviation, relative to the output's (without bias).
 BIAS_SCALE = 0.25
 
-def fan_in(spec: LayerSpec) -> int:
-    """Products summed into one output element (per group for a grouped conv)."""
-    if isinstance(spec, DenseSpec):
-        return spec.in_features
-    return max(1, spec.in_channels // spec.groups * math.prod(spec.kernel_size))
+#: Non-zero inputs per receptive field where a backend sums in less than float32: its rounding
+#: noise grows with the non-zero products, a swapped weight's effect does not.
+LOW_PRECISION_NONZEROS = 8
+#: Most samples :func:`nonzeros_for` lets a batch grow to.
+MAX_BATCH = 512
 
 
-def _density(spec: LayerSpec) -> float:
-    return min(1.0, NONZEROS / fan_in(spec))
+def nonzeros_for(spec: LayerSpec, accumulations: Sequence[str] = ()) -> int:
+    """Non-zero inputs per receptive field for data judged under these accumulation precisions.
+
+    :data:`NONZEROS`, or fewer (down to :data:`LOW_PRECISION_NONZEROS`, the batch at most
+    :data:`MAX_BATCH`) where a backend sums in less than float32.
+    """
+    if all(a in ("float64", "float32", "tf32", "bf16x") for a in accumulations):
+        return NONZEROS
+    return max(LOW_PRECISION_NONZEROS, math.ceil(COVERAGE * fan_in(spec) / MAX_BATCH))
 
 
-def detection_batch(spec: LayerSpec) -> int:
+def _density(spec: LayerSpec, nonzeros: int = NONZEROS) -> float:
+    return min(1.0, nonzeros / fan_in(spec))
+
+
+def detection_batch(spec: LayerSpec, nonzeros: int = NONZEROS) -> int:
     """Samples needed so that every input position is non-zero in :data:`COVERAGE` of them."""
-    return max(MIN_BATCH, math.ceil(COVERAGE / _density(spec)))
+    return max(MIN_BATCH, math.ceil(COVERAGE / _density(spec, nonzeros)))
 
 
 def _round(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -99,7 +110,8 @@ def _bad_samples(x: np.ndarray) -> list[int]:
     return [int(i) for i in np.flatnonzero(bad)]
 
 
-def sample_weights(spec: LayerSpec, dtype: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+def sample_weights(spec: LayerSpec, dtype: str, rng: np.random.Generator, *,
+                   nonzeros: int = NONZEROS) -> tuple[np.ndarray, np.ndarray | None]:
     """A kernel (in ``spec``'s stored layout) and bias, rounded to ``dtype``.
 
     Normal with fan-in scaling, redrawn until the kernel is not all-equal and its canonical
@@ -119,7 +131,7 @@ def sample_weights(spec: LayerSpec, dtype: str, rng: np.random.Generator) -> tup
         raise SpecError(f"could not draw an asymmetric kernel for {spec.describe()} in dtype={dtype}")
     bias = None
     if spec.bias:
-        b_scale = BIAS_SCALE * math.sqrt(_density(spec))
+        b_scale = BIAS_SCALE * math.sqrt(_density(spec, nonzeros))
         for _ in range(100):
             bias = _round(rng.standard_normal(spec.bias_shape) * b_scale, dtype)
             if len(np.unique(bias.astype(np.float64))) == bias.size and np.all(bias != 0):
@@ -133,21 +145,24 @@ def _input_values(count: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def sample_inputs(
-    spec: LayerSpec, batch: int | None, dtype: str, rng: np.random.Generator, *, layout: str = "canonical"
+    spec: LayerSpec, batch: int | None, dtype: str, rng: np.random.Generator, *, layout: str = "canonical",
+    nonzeros: int = NONZEROS,
 ) -> np.ndarray:
     """A batch of input maps for ``spec``, rounded to ``dtype``.
 
     ``layout="canonical"`` gives ``(batch, channels, *spatial)``; ``"native"`` the spec's own
-    data format. ``batch=None`` uses :func:`detection_batch`. Each sample is sparse at large
-    fan-in (see the module docstring), has at least two distinct values and is changed by a
-    flip of any spatial axis longer than 1.
+    data format. ``batch=None`` uses :func:`detection_batch`. Each sample holds at most
+    ``nonzeros`` non-zero values per receptive field (see the module docstring and
+    :func:`nonzeros_for`), has at least two distinct values and is changed by a flip of any
+    spatial axis longer than 1.
     """
     if layout not in ("canonical", "native"):
         raise SpecError(f"layout={layout!r} is not valid: expected 'canonical' or 'native'")
-    b = detection_batch(spec) if batch is None else _int("batch", batch, 1)
+    nonzeros = _int("nonzeros", nonzeros, 1)
+    b = detection_batch(spec, nonzeros) if batch is None else _int("batch", batch, 1)
     shape = (spec.channels, *spec.spatial)
     n = math.prod(shape)
-    per_sample = max(1, min(n, round(_density(spec) * n)))
+    per_sample = max(1, min(n, round(_density(spec, nonzeros) * n)))
     if per_sample == n:
         x = _round(_input_values(b * n, rng), dtype).reshape(b, n)
     else:  # values rounded first, then scattered: the zeros need no rounding

@@ -62,6 +62,20 @@ def _tuple(name: str, value: Any, rank: int, *, allow_zero: bool = False, defaul
     return tuple(_positive(f"{name}[{i}]", v, allow_zero=allow_zero) for i, v in enumerate(value))
 
 
+def _padding(value: Any, rank: int) -> str | tuple:
+    """``"valid"``, ``"same"``, one integer per axis, or one ``(before, after)`` pair per axis."""
+    if isinstance(value, str):
+        if value not in ("valid", "same"):
+            raise SpecError(f"padding={value!r} is not valid: expected 'valid', 'same', integers or (before, after) pairs per spatial axis")
+        return value
+    if isinstance(value, (tuple, list)) and value and all(isinstance(p, (tuple, list)) for p in value):
+        if len(value) != rank or any(len(p) != 2 for p in value):
+            raise SpecError(f"padding={value!r} is not valid: expected {rank} (before, after) pairs, one per spatial axis")
+        pairs = tuple(_tuple("padding", tuple(p), 2, allow_zero=True) for p in value)
+        return pairs if any(lo != hi for lo, hi in pairs) else tuple(lo for lo, _ in pairs)
+    return _tuple("padding", value, rank, allow_zero=True)
+
+
 def _data_format(value: Any) -> str:
     aliases = {"channels_first": CHANNELS_FIRST, "channels_last": CHANNELS_LAST, "NCHW": CHANNELS_FIRST, "NHWC": CHANNELS_LAST}
     if value not in aliases:
@@ -220,7 +234,7 @@ class ConvSpec:
     spatial: tuple[int, ...] | None = None
     stride: tuple[int, ...] | int = 1
     dilation: tuple[int, ...] | int = 1
-    padding: str | tuple[int, ...] | int = "valid"
+    padding: str | tuple[int, ...] | tuple[tuple[int, int], ...] | int = "valid"
     groups: int = 1
     data_format: str = CHANNELS_FIRST
     kernel_layout: str | None = None
@@ -247,13 +261,7 @@ class ConvSpec:
         set_(self, "stride", _tuple("stride", self.stride, rank))
         set_(self, "dilation", _tuple("dilation", self.dilation, rank))
         set_(self, "output_padding", _tuple("output_padding", self.output_padding, rank, allow_zero=True))
-        pad = self.padding
-        if isinstance(pad, str):
-            if pad not in ("valid", "same"):
-                raise SpecError(f"padding={pad!r} is not valid: expected 'valid', 'same' or integers per spatial axis")
-        else:
-            pad = _tuple("padding", pad, rank, allow_zero=True)
-        set_(self, "padding", pad)
+        set_(self, "padding", _padding(self.padding, rank))
         set_(self, "groups", _positive("groups", self.groups))
         set_(self, "data_format", _data_format(self.data_format))
         if self.op not in OPS:
@@ -285,6 +293,9 @@ class ConvSpec:
             raise SpecError(
                 f"output_padding={self.output_padding} must be smaller than stride={self.stride} or dilation={self.dilation}"
             )
+        pad = self.padding
+        if self.transposed and not isinstance(pad, str) and any(isinstance(p, tuple) for p in pad):
+            raise SpecError(f"padding={pad} gives (before, after) pairs: a transposed convolution takes one integer per axis")
         if self.transposed and pad == "same":
             raise SpecError("padding='same' is not supported for transposed convolutions: give integers per axis")
         _check_size("conv kernel", self.kernel_shape)
@@ -350,7 +361,7 @@ class ConvSpec:
                 total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
                 out.append((total // 2, total - total // 2))
             return tuple(out)
-        return tuple((p, p) for p in self.padding)
+        return tuple(p if isinstance(p, tuple) else (p, p) for p in self.padding)
 
     @property
     def output_spatial(self) -> tuple[int, ...]:
@@ -396,6 +407,33 @@ class ConvSpec:
 
 
 LayerSpec = DenseSpec | ConvSpec
+
+
+def _taps_per_output(n: int, k: int, s: int, d: int, lo: int, out: int) -> int:
+    """Most kernel taps of a transposed conv axis that land on one output position."""
+    return max(sum(1 for t in range(k) if (o + lo - t * d) % s == 0 and 0 <= (o + lo - t * d) // s < n)
+               for o in range(out))
+
+
+def fan_in(spec: LayerSpec) -> int:
+    """The most non-zero products summed into one output element.
+
+    ``in_features`` for a dense layer; ``in_channels / groups`` × kernel volume for a
+    convolution (a depthwise one: the kernel volume); for a transposed convolution the
+    channels per group times the most kernel taps that reach one output position, which a
+    stride > 1 makes fewer than the kernel volume.
+    """
+    if isinstance(spec, DenseSpec):
+        return spec.in_features
+    per_group = spec.in_channels // spec.groups
+    if not spec.transposed:
+        return per_group * math.prod(spec.kernel_size)
+    taps = math.prod(
+        _taps_per_output(n, k, s, d, lo, out)
+        for n, k, s, d, (lo, _), out in zip(spec.spatial, spec.kernel_size, spec.stride, spec.dilation,
+                                             spec.pads(), spec.output_spatial)
+    )
+    return max(1, per_group * taps)
 
 
 def _replace(spec: Any, changes: dict[str, Any]) -> Any:

@@ -19,13 +19,14 @@ from equivcheck import backends as _backends
 from equivcheck._arrays import to_numpy
 from equivcheck.backends.base import np_dtype
 from equivcheck.backends.numpy import forward as np_forward
+from equivcheck.backends.probe import Facts, probe
 from equivcheck.compare import Comparison, compare
 from equivcheck.data import detection_batch, sample_inputs, sample_weights
 from equivcheck.errors import EquivcheckError, SpecError, VerificationError
 from equivcheck.mapping import Mapping
-from equivcheck.mutations import diagnose
+from equivcheck.mutations import diagnose, diagnose_bias
 from equivcheck.plan import plan
-from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, require_memory
+from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, fan_in, require_memory
 
 __all__ = ["Case", "MutationOutcome", "draw", "verify", "verify_pair"]
 
@@ -38,10 +39,11 @@ class MutationOutcome:
     description: str
     outcome: str  # "rejected" | "not rejected" | "ambiguous"
     max_error_ratio: float | None = None
+    convention: str = ""  # the report column: see equivcheck.mutations.Convention
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "outcome": self.outcome,
-                "max_error_ratio": self.max_error_ratio}
+                "max_error_ratio": self.max_error_ratio, "convention": self.convention}
 
 
 @dataclass
@@ -62,6 +64,8 @@ class Case:
     seed: int = 0
     errors: dict[str, Any] = field(default_factory=dict, repr=False)  # error maps for pictures
     diagnosis: dict[str, str] | None = None  # a failed conversion that is exactly one mutant: which
+    facts: dict[str, Facts] = field(default_factory=dict)  # "source"/"target": what the probes found
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -90,6 +94,8 @@ class Case:
             "source_comparison": None if self.source_comparison is None else self.source_comparison.to_dict(),
             "mutations": [m.to_dict() for m in self.mutations],
             **({"diagnosis": dict(self.diagnosis)} if self.diagnosis else {}),
+            "facts": {role: f.to_dict() for role, f in self.facts.items()},
+            "notes": list(self.notes),
         }
 
 
@@ -173,15 +179,17 @@ def verify_pair(
     """
     np_dtype(dtype)  # an unknown dtype is an error, not a skip
     case = Case(source, target, source_backend, target_backend, dtype, "error", seed=seed)
-    for name, spec in ((source_backend, source), (target_backend, target)):
+    for role, name, spec in (("source", source_backend, source), ("target", target_backend, target)):
         backend = _backends.get(name)
         if not backend.available():
             case.verdict, case.reason = "skip", f"backend {name!r} is not installed ({backend.module})"
             return case
-        why = backend.unsupported(spec, dtype)  # each backend runs only its own spec
-        if why:
-            case.verdict, case.reason = "skip", why
+        facts = case.facts[role] = probe(backend, spec, dtype)  # each backend runs only its own spec
+        if not facts.runs:
+            case.verdict, case.reason = "skip", f"{name} cannot run the {role} here: {facts.reason}"
             return case
+        if not facts.decided:
+            case.notes.append(f"{role} on {name}: {facts.summary()}")
     if data is not None:
         batch = len(data[2])
     elif batch is None:
@@ -209,24 +217,22 @@ def verify_pair(
                                     src_adapt[0](x.astype(f64))), x)
     magnitude = src_adapt[1](np_forward(source, np.abs(kernel.astype(f64)), None if bias is None else np.abs(bias.astype(f64)),
                                         src_adapt[0](np.abs(x.astype(f64)))), x)
-    # The output is rounded before and after the bias is added on some paths: the bound needs both.
+    # Where a backend rounds the sum before adding the bias, the bound needs the exact sum too.
     exact_nb = None if bias is None else src_adapt[1](np_forward(source, kernel.astype(f64), None, src_adapt[0](x.astype(f64))), x)
-    fan_in = math.prod(source.kernel_shape) // max(source.out_channels // getattr(source, "groups", 1), 1)
     # A zero input adds exact zeros: rounding errors come from the non-zero products only.
-    fan_in = max(1, min(fan_in, int(np.count_nonzero(x.reshape(len(x), -1), axis=1).max(initial=1))))
-    # Each output is judged by the precision its own backend accumulates in.
-    acc_src, acc_tgt = (
-        "tf32" if tf32 and dtype == "float32" else _backends.get(name).accumulate(dtype, spec)
-        for name, spec in ((source_backend, source), (target_backend, target))
-    )
+    products = max(1, min(fan_in(source), int(np.count_nonzero(x.reshape(len(x), -1), axis=1).max(initial=1))))
 
-    def judge(y: np.ndarray, acc: str = acc_tgt) -> Comparison:
-        return compare(y, exact, magnitude, dtype=dtype, fan_in=fan_in, accumulate=acc, exact_without_bias=exact_nb)
+    def judge(y: np.ndarray, role: str = "target") -> Comparison:
+        """Each output is judged by how its own backend was probed to round and sum."""
+        facts = case.facts[role]
+        acc = "tf32" if tf32 and dtype == "float32" else facts.accumulate
+        return compare(y, exact, magnitude, dtype=dtype, fan_in=products, accumulate=acc,
+                       exact_without_bias=exact_nb if facts.roundings == 2 else None)
 
     y_src = _run(source_backend, source, dtype, kernel, bias, x, src_adapt)
-    case.source_comparison = judge(y_src, acc_src)
+    case.source_comparison = judge(y_src, "source")
     y_tgt = _run(target_backend, target, dtype, new_kernel, new_bias, x, tgt_adapt)
-    case.comparison = judge(y_tgt, acc_tgt)
+    case.comparison = judge(y_tgt)
     case.errors = {"output": np.abs(y_tgt.astype(f64) - exact)}
     if not case.source_comparison.passed:
         case.verdict = "error"
@@ -235,13 +241,24 @@ def verify_pair(
     if not case.comparison.passed:
         case.verdict = "fail"
         case.reason = case.comparison.summary()
-        if mapping is not None and _same(new_bias, _planned(source, target, kernel, bias)[1]):
-            case.diagnosis = diagnose(source, target, mapping, kernel, new_kernel)
+        if mapping is not None:
+            case.diagnosis = _diagnose(source, target, mapping, kernel, bias, new_kernel, new_bias)
     else:
         case.verdict = "pass"
     if mutations and mapping is not None:
         _check_mutants(case, mapping, kernel, bias, new_bias, x, tgt_adapt, judge)
     return case
+
+
+def _diagnose(source: LayerSpec, target: LayerSpec, mapping: Mapping, kernel: np.ndarray, bias: np.ndarray | None,
+              new_kernel: np.ndarray, new_bias: np.ndarray | None) -> dict[str, str] | None:
+    """Which single mistake a failed conversion is, from its weights alone: the kernel's, or else the bias's."""
+    right_kernel, right_bias = _planned(source, target, kernel, bias)
+    if _same(new_bias, right_bias):
+        return diagnose(source, target, mapping, kernel, new_kernel)
+    if np.array_equal(np.asarray(right_kernel).astype(new_kernel.dtype), new_kernel):
+        return diagnose_bias(source, target, mapping, None if right_bias is None else np.asarray(right_bias), new_bias)
+    return None
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -274,15 +291,20 @@ def _check_mutants(case: Case, mapping: Mapping, kernel: np.ndarray, bias: np.nd
                    new_bias: np.ndarray | None, x: np.ndarray, adapt: tuple, judge: Callable) -> None:
     from equivcheck.mutations import mutants
 
-    layer = _backends.get(case.target_backend).build(case.target, case.dtype)
+    backend = _backends.get(case.target_backend)
+    layer = backend.build(case.target, case.dtype)
     for mutant in mutants(case.source, case.target, mapping):
-        if mutant.ambiguous:
-            case.mutations.append(MutationOutcome(mutant.name, mutant.description, "ambiguous"))
+        wrong_bias = new_bias if mutant.bias is None or new_bias is None else mutant.bias.apply(new_bias)
+        runs = mutant.target is None or probe(backend, mutant.target, case.dtype).runs
+        if mutant.ambiguous or (mutant.bias is not None and new_bias is None) or not runs:
+            case.mutations.append(MutationOutcome(mutant.name, mutant.description, "ambiguous", convention=str(mutant.convention)))
             continue
-        layer.set_weights(mutant.mapping.apply(kernel), new_bias)
-        result = judge(adapt[1](np.asarray(layer(adapt[0](x))), x))
+        wrong_layer = layer if mutant.target is None else backend.build(mutant.target, case.dtype)
+        wrong_layer.set_weights(mutant.mapping.apply(kernel), wrong_bias)
+        result = judge(adapt[1](np.asarray(wrong_layer(adapt[0](x))), x))
         outcome = "not rejected" if result.passed else "rejected"
-        case.mutations.append(MutationOutcome(mutant.name, mutant.description, outcome, result.max_error_ratio))
+        case.mutations.append(MutationOutcome(mutant.name, mutant.description, outcome, result.max_error_ratio,
+                                              convention=str(mutant.convention)))
     missed = [m.name for m in case.mutations if m.outcome == "not rejected"]
     if case.verdict == "pass" and missed:
         case.verdict = "inconclusive"

@@ -40,7 +40,6 @@ __all__ = [
     "kernel_layout_mapping",
     "map_layout",
     "np_dtype",
-    "raise_unset",
     "stored_kernel",
     "to_native_kernel",
 ]
@@ -135,11 +134,6 @@ def check_bias(spec: LayerSpec, bias: np.ndarray | None) -> None:
         raise SpecError(f"a bias was given but {spec.describe()} has bias=False: pass bias=None")
     if bias is not None and tuple(np.shape(bias)) != spec.bias_shape:
         raise SpecError(f"bias shape={tuple(np.shape(bias))} does not match {spec.describe()}: expected {spec.bias_shape}")
-
-
-def raise_unset(spec: LayerSpec) -> None:
-    """Refuse to run or read a layer whose weights were never set."""
-    raise SpecError(f"the weights of {spec.describe()} are not set: call set_weights(kernel, bias) first")
 
 
 def can_share(a: np.ndarray, dtype: Any, align: int = 1) -> bool:
@@ -241,20 +235,15 @@ class Backend(ABC):
         return str(getattr(self.load(), "__version__", "unknown"))
 
     def unsupported(self, spec: LayerSpec, dtype: str) -> str | None:
-        """Why this backend cannot run ``spec`` in ``dtype``, or None when it can."""
-        if dtype not in self.dtypes:
-            return f"{self.name} does not compute in {dtype} on the CPU"
-        return None
+        """Why the framework's API cannot express ``spec`` in ``dtype``, or None.
 
-    def accumulate(self, dtype: str, spec: LayerSpec | None = None) -> str:
-        """The precision this backend's ``spec`` layer accumulates ``dtype`` products in.
-
-        The comparator's bound uses it: a framework that sums in low precision gets the
-        bound that precision allows, and no other framework does.
+        Only what holds on every machine belongs here (an argument a layer does not have, a
+        dtype a library has no kernels for). Whether a kernel exists on this CPU, and how it
+        rounds and sums, is measured: :func:`equivcheck.backends.probe.probe`.
         """
-        from equivcheck.compare import accumulation_dtype
-
-        return accumulation_dtype(dtype)
+        if dtype not in self.dtypes:
+            return f"{self.name} does not compute in {dtype}"
+        return None
 
     @abstractmethod
     def build(self, spec: LayerSpec, dtype: str = "float32") -> Layer:

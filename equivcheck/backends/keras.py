@@ -182,14 +182,11 @@ class KerasBackend(Backend):
         return f"{keras.__version__} (tensorflow {import_tensorflow().__version__})"
 
     def unsupported(self, spec: LayerSpec, dtype: str) -> str | None:
-        from equivcheck.backends.tf import same_pads_negative
-
+        """What Keras's layer API refuses, on every machine (the kernels this CPU has are probed)."""
         why = super().unsupported(spec, dtype)
         if why or isinstance(spec, DenseSpec):
             return why
-        kind = layer_kind(spec)
-        r = spec.rank
-        low = dtype in ("float64", "float16")  # TF's CPU kernels without oneDNN
+        kind, r = layer_kind(spec), spec.rank
         dilated, strided = any(d > 1 for d in spec.dilation), any(s > 1 for s in spec.stride)
         if kind == "conv_transpose":
             if spec.groups > 1:
@@ -198,34 +195,10 @@ class KerasBackend(Backend):
                 return f"Keras Conv{r}DTranspose needs output_padding < strides (output_padding={spec.output_padding}, strides={spec.stride})"
         if kind != "depthwise" and dilated and strided:
             return f"Keras Conv{r}D{'Transpose' if spec.transposed else ''} refuses strides > 1 with dilation_rate > 1"
-        if low and kind == "conv" and spec.data_format == CHANNELS_FIRST and r < 3 and spec.groups == 1:
-            return (f"TensorFlow's CPU Conv2D kernel in {dtype} supports NHWC only: "
-                    f"Keras Conv{r}D(data_format='channels_first') fails")
-        if low and kind == "conv_transpose" and (spec.data_format == CHANNELS_FIRST or dilated):
-            why = "data_format='channels_first'" if spec.data_format == CHANNELS_FIRST else f"dilation_rate={spec.dilation}"
-            return (f"TensorFlow's CPU conv backprop-input kernel in {dtype} supports NHWC and dilation 1 only: "
-                    f"Keras Conv{r}DTranspose({why}) fails")
-        if low and kind == "depthwise" and r == 2 and spec.stride[0] != spec.stride[1]:
-            return f"TensorFlow's CPU DepthwiseConv2dNative in {dtype} supports equal row and column strides only (strides={spec.stride})"
-        eigen_conv3d = kind == "conv" and r == 3 and spec.groups == 1 and spec.data_format == CHANNELS_LAST
-        if low and eigen_conv3d and same_pads_negative(spec):
-            return (f"TensorFlow's CPU Conv3D in {dtype} pads 'same' wrongly here (a negative pad from strides={spec.stride} "
-                    f"on spatial={spec.spatial}): Keras Conv3D(padding='same') shifts its windows")
         if spec.bias and spec.data_format == CHANNELS_FIRST and _layer_output_spatial(spec)[-1] == spec.out_channels:
             return (f"Keras 3 on TensorFlow adds a channels_first bias along the last axis when the output's last "
                     f"spatial size equals the channel count ({spec.out_channels}): keras.ops.add takes it for NHWC")
         return None
-
-    def accumulate(self, dtype: str, spec: LayerSpec | None = None) -> str:
-        """As TensorFlow's kernels (:func:`equivcheck.backends.tf.tf_accumulate`); Keras compiles a grouped or
-        channels-first 3-D convolution with XLA, which sums in float32."""
-        from equivcheck.backends.tf import tf_accumulate
-
-        if not isinstance(spec, ConvSpec):
-            return tf_accumulate(dtype, False)
-        xla = (spec.groups > 1 and layer_kind(spec) == "conv") or (spec.rank == 3 and spec.data_format == CHANNELS_FIRST)
-        half = layer_kind(spec) != "conv" or (spec.rank == 3 and not xla)
-        return tf_accumulate(dtype, half)
 
     def build(self, spec: LayerSpec, dtype: str = "float32") -> KerasLayer:
         self._check(spec, dtype)

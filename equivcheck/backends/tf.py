@@ -3,13 +3,13 @@
 
 Filters are ``(*k, in/groups, out)``, transposed ones ``(*k, out, in)`` (grouped:
 ``(*k, out/groups, in)``, the filter of the grouped convolution it is the gradient of),
-depthwise ones ``(*k, in, multiplier)``. A channels-first map runs natively (``NCHW``) where
-TF's CPU kernels accept it — oneDNN's, float32 and bfloat16, non-transposed — and is
-transposed to ``NHWC`` around the op otherwise (TF's CPU ``Conv2D`` is NHWC-only in float64
-and float16). Padding, ``"same"`` included, is ``tf.pad`` before a ``"VALID"`` op: TF's own
-``"SAME"`` is wrong in its float64/float16 ``Conv3D`` when a stride makes the padding
-negative (:func:`same_pads_negative`). A transposed conv runs ``"VALID"`` and its padding is
-cropped off.
+depthwise ones ``(*k, in, multiplier)``. A channels-first map is transposed to ``NHWC``
+around the op: TF's CPU kernels take ``NCHW`` only where oneDNN runs them, which depends on
+the CPU, and the result is the same. Padding, ``"same"`` included, is ``tf.pad`` before a
+``"VALID"`` op: TF's own ``"SAME"`` is wrong in its Eigen ``Conv3D`` when a stride makes the
+padding negative (:func:`same_pads_negative`). A transposed conv runs ``"VALID"`` and its
+padding is cropped off. Which of these ops run in which dtype on this CPU is probed
+(:mod:`equivcheck.backends.probe`).
 """
 
 from __future__ import annotations
@@ -28,15 +28,12 @@ from equivcheck.backends.base import (
     dense_kernel,
     flatten_permutation,
     np_dtype,
-    raise_unset,
     stored_kernel,
     to_native_kernel,
 )
 from equivcheck.specs import CHANNELS_FIRST, ConvSpec, DenseSpec, LayerSpec
 
 FILTER_LAYOUTS = {"conv": "SIO", "conv_transpose": "SOI", "depthwise": "SIM"}
-# dtypes whose CPU conv kernels are oneDNN's: they take NCHW and dilated transposed convs.
-ONEDNN_DTYPES = ("float32", "bfloat16")
 
 
 def op_kind(spec: ConvSpec) -> str:
@@ -62,9 +59,7 @@ class TFLayer(Layer):
             return
         self._kind = op_kind(spec)
         self._layout = FILTER_LAYOUTS[self._kind].replace("S", spec.letters)
-        self._native_cf = spec.data_format == CHANNELS_FIRST and dtype in ONEDNN_DTYPES and self._kind != "conv_transpose"
-        letters = spec.letters
-        self._format = ("NC" + letters) if self._native_cf else ("N" + letters + "C")
+        self._format = "N" + spec.letters + "C"
 
     # -- weights ---------------------------------------------------------------------------
     def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
@@ -92,8 +87,6 @@ class TFLayer(Layer):
         tf, spec = self._tf, self.spec
         x = np.asarray(x, dtype=np_dtype(self.dtype))
         check_input(spec, x)
-        if self.kernel is None:
-            raise_unset(spec)
         t = tf.constant(x, dtype=self._tdtype)
         if isinstance(spec, DenseSpec):
             if self._perm is not None:
@@ -102,44 +95,35 @@ class TFLayer(Layer):
             if self.bias is not None:
                 y = tf.nn.bias_add(y, self.bias)
             return y.numpy()
-        around = spec.data_format == CHANNELS_FIRST and not self._native_cf
+        around = spec.data_format == CHANNELS_FIRST
         if around:
             t = tf.transpose(t, (0, *range(2, x.ndim), 1))
         y = self._transposed(t) if self._kind == "conv_transpose" else self._conv(t)
         if self.bias is not None:
-            y = tf.nn.bias_add(y, self.bias, data_format="NCHW" if self._native_cf else "NHWC")
+            y = tf.nn.bias_add(y, self.bias)
         if around:
             y = tf.transpose(y, (0, x.ndim - 1, *range(1, x.ndim - 1)))
         return y.numpy()
 
-    def _spatial_axes(self, ndim: int) -> list[int]:
-        return list(range(2, ndim)) if self._native_cf else list(range(1, ndim - 1))
-
-    def _full(self, values: tuple[int, ...], ndim: int) -> list[int]:
-        """Per-spatial-axis values spread over all axes (1 on batch and channels), as tf.nn wants."""
-        out = [1] * ndim
-        for axis, v in zip(self._spatial_axes(ndim), values):
-            out[axis] = v
-        return out
+    @staticmethod
+    def _full(values: tuple[int, ...]) -> list[int]:
+        """Per-spatial-axis values spread over all NHWC axes (1 on batch and channels), as tf.nn wants."""
+        return [1, *values, 1]
 
     def _conv(self, t: Any) -> Any:
         tf, spec = self._tf, self.spec
-        ndim = spec.rank + 2
         padding = "VALID"  # never TF's "SAME": its float64/float16 Conv3D gets some strided cases wrong
         if any(lo or hi for lo, hi in spec.pads()):
-            widths = [[0, 0] for _ in range(ndim)]
-            for axis, p in zip(self._spatial_axes(ndim), spec.pads()):
-                widths[axis] = list(p)
-            t = tf.pad(t, widths)
+            t = tf.pad(t, [[0, 0], *(list(p) for p in spec.pads()), [0, 0]])
         if self._kind == "depthwise":
             return tf.nn.depthwise_conv2d(
-                t, self.kernel, strides=self._full(spec.stride, 4), padding=padding,
+                t, self.kernel, strides=self._full(spec.stride), padding=padding,
                 data_format=self._format, dilations=spec.dilation,
             )
         op = (tf.nn.conv1d, tf.nn.conv2d, tf.nn.conv3d)[spec.rank - 1]
         if spec.rank == 3:
-            return op(t, self.kernel, strides=self._full(spec.stride, 5), padding=padding,
-                      data_format=self._format, dilations=self._full(spec.dilation, 5))
+            return op(t, self.kernel, strides=self._full(spec.stride), padding=padding,
+                      data_format=self._format, dilations=self._full(spec.dilation))
         return op(t, self.kernel, spec.stride if spec.rank == 2 else spec.stride[0], padding=padding,
                   data_format=self._format, dilations=spec.dilation if spec.rank == 2 else spec.dilation[0])
 
@@ -168,19 +152,6 @@ def same_pads_negative(spec: ConvSpec) -> bool:
     )
 
 
-def tf_accumulate(dtype: str, half_sums: bool) -> str:
-    """The precision TensorFlow's CPU kernels sum ``dtype`` products in.
-
-    Matmul and convolution sum float16/bfloat16 in float32 — except TF's own (Eigen) float16
-    kernels of the transposed, depthwise and 3-D convolutions, which sum in float16
-    (``half_sums``). The bias, a separate op on the rounded result, is the comparator's second
-    rounding, not an accumulation.
-    """
-    from equivcheck.compare import accumulation_dtype
-
-    return "float16" if dtype == "float16" and half_sums else accumulation_dtype(dtype)
-
-
 class TFBackend(Backend):
     name = "tf"
     module = "tensorflow"
@@ -195,24 +166,9 @@ class TFBackend(Backend):
         why = super().unsupported(spec, dtype)
         if why or isinstance(spec, DenseSpec):
             return why
-        dilated = any(d > 1 for d in spec.dilation)
-        if spec.transposed and spec.groups > 1 and (spec.rank == 3 or dtype not in ONEDNN_DTYPES):
-            op = "Conv3DBackpropInput" if spec.rank == 3 else f"Conv2DBackpropInput in {dtype}"
-            return f"TensorFlow's CPU {op} has no grouped form (groups={spec.groups}): only oneDNN's rank 1-2 float32/bfloat16 kernel has"
-        if op_kind(spec) == "depthwise" and dtype not in ONEDNN_DTYPES and spec.stride[0] != spec.stride[1]:
-            return f"TensorFlow's CPU DepthwiseConv2dNative in {dtype} supports equal row and column strides only (stride={spec.stride})"
-        if op_kind(spec) == "depthwise" and dilated and any(st > 1 for st in spec.stride):
+        if op_kind(spec) == "depthwise" and any(d > 1 for d in spec.dilation) and any(st > 1 for st in spec.stride):
             return "tf.nn.depthwise_conv2d needs strides 1 when dilations > 1 (it warns and computes another shape)"
-        if spec.rank == 3 and spec.groups > 1:
-            return f"TensorFlow's CPU Conv3D has no grouped convolution (groups={spec.groups}): the filter depth must equal the input's"
-        if dtype not in ONEDNN_DTYPES and dilated and (spec.rank == 3 or spec.transposed):
-            op = "Conv3DBackpropInput" if spec.transposed and spec.rank == 3 else "Conv2DBackpropInput" if spec.transposed else "Conv3D"
-            return f"TensorFlow's CPU {op} kernel in {dtype} supports dilation 1 only (dilation={spec.dilation})"
         return None
-
-    def accumulate(self, dtype: str, spec: LayerSpec | None = None) -> str:
-        half = isinstance(spec, ConvSpec) and (op_kind(spec) != "conv" or spec.rank == 3)
-        return tf_accumulate(dtype, half)
 
     def build(self, spec: LayerSpec, dtype: str = "float32") -> TFLayer:
         self._check(spec, dtype)

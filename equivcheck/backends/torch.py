@@ -155,13 +155,6 @@ class TorchBackend(Backend):
     name = "torch"
     module = "torch"
 
-    def accumulate(self, dtype: str, spec: LayerSpec | None = None) -> str:
-        """float32, except ConvTranspose in float16/bfloat16: torch's CPU fallback kernel (col2im) sums its
-        scatter in the dtype (the oneDNN bfloat16 path sums in float32; which runs depends on the shape)."""
-        if dtype in ("float16", "bfloat16") and isinstance(spec, ConvSpec) and spec.transposed:
-            return dtype
-        return super().accumulate(dtype, spec)
-
     def build(self, spec: LayerSpec, dtype: str = "float32") -> TorchLayer:
         self._check(spec, dtype)
         self.load()

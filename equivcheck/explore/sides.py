@@ -291,6 +291,7 @@ class LayerSide(Side):
 
 def _backend_for(spec: LayerSpec, backend: str | None) -> str:
     from equivcheck import backends
+    from equivcheck.backends.probe import probe
 
     if backend is not None:
         if backend not in backends.BACKENDS:
@@ -302,7 +303,7 @@ def _backend_for(spec: LayerSpec, backend: str | None) -> str:
         return "numpy"
     try:
         b = backends.get(name)
-        if not b.available() or b.unsupported(spec, "float32"):
+        if not b.available() or not probe(b, spec, "float32").runs:
             return "numpy"
     except ImportError:
         return "numpy"
@@ -311,14 +312,15 @@ def _backend_for(spec: LayerSpec, backend: str | None) -> str:
 
 def spec_side(spec: LayerSpec, backend: str | None) -> LayerSide:
     from equivcheck import backends
+    from equivcheck.backends.probe import probe
 
     name = _backend_for(spec, backend)
     b = backends.get(name)
-    supports64 = b.unsupported(spec, "float64") is None
+    supports64 = probe(b, spec, "float64").runs
     dtype = _probe_dtype(math.prod(spec.kernel_shape), supports64)
-    why = b.unsupported(spec, dtype)
-    if why:
-        raise SpecError(f"backend={name!r} cannot run {spec.describe()}: {why}")
+    facts = probe(b, spec, dtype)
+    if not facts.runs:
+        raise SpecError(f"backend={name!r} cannot run {spec.describe()}: {facts.reason}")
     # The numpy reference is run straight from its forward function: no weights to allocate.
     layer = _Reference(spec, dtype) if name == "numpy" else b.build(spec, dtype)
     return LayerSide(layer, f"{spec.name or spec.kind} ({name})", owned=True)
