@@ -127,3 +127,71 @@ def test_a_failed_conversion_is_diagnosed_from_its_kernel_on_any_data():
     case = verify_pair(src, dst, converter=no_flip_and_bias_lost, data=(kernel, bias, x), mutations=False)
     assert case.verdict == "fail" and case.diagnosis is None  # two mistakes: not exactly the mutant
     assert "diagnosis" not in case.to_dict()
+
+
+# -- depthwise channel order, padding side, transposed in/out, bias order ------------------
+DEPTHWISE = dict(channels=3, spatial=(6, 5), kernel_size=(3, 3), multiplier=2)
+
+
+def _depthwise_order_oracle(kernel_hwcm: np.ndarray) -> np.ndarray:
+    """Keras (h, w, C, M) read as torch's (C*M, 1, h, w) with channel m*C + c instead of c*M + m: index arithmetic."""
+    h, w, c, m = kernel_hwcm.shape
+    out = np.empty((c * m, 1, h, w), kernel_hwcm.dtype)
+    for ci in range(c):
+        for mi in range(m):
+            out[mi * c + ci, 0] = kernel_hwcm[:, :, ci, mi]
+    return out
+
+
+def test_depthwise_channel_order_mutant_reads_m_times_c_plus_c():
+    src, dst = ec.spec("keras:depthwise", **DEPTHWISE), ec.spec("torch:depthwise", **DEPTHWISE)
+    by_name = {m.name: m for m in mutants(src, dst)}
+    wrong = by_name["depthwise channel order"]
+    assert str(wrong.convention) == "channel order" and not wrong.ambiguous
+    k = np.arange(np.prod(src.kernel_shape), dtype=np.float32).reshape(src.kernel_shape)
+    np.testing.assert_array_equal(wrong.mapping.apply(k), _depthwise_order_oracle(k))
+    assert "bias in the other channel order" in by_name
+    no_mult = {m.name for m in mutants(ec.spec("keras:depthwise", **{**DEPTHWISE, "multiplier": 1}),
+                                       ec.spec("torch:depthwise", **{**DEPTHWISE, "multiplier": 1}))}
+    assert "depthwise channel order" not in no_mult, "with M = 1 both orders are the same"
+
+
+@pytest.mark.parametrize("pair", [("keras:depthwise", "torch:depthwise"), ("torch:depthwise", "keras:depthwise"),
+                                  ("tflite:depthwise", "keras:depthwise")])
+def test_new_mutants_are_rejected_on_verify_data(pair):
+    case = verify_pair(ec.spec(pair[0], **DEPTHWISE), ec.spec(pair[1], **DEPTHWISE))
+    outcomes = {m.name: m.outcome for m in case.mutations}
+    assert case.verdict == "pass", case.reason
+    assert outcomes["depthwise channel order"] == outcomes["bias in the other channel order"] == "rejected"
+
+
+def test_same_padding_at_stride_2_has_a_mirrored_padding_mutant_that_is_rejected():
+    shape = dict(channels=3, spatial=(8, 6), kernel_size=(3, 3), units=4, stride=2, padding="same")
+    src, dst = ec.spec("keras:conv", **shape), ec.spec("torch:conv", **shape)
+    assert dst.pads() == ((0, 1), (0, 1)), "TF 'same' at stride 2 on an even map pads after"
+    padding = next(m for m in mutants(src, dst) if str(m.convention) == "padding")
+    assert padding.target.pads() == ((1, 0), (1, 0)) and padding.target.output_shape == dst.output_shape
+    case = verify_pair(src, dst)
+    assert {m.name: m.outcome for m in case.mutations}[padding.name] == "rejected"
+    symmetric = ec.spec("torch:conv", **{**shape, "stride": 1})
+    assert not any(str(m.convention) == "padding" for m in mutants(symmetric, symmetric)), "nothing to mirror"
+
+
+def test_transposed_conv_in_out_swap_is_named():
+    shape = dict(channels=4, spatial=(3, 3), kernel_size=(2, 2), units=6, stride=2)
+    found = {m.name: m for m in mutants(ec.spec("keras:conv_transpose", **shape), ec.spec("torch:conv_transpose", **shape))}
+    swap = found["transposed in/out swapped"]
+    assert str(swap.convention) == "channels" and not swap.ambiguous
+
+
+def test_a_converter_that_leaves_the_bias_in_the_other_order_is_diagnosed_as_a_bias_mistake():
+    src, dst = ec.spec("keras:depthwise", **DEPTHWISE), ec.spec("torch:depthwise", **DEPTHWISE)
+    c, m = 3, 2
+
+    def convert(kernel, bias):
+        right, _ = ec.convert(src, dst, kernel, bias)
+        return right, bias.reshape(c, m).T.reshape(-1)  # the kernel right; bias channel c*M + m moved to m*C + c
+
+    case = verify_pair(src, dst, converter=convert)
+    assert case.verdict == "fail"
+    assert case.diagnosis["convention"] == "bias" and case.diagnosis["mutant"] == "bias in the other channel order"

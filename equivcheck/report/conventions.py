@@ -1,7 +1,8 @@
 """The convention matrix: for each conversion, which conventions the checks established.
 
-Rows are conversions (``"keras:dense → torch:conv"``), columns are conventions (flip,
-flatten order, kernel transposed, kernel axes, channels). Each mutant of
+Rows are conversions (``"keras:dense → torch:conv"``), columns are the conventions of
+:class:`equivcheck.mutations.Convention` (flip, flatten order, kernel transposed, kernel axes,
+channels, channel order, padding, bias). Each mutant of
 :mod:`equivcheck.mutations` breaks one convention, so its outcome says what the data showed:
 
 - ``holds``: the case passed and every mutant breaking that convention was rejected;
@@ -19,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from equivcheck.mutations import convention_of
+from equivcheck.mutations import Convention, convention_of
 
 __all__ = ["COLUMNS", "STATES", "convention_of", "conversion_label", "matrix"]
 
-COLUMNS = ("flip", "flatten order", "kernel transposed", "kernel axes", "channels")
+COLUMNS = tuple(c.value for c in Convention)
 STATES = ("holds", "fails", "ambiguous", "n/a")
 _RANK = {"n/a": 0, "ambiguous": 1, "holds": 2, "fails": 3}
 _VERDICT_RANK = {"skip": 0, "pass": 1, "inconclusive": 2, "error": 3, "fail": 4}
@@ -51,7 +52,7 @@ def case_cells(case: dict[str, Any]) -> dict[str, tuple[str, str]]:
     blamed = diagnosis.get("convention")
     cells: dict[str, tuple[str, str]] = {}
     for m in case.get("mutations") or []:
-        conv = convention_of(m.get("name", ""))
+        conv = convention_of(m)
         outcome = m.get("outcome")
         if verdict == "fail" and (blamed is None or conv == blamed):
             state = "fails"

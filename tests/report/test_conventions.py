@@ -25,12 +25,17 @@ def test_mutation_names_map_to_conventions():
         "bias dropped"]
 
 
+def test_a_mutation_names_its_convention_itself_in_new_reports():
+    assert convention_of({"name": "some new mistake", "convention": "padding"}) == "padding"
+    assert convention_of({"name": "channels permuted"}) == "channels"  # a report written before conventions were named
+
+
 def test_rejected_holds_ambiguous_and_unrejected_are_ambiguous_unchecked_is_na():
     cells = _states([_case("inconclusive", [("spurious flip", "rejected"), ("flip H only", "ambiguous"),
                                             ("wrong flatten order", "not rejected"), ("channels permuted", "rejected")])])
     assert cells["keras:dense → torch:conv"] == {
         "flip": "ambiguous", "flatten order": "ambiguous", "kernel transposed": "n/a", "kernel axes": "n/a",
-        "channels": "holds"}
+        "channels": "holds", "channel order": "n/a", "padding": "n/a", "bias": "n/a"}
 
 
 def test_an_undiagnosed_failure_fails_every_checked_convention_a_diagnosed_one_only_its_own():

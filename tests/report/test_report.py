@@ -73,7 +73,8 @@ def test_convention_matrix_blames_the_right_convention(doc):
     assert doc["conventions"]["columns"] == list(COLUMNS)
     rows = {r["conversion"]: {c: v["state"] for c, v in r["cells"].items()} for r in doc["conventions"]["rows"]}
     assert rows["keras:dense → torch:conv"] == {
-        "flip": "holds", "flatten order": "fails", "kernel transposed": "holds", "kernel axes": "holds", "channels": "holds"}
+        "flip": "holds", "flatten order": "fails", "kernel transposed": "holds", "kernel axes": "holds", "channels": "holds",
+        "channel order": "n/a", "padding": "n/a", "bias": "n/a"}
     assert rows["theano:dense → theano:conv"]["flip"] == "fails"
     assert rows["theano:dense → theano:conv"]["flatten order"] == "holds"
     # two convs: nothing is flattened
