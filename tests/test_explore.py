@@ -18,6 +18,8 @@ from equivcheck.explore.probe import index_digits, probe_side
 from equivcheck.explore.sides import Shape, preset_spec, spec_side
 from equivcheck.presets import PRESETS
 
+from .backends._support import fails_for_real
+
 # One shape per family of layers; small, but with no two sizes equal where that would hide a swap.
 DENSE = dict(channels=3, spatial=(2, 3), units=4)
 FAMILIES = {
@@ -25,7 +27,9 @@ FAMILIES = {
     "conv_transpose": dict(channels=2, spatial=(3, 3), units=3, kernel_size=(2, 3), stride=2),
     "depthwise": dict(channels=2, spatial=(4, 5), kernel_size=(2, 3), multiplier=2),
 }
-FRAMEWORK_OF = {"keras": "keras", "keras_cf": "keras", "tf": "tf", "torch": "torch", "jax": "jax", "scipy": "scipy"}
+# The framework each preset names, written here (not read from equivcheck): caffe has none, the reference runs it.
+FRAMEWORK_OF = {"keras": "keras", "keras_cf": "keras", "tf": "tf", "torch": "torch", "jax": "jax", "flax": "jax",
+                "scipy": "scipy", "theano": "scipy", "onnx": "onnxruntime", "tflite": "tflite", "caffe": "numpy"}
 
 
 def _installed(name: str) -> bool:
@@ -57,12 +61,19 @@ def probed(frameworks):
 
 # -- every preset pair, on the real frameworks -------------------------------------------
 def test_preset_layers_run_on_their_frameworks(probed):
+    """Each layer is explored on its preset's framework; on the numpy reference only where that framework,
+    running the layer directly here (not through equivcheck's probe), fails too."""
+    assert set(FRAMEWORK_OF) == set(PRESETS)
     for (family, name), p in probed.items():
         assert p.ok, f"{family} {name}: {p.failure}"
         assert p.calls == 1, "small kernels are probed in one call"
-        expected = FRAMEWORK_OF.get(name)
-        if expected and family == "dense":
-            assert p.side.label.endswith(f"({expected})"), p.side.label
+        expected = FRAMEWORK_OF[name]
+        assert p.side.label.endswith(f"({p.side.framework})"), p.side.label
+        if p.side.framework != expected:
+            spec = p.side.layer.spec
+            assert p.side.framework == "numpy", p.side.label
+            assert fails_for_real(expected, spec, "float32"), (
+                f"{family} {name}: explored on the numpy reference, but {expected} runs {spec.describe()} right here")
 
 
 @pytest.mark.parametrize("family", ["dense→conv", *FAMILIES])

@@ -119,8 +119,7 @@ def test_real_torch_through_the_fixture(pytester: pytest.Pytester):
     pytest.importorskip("torch", reason="checks the fixture on real torch layers")
     from equivcheck.checker import installed_backends
 
-    if "torch" not in installed_backends():
-        pytest.skip("the torch backend is not registered")
+    assert "torch" in installed_backends(), "torch imports here, but equivcheck does not offer its backend"
     pytester.makepyfile('''
 import pytest
 
