@@ -21,6 +21,7 @@ from equivcheck.errors import (
 )
 from equivcheck.explore import explore
 from equivcheck.mapping import Flip, Mapping, Reshape, Transpose
+from equivcheck.modelcheck import ModelCheck, check_models
 from equivcheck.plan import canonical, convert, plan
 from equivcheck.presets import PRESETS, spec
 from equivcheck.specs import ConvSpec, DenseSpec
@@ -40,12 +41,14 @@ __all__ = [
     "HeadError",
     "Mapping",
     "MappingError",
+    "ModelCheck",
     "NoMapping",
     "Reshape",
     "SpecError",
     "Transpose",
     "VerificationError",
     "canonical",
+    "check_models",
     "convert",
     "convolutionalize",
     "explore",

@@ -1,0 +1,388 @@
+"""Capture and replay, per framework: run a model once recording every linear layer's input and
+output; run one layer alone on a given input.
+
+torch: forward hooks on every leaf module (inputs and outputs copied in the hook, so in-place
+activations after a layer cannot change what was recorded). Keras 3: one functional model over
+the original graph whose outputs are each linear layer's input (and the map a Dense input was
+flattened from); the layer's own output is recomputed by replaying it, with any fused activation
+switched off. Frameworks are imported only when a model of theirs is handled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+from typing import Any
+
+import numpy as np
+
+from equivcheck.errors import EquivcheckError
+from equivcheck.modelcheck.layers import Layout, Linear, conv_letters, flatten_order
+from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, spatial_letters
+
+__all__ = ["Adapter", "KerasAdapter", "TorchAdapter", "adapter_for"]
+
+
+class ModelError(EquivcheckError, ValueError):
+    """A model cannot be run, traced or described."""
+
+
+def _first_line(exc: BaseException) -> str:
+    from equivcheck.backends.probe import framework_message
+
+    return framework_message(exc)
+
+
+class Adapter:
+    framework = ""
+
+    def __init__(self, model: Any, role: str) -> None:
+        self.model = model
+        self.role = role
+        self.notes: list[str] = []
+
+    name = ""
+    dtype = "float32"
+    data_format = CHANNELS_FIRST
+
+    def input_shape(self) -> tuple[int, ...] | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, x: np.ndarray, *, outputs: bool = True) -> tuple[np.ndarray, list[Linear]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def replay(self, layer: Linear, x: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Undo anything done to the model for the check (training flags)."""
+
+
+def adapter_for(model: Any, role: str) -> Adapter:
+    torch = sys.modules.get("torch")
+    keras = sys.modules.get("keras")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        return TorchAdapter(model, role)
+    if keras is not None and isinstance(model, keras.Model):
+        return KerasAdapter(model, role)
+    raise ModelError(f"{role}={type(model).__name__} is neither a torch.nn.Module nor a Keras 3 model: "
+                     "pass a model object (files load with equivcheck.modelcheck.commands.load_model)")
+
+
+# -- torch ---------------------------------------------------------------------------------
+def _torch_numpy(t: Any) -> np.ndarray:
+    from equivcheck.backends.base import np_dtype
+
+    t = t.detach().cpu()
+    name = str(t.dtype).replace("torch.", "")
+    if name == "bfloat16":
+        return t.float().numpy().astype(np_dtype("bfloat16"))
+    return t.numpy().copy()
+
+
+class TorchAdapter(Adapter):
+    framework = "torch"
+    data_format = CHANNELS_FIRST
+
+    def __init__(self, model: Any, role: str) -> None:
+        super().__init__(model, role)
+        import torch
+
+        self._torch = torch
+        self.name = type(model).__name__
+        first = next(model.parameters(), None)
+        self._tdtype = first.dtype if first is not None else torch.float32
+        self._device = first.device if first is not None else "cpu"
+        self.dtype = str(self._tdtype).replace("torch.", "")
+        self._modes = {m: m.training for m in model.modules()}
+        if any(self._modes.values()):
+            self.notes.append(f"{role} model {self.name} was in training mode: checked in eval mode (dropout off, "
+                              "batch-norm running statistics), its mode restored afterwards")
+        model.eval()
+
+    def close(self) -> None:
+        for m, mode in self._modes.items():
+            m.training = mode
+
+    def input_shape(self) -> tuple[int, ...] | None:
+        shape = getattr(self.model, "input_shape", None)
+        return None if shape is None else tuple(int(s) for s in shape)
+
+    def _config(self, module: Any) -> tuple[str, dict[str, Any]] | None:
+        nn = self._torch.nn
+        if isinstance(module, nn.Linear):
+            return "dense", {"units": module.out_features, "kernel_layout": "OI"}
+        if isinstance(module, nn.modules.conv._ConvNd):
+            rank = len(module.kernel_size)
+            if module.padding_mode != "zeros":
+                raise ModelError(f"{self.role} layer {self._names[id(module)]!r} pads with padding_mode="
+                                 f"{module.padding_mode!r}: only zero padding is checked")
+            transposed = bool(module.transposed)
+            cfg = {
+                "in_channels": module.in_channels, "out_channels": module.out_channels,
+                "kernel_size": tuple(module.kernel_size), "stride": tuple(module.stride),
+                "dilation": tuple(module.dilation), "groups": module.groups, "data_format": CHANNELS_FIRST,
+                "padding": module.padding if isinstance(module.padding, str) else tuple(module.padding),
+                "kernel_layout": ("IO" if transposed else "OI") + "DHW"[3 - rank:],
+            }
+            if transposed:
+                cfg["output_padding"] = tuple(module.output_padding)
+                return "conv_transpose", cfg
+            depthwise = module.groups == module.in_channels and module.in_channels > 1
+            return ("depthwise" if depthwise else "conv"), cfg
+        return None
+
+    def run(self, x: np.ndarray, *, outputs: bool = True) -> tuple[np.ndarray, list[Linear]]:
+        torch = self._torch
+        self._names = {id(m): n for n, m in self.model.named_modules()}
+        records: list[Linear] = []
+        last_map: list[Any] = [None]
+        seen: dict[str, int] = {}
+
+        def hook(module: Any, args: tuple, output: Any) -> None:
+            found = self._config(module)
+            if found is not None and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                kind, cfg = found
+                name = self._names.get(id(module), type(module).__name__)
+                seen[name] = seen.get(name, 0) + 1
+                if seen[name] > 1:
+                    name = f"{name}#{seen[name]}"
+                xin, y = args[0], output
+                rec = Linear(name, "torch", kind, _torch_numpy(module.weight),
+                             None if module.bias is None else _torch_numpy(module.bias),
+                             _torch_numpy(xin), _torch_numpy(y) if outputs else np.empty(0), cfg, layer=module,
+                             index=len(records))
+                if kind == "dense":
+                    _positions(rec)
+                    if xin.ndim == 2 and last_map[0] is not None:
+                        rec.map_before = _torch_numpy(last_map[0])
+                        rec.map_letters = conv_letters(last_map[0].ndim - 2, CHANNELS_FIRST)
+                records.append(rec)
+            if isinstance(output, torch.Tensor) and output.ndim >= 3:
+                last_map[0] = output
+
+        hooks = [m.register_forward_hook(hook) for m in self.model.modules()
+                 if not list(m.children()) or self._config(m) is not None]
+        if x.dtype.name == "bfloat16":
+            x = x.astype(np.float32)
+        try:
+            with torch.no_grad():
+                y = self.model(torch.as_tensor(x, dtype=self._tdtype, device=self._device))
+        except EquivcheckError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{self.role} model {self.name} fails on an input of shape {tuple(x.shape)}: "
+                             f"{_first_line(exc)}") from None
+        finally:
+            for h in hooks:
+                h.remove()
+        if not isinstance(y, torch.Tensor):
+            raise ModelError(f"{self.role} model {self.name} returns {type(y).__name__}: expected one tensor")
+        for rec in records:
+            _resolve_layout(rec)
+        return _torch_numpy(y), records
+
+    def replay(self, layer: Linear, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.no_grad():
+            t = torch.from_numpy(np.require(x.astype(np.float32) if x.dtype.name == "bfloat16" else x, requirements=["C", "W"]))
+            return _torch_numpy(layer.layer(t.to(dtype=self._tdtype, device=self._device)))
+
+    def magnitude_backend(self) -> str:
+        return "torch"
+
+
+def _positions(rec: Linear) -> None:
+    """A dense layer applied along the last axis of a larger tensor: one row per position."""
+    if rec.x.ndim > 2:
+        rec.x = rec.x.reshape(-1, rec.x.shape[-1])
+        if rec.y.size:
+            rec.y = rec.y.reshape(-1, rec.y.shape[-1])
+
+
+def _resolve_layout(rec: Linear) -> None:
+    """The input layout of a captured layer: conv from its data format, dense from the map it flattened."""
+    if rec.kind != "dense":
+        df = rec.config["data_format"]
+        shape = rec.x.shape[1:]
+        canon = shape if df == CHANNELS_FIRST else (shape[-1], *shape[:-1])
+        rec.layout = Layout(tuple(int(s) for s in canon), letters=conv_letters(len(shape) - 1, df))
+        return
+    order = None
+    if rec.map_before is not None:
+        order = flatten_order(rec.map_before, rec.map_letters, rec.x)
+    if order is None:
+        rec.layout = Layout((int(rec.x.shape[1]),))
+        return
+    sizes = dict(zip(rec.map_letters, rec.map_before.shape[1:]))
+    canon = "C" + spatial_letters(len(rec.map_letters) - 1)
+    rec.layout = Layout(tuple(int(sizes[a]) for a in canon), flatten=order)
+
+
+# -- Keras ---------------------------------------------------------------------------------
+_KERAS_SHAPE_ONLY = {"Flatten", "Reshape", "Permute", "Transpose", "Squeeze", "ExpandDims", "Dropout", "Identity",
+                     "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout", "AlphaDropout"}
+
+
+class KerasAdapter(Adapter):
+    framework = "keras"
+
+    def __init__(self, model: Any, role: str) -> None:
+        super().__init__(model, role)
+        import keras
+
+        self._keras = keras
+        self.name = model.name
+        policy = model.dtype_policy
+        self.dtype = str(policy.compute_dtype)
+        if not getattr(model, "built", True) or not _has_inputs(model):
+            raise ModelError(f"{role} Keras model {model.name!r} is not built: give it an Input or call it once on data")
+        if len(model.inputs) != 1 or len(model.outputs) != 1:
+            raise ModelError(f"{role} Keras model {model.name!r} has {len(model.inputs)} inputs and "
+                             f"{len(model.outputs)} outputs: expected one of each")
+        for layer in model.layers:
+            if isinstance(layer, keras.Model):
+                raise ModelError(f"{role} Keras model {model.name!r} nests model {layer.name!r}: flatten it into one "
+                                 "functional model (nested models are not traced)")
+        self.data_format = next((layer.get_config()["data_format"] for layer in model.layers
+                                 if layer.get_config().get("data_format") in (CHANNELS_FIRST, CHANNELS_LAST)),
+                                keras.config.image_data_format())
+        self._linear = [(layer, *found) for layer in model.layers if (found := self._config(layer)) is not None]
+        self._capture = None
+
+    def input_shape(self) -> tuple[int, ...] | None:
+        shape = tuple(self.model.inputs[0].shape[1:])
+        return None if any(s is None for s in shape) else tuple(int(s) for s in shape)
+
+    def _config(self, layer: Any) -> tuple[str, dict[str, Any]] | None:
+        kind = type(layer).__name__
+        cfg = layer.get_config()
+        if kind == "Dense":
+            return "dense", {"units": cfg["units"], "kernel_layout": "IO", "activation": cfg.get("activation")}
+        match = re.fullmatch(r"(Conv|DepthwiseConv)([123])D(Transpose)?", kind)
+        if match is None:
+            return None
+        rank = int(match.group(2))
+        base = match.group(1) + ("Transpose" if match.group(3) else "")
+        letters = "DHW"[3 - rank:]
+        kernel = layer.kernel
+        ks = tuple(int(s) for s in kernel.shape[:rank])
+        df = cfg.get("data_format") or self._keras.config.image_data_format()
+        padding = cfg.get("padding", "valid")
+        if padding not in ("valid", "same"):
+            raise ModelError(f"{self.role} layer {layer.name!r} ({kind}) has padding={padding!r}: expected 'valid' or 'same'")
+        common = {"kernel_size": ks, "stride": _tuple(cfg["strides"], rank), "dilation": _tuple(cfg.get("dilation_rate", 1), rank), "data_format": df, "padding": padding,
+                  "activation": cfg.get("activation")}
+        if base == "Conv":
+            groups = int(cfg.get("groups", 1))
+            depthwise = groups > 1 and int(kernel.shape[-2]) == 1
+            return "depthwise" if depthwise else "conv", {
+                **common, "in_channels": int(kernel.shape[-2]) * groups, "out_channels": int(kernel.shape[-1]),
+                "groups": groups, "kernel_layout": letters + "IO"}
+        if base == "DepthwiseConv":
+            c, m = int(kernel.shape[-2]), int(kernel.shape[-1])
+            return "depthwise", {**common, "in_channels": c, "out_channels": c * m, "groups": c,
+                                 "kernel_layout": letters + "IM"}
+        out, cin = int(kernel.shape[-2]), int(kernel.shape[-1])
+        op = cfg.get("output_padding")
+        op = (0,) * rank if op is None else (tuple(op) if not isinstance(op, int) else (op,) * rank)
+        if padding == "same":
+            strides = common["stride"]
+            if any((k - s) % 2 or k < s for k, s in zip(ks, strides)) or any(op):
+                raise ModelError(f"{self.role} layer {layer.name!r} ({kind}) uses padding='same' with kernel {ks} and "
+                                 f"strides {strides}: only kernel - stride even and >= 0 is described")
+            common["padding"] = tuple((k - s) // 2 for k, s in zip(ks, strides))
+        else:
+            common["padding"] = (0,) * rank
+        return "conv_transpose", {**common, "in_channels": cin, "out_channels": out, "groups": 1,
+                                  "kernel_layout": letters + "OI", "output_padding": op}
+
+    def _build_capture(self) -> Any:
+        keras = self._keras
+        outputs = []
+        for layer, kind, _ in self._linear:
+            try:
+                tensor = layer.input
+            except (AttributeError, ValueError) as exc:
+                raise ModelError(f"{self.role} layer {layer.name!r} is used more than once or has several inputs: "
+                                 f"{exc}") from None
+            outputs.append(tensor)
+            outputs.append(_map_tensor(tensor) if kind == "dense" and len(tensor.shape) == 2 else tensor)
+        outputs.append(self.model.outputs[0])
+        return keras.Model(self.model.inputs[0], outputs)
+
+    def run(self, x: np.ndarray, *, outputs: bool = True) -> tuple[np.ndarray, list[Linear]]:
+        if self._capture is None:
+            self._capture = self._build_capture()
+        try:
+            values = self._capture(x, training=False)
+        except EquivcheckError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{self.role} model {self.name!r} fails on an input of shape {tuple(x.shape)}: "
+                             f"{_first_line(exc)}") from None
+        values = [np.asarray(v) for v in values]
+        records = []
+        for i, (layer, kind, cfg) in enumerate(self._linear):
+            xin, map_ = values[2 * i], values[2 * i + 1]
+            weights = [np.asarray(w) for w in (layer.kernel, getattr(layer, "bias", None)) if w is not None]
+            rec = Linear(layer.name, "keras", kind, weights[0], weights[1] if len(weights) > 1 else None, xin,
+                         np.empty(0), cfg, layer=layer, index=i)
+            if kind == "dense":
+                _positions(rec)
+                if map_ is not xin and map_.ndim >= 3:
+                    rec.map_before = map_
+                    rec.map_letters = conv_letters(map_.ndim - 2, self.data_format)
+            _resolve_layout(rec)
+            if outputs:
+                rec.y = self.replay(rec, rec.x)
+            records.append(rec)
+        return values[-1], records
+
+    def replay(self, layer: Linear, x: np.ndarray) -> np.ndarray:
+        keras = self._keras
+        real = layer.layer
+        fused = getattr(real, "activation", None)
+        try:
+            if fused is not None:
+                real.activation = keras.activations.linear
+            return np.asarray(real(x))
+        except Exception as exc:
+            raise ModelError(f"{self.role} layer {layer.name!r} fails on an input of shape {tuple(x.shape)}: "
+                             f"{_first_line(exc)}") from None
+        finally:
+            if fused is not None:
+                real.activation = fused
+
+    def magnitude_backend(self) -> str:
+        return "torch" if "torch" in sys.modules else "numpy"
+
+
+def _tuple(value: Any, rank: int) -> tuple[int, ...]:
+    return (int(value),) * rank if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def _has_inputs(model: Any) -> bool:
+    with contextlib.suppress(AttributeError, ValueError):
+        return bool(model.inputs)
+    return False
+
+
+def _map_tensor(tensor: Any) -> Any:
+    """The tensor a Dense input was flattened from: back through shape-only layers and ops."""
+    current = tensor
+    for _ in range(16):
+        history = getattr(current, "_keras_history", None)
+        if history is None:
+            break
+        op = history[0]
+        if type(op).__name__ not in _KERAS_SHAPE_ONLY:
+            break
+        nodes = getattr(op, "_inbound_nodes", [])
+        inputs = nodes[history[1]].input_tensors if len(nodes) > history[1] else []
+        if len(inputs) != 1:
+            break
+        current = inputs[0]
+    return current if len(current.shape) >= 3 and math.prod(current.shape[1:]) == tensor.shape[-1] else tensor

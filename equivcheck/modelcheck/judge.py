@@ -1,0 +1,359 @@
+"""Judge one replayed layer against its source partner; diagnose a failing pair from weights alone.
+
+The reference is the source layer's own output on the same input (no float64 pass over a whole
+model: that would cost more than the models). Both outputs are within :mod:`equivcheck.compare`'s
+bound of the exact result, so they may differ by the sum of the two bounds; ``|W|·|x|`` comes
+from one pass of the source layer on absolute values, through :mod:`equivcheck.backends`.
+A failing pair is diagnosed without forward passes: the planned mapping, then each mutant of
+:mod:`equivcheck.mutations`, then other flatten orders and kernel layouts, are applied to the
+source kernel and compared exactly with the converted kernel.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+from equivcheck.compare import Comparison, accumulation_dtype, error_bound, reduced_precision_matmul
+from equivcheck.errors import EquivcheckError
+from equivcheck.mapping import Flip, Mapping, Reshape, Transpose
+from equivcheck.plan import canonical, plan
+from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, fan_in
+
+__all__ = ["canonical_output", "diagnose_pair", "judge", "magnitude", "unrejected_mutants"]
+
+#: Kernels larger than this are not searched over every layout when diagnosing.
+SEARCH_MAX = 1 << 22
+#: Output channels (dense units) and positions the mutant check looks at.
+MUTANT_CHANNELS = 16
+MUTANT_POSITIONS = 4
+
+
+def canonical_output(y: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """``(N, out, *spatial)`` for a conv, ``(N, units)`` for a dense layer."""
+    if isinstance(spec, ConvSpec) and spec.data_format == CHANNELS_LAST and y.ndim > 2:
+        return np.moveaxis(y, -1, 1)
+    return y
+
+
+def magnitude(spec: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray, backend: str) -> np.ndarray:
+    """``|W|·|x| + |b|`` per output element, in float32, in the spec's output layout."""
+    from equivcheck import backends
+
+    f32 = np.float32
+    k = np.abs(kernel.astype(f32))
+    b = None if bias is None else np.abs(bias.astype(f32))
+    ax = np.abs(x.astype(f32))
+    if isinstance(spec, DenseSpec):  # a matmul: numpy is as fast as any framework
+        flat = ax.reshape(len(ax), -1)
+        y = flat @ (k if spec.kernel_layout == "IO" else k.T)
+        return y if b is None else y + b
+    layer = backends.get(backend).build(spec, "float32")
+    layer.set_weights(k, b, copy=False)
+    return np.asarray(layer(ax))
+
+
+def _products(x: np.ndarray, spec: LayerSpec) -> int:
+    """Non-zero products per output, at most: the fan-in, or fewer where the input is sparse."""
+    nonzero = int(np.count_nonzero(x.reshape(len(x), -1), axis=1).max(initial=1))
+    return max(1, min(fan_in(spec), nonzero))
+
+
+def judge(actual: np.ndarray, reference: np.ndarray, mag: np.ndarray, bias: np.ndarray | None, *, dtype: str,
+          fan: int, accumulate: tuple[str, str] = ("", "")) -> Comparison:
+    """Compare ``actual`` with ``reference`` (both computed in ``dtype``) under the sum of their two bounds."""
+    a = np.asarray(actual, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    mag = np.asarray(mag, dtype=np.float64) * (1 + 1e-3)  # |W|·|x| summed in float32: a little headroom
+    reduced = reduced_precision_matmul() if dtype == "float32" else {}
+    accs = []
+    for acc in accumulate:
+        acc = acc or accumulation_dtype(dtype)
+        if reduced and acc == "float32":
+            acc = "bf16x" if "bf16x" in reduced.values() else "tf32"
+        accs.append(acc)
+    if a.shape != r.shape:
+        raise EquivcheckError(f"output shape={a.shape} does not match the source's {r.shape}")
+    note = ", ".join(f"{k}: {v}" for k, v in sorted(reduced.items()))
+    if a.size == 0:
+        return Comparison(True, dtype, accs[0], fan, 0.0, 0.0, 0.0, 0.0, (), 0.0, 0, 0, note)
+    shape = [1] * a.ndim
+    if a.ndim > 1:
+        shape[1] = -1
+    without_bias = r if bias is None else r - np.asarray(bias, np.float64).reshape(shape)
+    bound = sum(error_bound(r, mag, dtype=dtype, fan_in=fan, accumulate=acc, exact_without_bias=without_bias)
+                for acc in accs)
+    finite = np.isfinite(a)
+    nonfinite = int(a.size - np.count_nonzero(finite))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        err = np.where(finite, np.abs(a - r), np.inf)
+        ratio = np.where(np.isnan(r), np.inf, err / bound)
+        rel = np.where(np.abs(r) > 0, err / np.abs(r), np.where(err > 0, np.inf, 0.0))
+    worst = np.unravel_index(int(np.argmax(ratio)), a.shape)
+    out = int(np.count_nonzero(~(ratio <= 1.0)))
+    return Comparison(nonfinite == 0 and out == 0, dtype, accs[-1], int(fan), float(np.max(err)), float(np.max(rel)),
+                      float(ratio[worst]), float(bound[worst]), tuple(int(i) for i in worst), out / a.size, nonfinite,
+                      int(a.size), note)
+
+
+# -- diagnosis -------------------------------------------------------------------------------
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and np.array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+def diagnose_pair(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None,
+                  new_kernel: np.ndarray, new_bias: np.ndarray | None) -> dict[str, str]:
+    """What a converted layer's weights get wrong, from the weights alone.
+
+    Keys: ``mistake`` (a short name), ``detail`` (one sentence), ``code`` (the right mapping of
+    the source kernel, numpy), ``convention`` where a mutant matched.
+    """
+    try:
+        right = plan(source, target)
+    except EquivcheckError as exc:
+        return {"mistake": "layer configuration differs", "detail": str(exc).split(": ", 1)[-1], "code": ""}
+    code = right.simplify().code("numpy")
+    kernel = np.asarray(kernel)
+    new_kernel = np.asarray(new_kernel)
+    if new_kernel.shape != target.kernel_shape:
+        return {"mistake": "kernel shape", "detail": f"kernel shape {new_kernel.shape}, expected {target.kernel_shape}",
+                "code": code}
+    expected = right.apply(kernel).astype(new_kernel.dtype)
+    kernel_right = np.array_equal(expected, new_kernel)
+    bias_right = (new_bias is None and bias is None) or (
+        bias is not None and new_bias is not None and np.array_equal(bias.astype(new_bias.dtype), new_bias)) or (
+        bias is None and new_bias is not None and not np.any(new_bias))
+    from equivcheck.mutations import mutants
+
+    catalogue = [m for m in mutants(source, target, right) if not m.ambiguous and m.target is None]
+    if kernel_right and bias_right:
+        return {"mistake": "weights right, output differs",
+                "detail": "the weights are the right mapping of the source's: the layer itself computes differently "
+                          "(padding, stride, dtype or an op the framework adds)", "code": code}
+    if kernel_right:
+        if bias is not None and new_bias is not None and new_bias.shape == bias.shape:
+            for m in catalogue:
+                if m.bias is not None and np.array_equal(m.bias.apply(bias).astype(new_bias.dtype), new_bias):
+                    return {"mistake": m.name, "detail": m.description, "code": code, "convention": str(m.convention)}
+        if bias is None and new_bias is not None:
+            return {"mistake": "bias added", "detail": "the source layer has no bias; the converted one adds a non-zero bias",
+                    "code": code}
+        return {"mistake": "wrong bias", "detail": "the kernel is right; the bias is not the source's", "code": code}
+    matched = [m for m in catalogue if m.bias is None
+               and np.array_equal(m.mapping.apply(kernel).astype(new_kernel.dtype), new_kernel)]
+    if matched and len({m.convention for m in matched}) == 1:
+        m = next((m for m in matched if m.name.endswith("(target)")), matched[0])
+        name, detail = _named(m, target)
+        if str(m.convention) == "flatten order" and isinstance(target, DenseSpec) and target.rank:
+            order = _read_as(source, target, kernel, new_kernel)
+            if order:
+                name, detail = f"wrong flatten order ({order} read as {target.flatten})", _flatten_detail(order, target)
+        return {"mistake": name, "detail": detail, "code": code, "convention": str(m.convention)}
+    other = _search(source, target, kernel, new_kernel)
+    if other:
+        return {"mistake": other[0], "detail": other[1], "code": code}
+    if new_kernel.size == kernel.size and np.array_equal(np.sort(kernel.astype(np.float64), axis=None),
+                                                         np.sort(new_kernel.astype(np.float64), axis=None)):
+        return {"mistake": "kernel rearranged wrongly", "detail": "the converted kernel holds the source's weights in an "
+                "order no known convention or single mistake explains", "code": code}
+    return {"mistake": "different weights", "detail": "the converted kernel is not a rearrangement of the source's "
+            "(scaled, cast, fused with another layer or not loaded)", "code": code}
+
+
+def _named(m: Any, target: LayerSpec) -> tuple[str, str]:
+    """(the mistake's name, one sentence); a flatten order is named as what the kernel reads and the graph gives."""
+    name = m.name.replace(" (target)", "").replace(" (source)", "")
+    if str(m.convention) == "flatten order" and isinstance(target, DenseSpec) and "(source)" not in m.name:
+        wrong = m.description.split("flattened as ")[-1].split(" instead")[0]
+        return f"{name} ({wrong} read as {target.flatten})", _flatten_detail(wrong, target)
+    return name, m.description
+
+
+def _read_as(source: LayerSpec, target: DenseSpec, kernel: np.ndarray, new_kernel: np.ndarray) -> str:
+    """The flatten order the converted dense kernel was made for (it reads the map in that order)."""
+    letters = target.map_letters
+    for order in sorted(("".join(p) for p in itertools.permutations(letters)),
+                        key=lambda o: o not in (letters, letters[1:] + "C")):
+        if order == target.flatten:
+            continue
+        try:
+            got = plan(source, target.replace(flatten=order)).apply(kernel)
+        except EquivcheckError:
+            continue
+        if np.array_equal(got.astype(new_kernel.dtype), new_kernel):
+            return order
+    return ""
+
+
+def _flatten_detail(wrong: str, target: DenseSpec) -> str:
+    text = f"the kernel reads the map as {wrong}, the graph flattens it as {target.flatten}"
+    native = {"CHW", "HWC"} if target.rank == 2 else {target.map_letters, target.map_letters[1:] + "C"}
+    if target.flatten not in native:
+        text += f" (a permutation in the graph: permute the map to {wrong} before flattening, or map the kernel as below)"
+    return text
+
+
+def _search(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, new_kernel: np.ndarray) -> tuple[str, str] | None:
+    """Another flatten order / kernel layout / flip of the target that the converted kernel follows exactly."""
+    if kernel.size > SEARCH_MAX:
+        return None
+    if isinstance(target, DenseSpec):
+        candidates = []
+        letters = target.map_letters if target.rank else ""
+        for order in itertools.permutations(letters) if letters else [""]:
+            for layout in ("IO", "OI"):
+                alt = target.replace(flatten="".join(order) or None, kernel_layout=layout)
+                if alt == target:
+                    continue
+                candidates.append((alt, f"flatten {alt.flatten}, kernel {layout}"))
+    else:
+        candidates = []
+        for layout in itertools.permutations(target.kernel_layout):
+            for op in ("correlate", "convolve"):
+                try:
+                    alt = target.replace(kernel_layout="".join(layout), op=op)
+                except EquivcheckError:
+                    continue
+                if alt != target:
+                    candidates.append((alt, f"kernel {alt.kernel_layout}" + (", flipped" if op == "convolve" else "")))
+    for alt, label in candidates:
+        try:
+            got = plan(source, alt).apply(kernel)
+        except EquivcheckError:
+            continue
+        if got.size == new_kernel.size and np.array_equal(got.reshape(new_kernel.shape).astype(new_kernel.dtype), new_kernel):
+            if isinstance(target, DenseSpec) and alt.flatten != target.flatten and alt.kernel_layout == target.kernel_layout:
+                return (f"wrong flatten order ({alt.flatten} read as {target.flatten})",
+                        _flatten_detail(alt.flatten, target))
+            expected = target.flatten if isinstance(target, DenseSpec) else target.kernel_layout
+            return ("other convention", f"the kernel follows {label}; this layer needs {expected}")
+    return None
+
+
+# -- mutants on the captured data ------------------------------------------------------------
+def _source_index(m: Mapping, coords: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Flat indices into ``m``'s input of the output elements at ``coords`` (no full-size copy)."""
+    shapes = [m.in_shape]
+    for op in m.ops:
+        shapes.append(op.out_shape(shapes[-1]))
+    c = [np.asarray(a) for a in coords]
+    for op, before, after in zip(reversed(m.ops), reversed(shapes[:-1]), reversed(shapes[1:])):
+        if isinstance(op, Reshape):
+            c = list(np.unravel_index(np.ravel_multi_index(tuple(c), after), before))
+        elif isinstance(op, Transpose):
+            back = [None] * len(c)
+            for j, p in enumerate(op.perm):
+                back[p] = c[j]
+            c = back
+        elif isinstance(op, Flip):
+            c = [before[a] - 1 - v if a in op.axes else v for a, v in enumerate(c)]
+    return np.ravel_multi_index(tuple(c), m.in_shape)
+
+
+def _rows(m: Mapping, kernel: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``m.apply(kernel)[rows]`` (rows of the output's first axis), gathering only those rows."""
+    out = m.out_shape
+    coords = np.indices((len(rows), *out[1:])).reshape(len(out), -1)
+    coords[0] = rows[coords[0]]
+    return kernel.reshape(-1)[_source_index(m, tuple(coords))].reshape(len(rows), *out[1:])
+
+
+def _windows(xc: np.ndarray, spec: ConvSpec, positions: int) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Padded input patches ``(N, C, *out_crop, *k)`` for a crop of at most ``positions`` outputs per axis."""
+    xp = np.pad(xc, [(0, 0), (0, 0), *spec.pads()])
+    out = spec.output_spatial
+    starts = [max(0, (o - positions) // 2) for o in out]
+    crop = tuple(slice(s, min(o, s + positions)) for s, o in zip(starts, out))
+    span = [d * (k - 1) + 1 for k, d in zip(spec.kernel_size, spec.dilation)]
+    region = tuple(slice(c.start * s, (c.stop - 1) * s + sp) for c, s, sp in zip(crop, spec.stride, span))
+    sub = xp[(slice(None), slice(None), *region)]
+    win = np.lib.stride_tricks.sliding_window_view(sub, span, axis=tuple(range(2, 2 + spec.rank)))
+    win = win[(Ellipsis, *(slice(None, None, d) for d in spec.dilation))]
+    win = win[(slice(None), slice(None), *(slice(None, None, s) for s in spec.stride))]
+    return win, crop
+
+
+def _conv_rows(win: np.ndarray, kernel_rows: np.ndarray, rows: np.ndarray, spec: ConvSpec) -> np.ndarray:
+    """Outputs of canonical kernel rows ``(R, I/g, *k)`` at the windows: ``(N, R, *crop)``."""
+    per_group_out = spec.out_channels // spec.groups
+    per_group_in = spec.in_channels // spec.groups
+    r = spec.rank
+    out = []
+    for row, k in zip(rows, kernel_rows):
+        g = int(row) // per_group_out
+        w = win[:, g * per_group_in:(g + 1) * per_group_in]
+        axes = (list(range(1, 2)) + list(range(2 + r, 2 + 2 * r)), list(range(0, 1 + r)))
+        out.append(np.tensordot(w, k, axes=axes))
+    return np.stack(out, axis=1)
+
+
+def unrejected_mutants(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None,
+                       x_canonical: np.ndarray, y_source: np.ndarray, dtype: str, fan: int) -> tuple[list[str], list[str]]:
+    """(mutants that would pass on this data, mutants not checked), for a pair that passed.
+
+    Each mutant's kernel, brought back to the source's canonical form, differs from the right
+    one by ``D``; the mutant is rejected when ``|D·x|`` exceeds twice the pair's bound somewhere
+    on a few output channels (and, for a conv, a small crop of positions).
+    """
+    from equivcheck.mutations import mutants
+
+    try:
+        right = plan(source, target)
+    except EquivcheckError:
+        return [], []
+    if isinstance(source, ConvSpec) and source.transposed:
+        return [], ["transposed convolutions: mutants not replayed"]
+    to_canon = canonical(source)
+    units = to_canon.out_shape[0]
+    rows = np.unique(np.linspace(0, units - 1, min(units, MUTANT_CHANNELS)).astype(int))
+    f64 = np.float64
+    right_rows = _rows(to_canon, kernel, rows).astype(f64)
+    xs = x_canonical[:2].astype(f64)
+    b = None if bias is None else bias.astype(f64)[rows]
+    conv = isinstance(source, ConvSpec)
+    if conv:
+        cspec = source.replace(data_format="channels_first")
+        win, _ = _windows(xs, cspec, MUTANT_POSITIONS)
+        y_right = _conv_rows(win, right_rows, rows, cspec)
+        mag = _conv_rows(np.abs(win), np.abs(right_rows), rows, cspec)
+        bshape = (1, -1, *(1,) * source.rank)
+    else:
+        flat = xs.reshape(len(xs), -1)
+        y_right = flat @ right_rows.reshape(len(rows), -1).T
+        mag = np.abs(flat) @ np.abs(right_rows.reshape(len(rows), -1)).T
+        bshape = (1, -1)
+    if b is not None:
+        y_exact_nb = y_right
+        y_right = y_right + b.reshape(bshape)
+        mag = mag + np.abs(b).reshape(bshape)
+    else:
+        y_exact_nb = None
+    bound = 2 * error_bound(y_right, mag, dtype=dtype, fan_in=fan, exact_without_bias=y_exact_nb)
+    back = right.inverse().then(to_canon)
+    missed, skipped = [], []
+    for mutant in mutants(source, target, right):
+        if mutant.ambiguous:
+            continue
+        if mutant.target is not None:
+            skipped.append(mutant.name)
+            continue
+        if mutant.bias is not None:
+            if bias is None:
+                continue
+            db = np.abs(mutant.bias.apply(bias.astype(f64)) - bias.astype(f64))[rows]
+            if not np.any(db.reshape(bshape) > bound):
+                missed.append(mutant.name)
+            continue
+        d = _rows(mutant.mapping.then(back), kernel, rows).astype(f64) - right_rows
+        if not np.any(d):
+            missed.append(mutant.name)  # the sampled channels cannot tell it apart
+            continue
+        dy = _conv_rows(win, d, rows, cspec) if conv else flat @ d.reshape(len(rows), -1).T
+        if not np.any(np.abs(dy) > bound):
+            missed.append(mutant.name)
+    return missed, skipped
+

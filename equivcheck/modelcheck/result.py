@@ -1,0 +1,158 @@
+"""What a whole-model check found: one row per paired layer, the first divergence, the rest."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from equivcheck.compare import Comparison
+
+__all__ = ["LayerRow", "ModelCheck", "Unpaired"]
+
+
+def _finite(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+@dataclass
+class LayerRow:
+    """One source layer and its converted partner."""
+
+    source: str
+    converted: str
+    kind: str  # "dense", "conv", "dense → conv"...
+    dtype: str
+    verdict: str  # "pass" | "fail" | "inconclusive"
+    comparison: Comparison | None = None
+    boundary: str = ""  # how the converted layer's input relates to the source's
+    boundary_ok: bool = True
+    diagnosis: str = ""  # "wrong flatten order: the kernel reads..." (failing pairs)
+    mistake: str = ""  # the short name of the mistake
+    mapping: str = ""  # the right mapping of the source kernel, as numpy code
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_error(self) -> float | None:
+        return None if self.comparison is None else self.comparison.max_abs_error
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.comparison is None else self.comparison.max_error_ratio
+
+    @property
+    def label(self) -> str:
+        return f"{self.source} ↔ {self.converted}"
+
+    def headline(self) -> str:
+        """``"features.fc1 ↔ fc1: wrong flatten order (...); right mapping w.reshape(...)"``."""
+        what = self.diagnosis or "; ".join(self.notes[:1]) or (self.comparison.summary() if self.comparison else self.verdict)
+        text = f"{self.label}: {what}"
+        if not self.mapping or self.verdict != "fail":
+            return text
+        return f"{text}; right mapping {self.mapping}" if self.mapping != "w" else f"{text}; right mapping: the kernel as is (w)"
+
+    def to_dict(self) -> dict[str, Any]:
+        comp = self.comparison
+        return {
+            "source": self.source, "converted": self.converted, "kind": self.kind, "dtype": self.dtype,
+            "verdict": self.verdict,
+            "max_abs_error": None if comp is None else _finite(comp.max_abs_error),
+            "bound_at_worst": None if comp is None else _finite(comp.bound_at_worst),
+            "max_error_ratio": None if comp is None else _finite(comp.max_error_ratio),
+            "comparison": None if comp is None else comp.to_dict(),
+            "boundary": self.boundary, "boundary_ok": self.boundary_ok,
+            "mistake": self.mistake, "diagnosis": self.diagnosis, "mapping": self.mapping, "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    model: str  # "source" | "converted"
+    name: str
+    kind: str
+    weights: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "name": self.name, "kind": self.kind, "weights": self.weights}
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.name} ({self.kind}, {self.weights} weights)"
+
+
+@dataclass
+class ModelCheck:
+    """The result of :func:`equivcheck.check_models`."""
+
+    source: str  # "torch VGG" ...
+    converted: str
+    verdict: str  # "pass" | "fail" | "inconclusive"
+    reason: str = ""
+    layers: list[LayerRow] = field(default_factory=list)
+    unpaired: list[Unpaired] = field(default_factory=list)
+    end_to_end: dict[str, Any] = field(default_factory=dict)  # per dtype: max errors and whether they pass
+    input_shape: tuple[int, ...] = ()
+    dtypes: tuple[str, ...] = ("float32",)
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    @property
+    def first_divergence(self) -> LayerRow | None:
+        """The first failing pair in the source's execution order, or None."""
+        return next((row for row in self.layers if row.verdict == "fail"), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.first_divergence
+        return {
+            "schema": "equivcheck.modelcheck/1",
+            "source": self.source, "converted": self.converted, "verdict": self.verdict, "reason": self.reason,
+            "input_shape": list(self.input_shape), "dtypes": list(self.dtypes), "seed": self.seed,
+            "first_divergence": None if first is None else {"source": first.source, "converted": first.converted,
+                                                             "headline": first.headline()},
+            "layers": [row.to_dict() for row in self.layers],
+            "unpaired": [u.to_dict() for u in self.unpaired],
+            "end_to_end": {k: {kk: _finite(vv) for kk, vv in v.items()} for k, v in self.end_to_end.items()},
+            "notes": list(self.notes),
+        }
+
+    def render(self, *, markdown: bool = False) -> str:
+        """The layer table, the first divergence and what did not pair, as plain text (or Markdown)."""
+        first = self.first_divergence
+        head = ("source", "converted", "kind", "dtype", "verdict", "max |err|", "err/bound", "input", "diagnosis")
+        rows = []
+        for row in self.layers:
+            comp = row.comparison
+            mark = "→ " if row is first else ""
+            rows.append((mark + row.source, row.converted, row.kind, row.dtype, row.verdict,
+                         "-" if comp is None else f"{comp.max_abs_error:.3g}",
+                         "-" if comp is None else f"{comp.max_error_ratio:.3g}", row.boundary,
+                         row.diagnosis or "; ".join(row.notes)))
+        title = f"{self.source} → {self.converted}: {self.verdict}"
+        lines = [f"## {title}" if markdown else title]
+        if markdown:
+            lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+            lines.append("")
+        else:
+            widths = [min(48, max(len(str(c)) for c in col)) for col in zip(head, *rows)]
+            for r in (head, *rows):
+                cells = [str(c) for c in r]
+                lines.append("  ".join(c.ljust(w) for c, w in zip(cells[:-1], widths[:-1])) + "  " + cells[-1])
+        if first is not None:
+            lines.append(f"first divergence: {first.headline()}")
+        elif self.reason:
+            lines.append(self.reason)
+        for dtype, e2e in self.end_to_end.items():
+            lines.append(f"end to end ({dtype}): max |err| {e2e['max_abs_error']:.3g}, relative "
+                         f"{e2e['max_rel_error']:.3g} (tolerance {e2e['tolerance']:.3g}) — {'ok' if e2e['passed'] else 'differs'}")
+        if self.unpaired:
+            lines.append("unpaired: " + "; ".join(str(u) for u in self.unpaired))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.render()
