@@ -25,6 +25,9 @@ SECTIONS = [
     ("harness", "Harness overhead per generated case, against the bare forward passes", {"cases": 20}, {"cases": 5}),
     ("imports", "Import and plugin cost", {"repeat": 5, "suite": True}, {"repeat": 2}),
     ("comparator", "Comparator sensitivity at fan-in 25088", {"trials": 1000}, {"trials": 100}),
+    ("soundness", "Soundness per layer kind and dtype (probed facts), natively and as an older CPU",
+     {"trials": 300}, {"trials": 30, "older_cpu": False}),
+    ("runtimes", "ONNX Runtime / TFLite per-case overhead", {"repeat": 20}, {"repeat": 3}),
 ]
 
 

@@ -11,6 +11,8 @@ Importing this package imports no deep-learning framework.
 
 from equivcheck.errors import (
     BackendUnavailable,
+    CheckSkipped,
+    ConversionCheckFailed,
     EquivcheckError,
     FileFormatError,
     HeadError,
@@ -20,11 +22,12 @@ from equivcheck.errors import (
     VerificationError,
 )
 from equivcheck.explore import explore
+from equivcheck.identify import Identification, identify
 from equivcheck.mapping import Flip, Mapping, Reshape, Transpose
 from equivcheck.modelcheck import ModelCheck, check_models
 from equivcheck.plan import canonical, convert, plan
-from equivcheck.presets import PRESETS, spec
-from equivcheck.specs import ConvSpec, DenseSpec
+from equivcheck.presets import PRESETS, build, spec
+from equivcheck.specs import ConvSpec, DenseSpec, Shape
 from equivcheck.verify import Case, verify, verify_pair
 
 __version__ = "0.1.0"
@@ -33,25 +36,31 @@ __all__ = [
     "PRESETS",
     "BackendUnavailable",
     "Case",
+    "CheckSkipped",
     "ConvSpec",
+    "ConversionCheckFailed",
     "DenseSpec",
     "EquivcheckError",
     "FileFormatError",
     "Flip",
     "HeadError",
+    "Identification",
     "Mapping",
     "MappingError",
     "ModelCheck",
     "NoMapping",
     "Reshape",
+    "Shape",
     "SpecError",
     "Transpose",
     "VerificationError",
+    "build",
     "canonical",
     "check_models",
     "convert",
     "convolutionalize",
     "explore",
+    "identify",
     "plan",
     "spec",
     "verify",

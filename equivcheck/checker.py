@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from equivcheck._arrays import to_numpy
-from equivcheck.errors import EquivcheckError, NoMapping, SpecError
-from equivcheck.mapping import Mapping
+from equivcheck.errors import CheckSkipped, ConversionCheckFailed, EquivcheckError, NoMapping, SpecError
+from equivcheck.identify import IDENTIFY_MAX_ELEMENTS, Identification, identify, preset_kwargs, probe_weights
 from equivcheck.plan import plan
-from equivcheck.presets import PRESETS, spec
+from equivcheck.presets import PRESETS, backend_of, build, spec
 from equivcheck.specs import ConvSpec, DenseSpec, LayerSpec
 from equivcheck.verify import Case
 
@@ -49,24 +49,9 @@ __all__ = [
     "spec_code",
 ]
 
-#: The framework that runs each preset's layers; any other preset runs on the numpy reference.
-PRESET_BACKENDS = {
-    "keras": "keras", "keras_cf": "keras", "torch": "torch", "tf": "tf",
-    "jax": "jax", "flax": "jax", "scipy": "scipy", "theano": "scipy",
-}
-#: Kernels larger than this are not probed to name the converter's conventions.
-PROBE_MAX_ELEMENTS = 1 << 20
-_SHAPE_ARGS = ("channels", "spatial", "units", "kernel_size", "stride", "dilation", "padding", "groups", "bias")
-_INT_ARGS = ("channels", "units", "groups")
-_CONV_ONLY = ("kernel_size", "stride", "dilation", "padding", "groups")
-
-
-class ConversionCheckFailed(AssertionError):
-    """A converter gave weights on which the target layer disagrees with the source."""
-
-
-class CheckSkipped(EquivcheckError):
-    """Nothing could be checked (every case skipped); the pytest fixture turns it into a skip."""
+#: The framework that runs each preset's layers (from :data:`equivcheck.presets.PRESETS`); the others run on numpy.
+PRESET_BACKENDS = {name: p.backend for name, p in PRESETS.items() if p.backend != "numpy"}
+_INT_ARGS = ("channels", "units", "groups", "multiplier")
 
 
 @dataclass(frozen=True)
@@ -122,8 +107,7 @@ def resolve_backend(layer: LayerSpec, dtype: str, allowed: Sequence[str] | None 
     """``(backend, note)``: the framework that runs ``layer`` (from its preset), else numpy with why."""
     from equivcheck import backends as registry
 
-    preset = (layer.name or "").split(":")[0]
-    name = PRESET_BACKENDS.get(preset, "numpy")
+    name = backend_of(layer)
     if name == "numpy":
         return name, ""
     if allowed is not None and name not in allowed:
@@ -139,77 +123,19 @@ def resolve_backend(layer: LayerSpec, dtype: str, allowed: Sequence[str] | None 
 
 
 # -- conventions -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Conventions:
-    """What a converter's kernel is, in terms of the right mapping and its mutants."""
-
-    target: str
-    exact: bool = False
-    differences: tuple[str, ...] = ()  # mutant names whose composition reproduces the kernel
-    same_as: tuple[str, ...] = ()  # other preset layers the kernel is right for
-    problem: str = ""  # why nothing matched
-
-    def summary(self) -> str:
-        if self.exact:
-            also = f" (= {', '.join(self.same_as)})" if self.same_as else ""
-            return f"matches {self.target}{also}"
-        if self.differences:
-            like = f"; it is the right kernel for {', '.join(self.same_as)}" if self.same_as else ""
-            return f"matches {self.target} except: {', '.join(self.differences)}{like}"
-        if self.same_as:
-            return f"follows {', '.join(self.same_as)}, not {self.target}"
-        return self.problem or f"matches no catalogued convention of {self.target}"
+#: What a converter's kernel is (kept under its old name): see :class:`equivcheck.identify.Identification`.
+Conventions = Identification
 
 
 def _label(layer: LayerSpec) -> str:
     return layer.name or layer.kind
 
 
-def _probe(shape: tuple[int, ...]) -> np.ndarray:
-    n = math.prod(shape)
-    return np.arange(1, n + 1, dtype=np.float32 if n < 1 << 24 else np.float64).reshape(shape)
-
-
-def _layer_name(layer: LayerSpec) -> str:
-    if isinstance(layer, DenseSpec):
-        return "dense"
-    if layer.is_depthwise_layout:
-        return "depthwise"
-    return "conv_transpose" if layer.transposed else "conv"
-
-
-def _preset_kwargs(layer: LayerSpec) -> dict[str, Any]:
-    """Arguments of :func:`equivcheck.spec` that rebuild ``layer`` under its preset (defaults omitted)."""
-    kw: dict[str, Any] = {"channels": layer.channels, "spatial": tuple(layer.spatial), "units": layer.units}
-    if isinstance(layer, ConvSpec):
-        r = layer.rank
-        if layer.kernel_size != layer.spatial:
-            kw["kernel_size"] = layer.kernel_size
-        for name, default in (("stride", (1,) * r), ("dilation", (1,) * r), ("output_padding", (0,) * r)):
-            if getattr(layer, name) != default:
-                kw[name] = getattr(layer, name)
-        if layer.padding != "valid":
-            kw["padding"] = layer.padding
-        if layer.groups != 1 and not layer.is_depthwise_layout:
-            kw["groups"] = layer.groups
-    if not layer.bias:
-        kw["bias"] = False
-    return kw
-
-
-def _as_preset(layer: LayerSpec, preset: str) -> LayerSpec | None:
-    """``layer``'s shape under another preset's conventions, or None when it has no such layer."""
-    try:
-        return spec(f"{preset}:{_layer_name(layer)}", **_preset_kwargs(layer))
-    except EquivcheckError:
-        return None
-
-
 def spec_code(layer: LayerSpec) -> str:
     """Python that rebuilds ``layer`` (with ``import equivcheck as ec``)."""
     name = layer.name or ""
     if name.count(":") == 1 and name.split(":")[0] in PRESETS:
-        kw = _preset_kwargs(layer)
+        kw = preset_kwargs(layer)
         try:
             if spec(name, **kw) == layer:
                 args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
@@ -219,62 +145,19 @@ def spec_code(layer: LayerSpec) -> str:
     return f"ec.{layer!r}"
 
 
-def identify_conventions(convert: Callable, source: LayerSpec, target: LayerSpec) -> Conventions:
-    """Name the conventions ``convert`` follows, by converting probe weights (all distinct).
-
-    The result is the right mapping, a right mapping with one or two plausible mistakes of
-    :mod:`equivcheck.mutations`, another preset's right mapping, or a reason nothing matched.
-    """
-    from equivcheck.mutations import mutants
-
+def identify_conventions(convert: Callable, source: LayerSpec, target: LayerSpec) -> Identification:
+    """Name the conventions ``convert`` follows, by converting all-distinct probe weights (:func:`equivcheck.identify`)."""
     label = _label(target)
-    if math.prod(source.kernel_shape) > PROBE_MAX_ELEMENTS:
-        return Conventions(label, problem=f"not identified: the kernel has more than {PROBE_MAX_ELEMENTS} weights")
-    probe = _probe(source.kernel_shape)
-    bias = -_probe(source.bias_shape) if source.bias else None
+    if math.prod(source.kernel_shape) > IDENTIFY_MAX_ELEMENTS:
+        return Identification(label, problem=f"not identified: the kernel has more than {IDENTIFY_MAX_ELEMENTS} weights")
+    kernel, bias = probe_weights(source)
     try:
-        result = convert(probe.copy(), None if bias is None else bias.copy())
+        result = convert(kernel.copy(), None if bias is None else bias.copy())
         got = np.asarray(to_numpy(result[0]), dtype=np.float64)
+        got_bias = None if result[1] is None else np.asarray(to_numpy(result[1]), dtype=np.float64)
     except Exception as exc:  # the user's converter may not accept probe values; say so, do not hide the check
-        return Conventions(label, problem=f"not identified: the converter raised {type(exc).__name__} on probe weights")
-    if got.shape != target.kernel_shape:
-        return Conventions(label, problem=f"returns a kernel of shape {got.shape}, {label} expects {target.kernel_shape}")
-    if not np.array_equal(np.sort(got, axis=None), probe.reshape(-1).astype(np.float64)):
-        return Conventions(label, problem="changes weight values (not a rearrangement: scaled, summed or cast)")
-    same_as = []
-    for preset in PRESETS:
-        other = _as_preset(target, preset)
-        if other is None or other.name == target.name or other.kernel_shape != target.kernel_shape:
-            continue
-        try:
-            if np.array_equal(plan(source, other).apply(probe), got):
-                same_as.append(other.name)
-        except EquivcheckError:
-            continue
-    try:
-        right = plan(source, target)
-    except NoMapping as exc:
-        return Conventions(label, same_as=tuple(same_as), problem=f"no right mapping exists: {exc}")
-    if np.array_equal(right.apply(probe), got):
-        return Conventions(label, exact=True, same_as=tuple(same_as))
-    wrong = [m for m in mutants(source, target, right) if not m.ambiguous]
-    for m in wrong:
-        if np.array_equal(m.mapping.apply(probe), got):
-            return Conventions(label, differences=(m.name,), same_as=tuple(same_as))
-    # Two mistakes at once: compose each mutant's error (a rearrangement of the target kernel).
-    undo = right.inverse()
-    errors = [(m.name, undo.then(m.mapping)) for m in wrong if _invertible(m.mapping)]
-    expected = right.apply(probe)
-    for i, (a, ea) in enumerate(errors):
-        first = ea.apply(expected)
-        for b, eb in errors[i + 1 :]:
-            if np.array_equal(eb.apply(first), got) or np.array_equal(ea.apply(eb.apply(expected)), got):
-                return Conventions(label, differences=(a, b), same_as=tuple(same_as))
-    return Conventions(label, same_as=tuple(same_as))
-
-
-def _invertible(m: Mapping) -> bool:
-    return math.prod(m.in_shape) == math.prod(m.out_shape)
+        return Identification(label, problem=f"not identified: the converter raised {type(exc).__name__} on probe weights")
+    return identify(source, target, got, got_bias, source_kernel=kernel, source_bias=bias)
 
 
 # -- one check ---------------------------------------------------------------------------
@@ -449,11 +332,7 @@ def _build(name: Any, args: dict[str, Any], role: str) -> LayerSpec:
         return name
     if not isinstance(name, str):
         raise SpecError(f"{role}={name!r} is not a layer: expected 'PRESET:LAYER' (e.g. 'keras:dense') or a spec")
-    layer = name.split(":")[-1]
-    kw = {k: v for k, v in args.items() if v is not None and (layer != "dense" or k not in _CONV_ONLY)}
-    if layer == "depthwise":
-        kw.pop("groups", None)
-    return spec(name, **kw)
+    return build(name, **{k: v for k, v in args.items() if v is not None})
 
 
 # -- the checker -------------------------------------------------------------------------
@@ -491,6 +370,8 @@ class Checker:
         padding: Any = "valid",
         groups: Any = 1,
         bias: Any = True,
+        multiplier: Any = None,
+        output_padding: Any = 0,
         dtypes: Sequence[str] | str | None = None,
         max_examples: int | None = None,
         seed: int | None = None,
@@ -507,7 +388,8 @@ class Checker:
         if not callable(convert):
             raise SpecError(f"convert={convert!r} is not callable: expected a function (kernel, bias) -> (kernel, bias)")
         args = dict(channels=channels, spatial=spatial, units=units, kernel_size=kernel_size, stride=stride,
-                    dilation=dilation, padding=padding, groups=groups, bias=bias)
+                    dilation=dilation, padding=padding, groups=groups, multiplier=multiplier,
+                    output_padding=output_padding, bias=bias)
         fixed, varying = _split_args(args)
         names = self._dtypes(dtypes)
         run_seed = self._seed(seed)
@@ -519,7 +401,7 @@ class Checker:
                 record = self._run(convert, src, dst, dtype, derive_seed(run_seed, dtype))
                 cases.append(record.case)
                 if record.failed:
-                    raise ConversionCheckFailed(failure_message(record, convert))
+                    raise ConversionCheckFailed(failure_message(record, convert), record)
             return self._done(cases)
 
         from hypothesis import strategies as st
@@ -606,7 +488,7 @@ class Checker:
             record.converter = name
             if record.failed:
                 call = f"lambda k, b: {name.split('.')[0]}(source, target, k, b)" if pairs else None
-                raise ConversionCheckFailed(failure_message(record, convert, call=call))
+                raise ConversionCheckFailed(failure_message(record, convert, call=call), record)
 
         limit = max_examples or self.options.max_examples
         phases = [p for p in Phase if p.name != "explain"]  # the failure message already explains

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from equivcheck.errors import EquivcheckError
+from equivcheck.errors import EquivcheckError, UsageError
+from equivcheck.specs import Shape
 
 EXIT_FAIL = 1
 EXIT_USAGE = 2
-
-
-class UsageError(EquivcheckError):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,11 +25,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        return tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 7,7") from None
+    """``"7,7"`` or ``"7x7"``: non-negative integers, nothing else (``"4,x"`` and ``"4,,5"`` are refused)."""
+    if not re.fullmatch(r"\s*\d+(\s*[,x]\s*\d+)*\s*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 7,7")
+    return tuple(int(p) for p in re.split(r"[,x]", text))
 
 
 def _padding(text: str) -> Any:
@@ -39,43 +36,44 @@ def _padding(text: str) -> Any:
 
 
 def _spec_flags(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """The two layers and one set of shape flags; each layer takes the flags that apply to it."""
     p.add_argument("--from", dest="source", required=required, metavar="PRESET:LAYER", help="source layer, e.g. keras:dense")
     p.add_argument("--to", dest="target", required=required, metavar="PRESET:LAYER", help="target layer, e.g. torch:conv")
     p.add_argument("--channels", type=int, metavar="C", help="channels of the feature map the layers read")
-    p.add_argument("--spatial", type=_ints, default=(), metavar="H,W", help="spatial size of that map, e.g. 7,7")
+    p.add_argument("--spatial", type=_ints, metavar="H,W", help="spatial size of that map, e.g. 7,7")
     p.add_argument("--units", type=int, metavar="N", help="output width: dense units or conv out channels")
-    p.add_argument("--kernel-size", type=_ints, metavar="KH,KW", help="conv kernel size (default: the whole map)")
-    p.add_argument("--stride", type=_ints, default=(1,), metavar="S")
-    p.add_argument("--dilation", type=_ints, default=(1,), metavar="D")
-    p.add_argument("--padding", type=_padding, default="valid", metavar="valid|same|P,P")
-    p.add_argument("--groups", type=int, default=1)
-    p.add_argument("--multiplier", type=int, help="depthwise channel multiplier")
+    p.add_argument("--kernel-size", type=_ints, metavar="KH,KW",
+                   help="conv kernel size; one number for every axis (default: the whole map)")
+    p.add_argument("--stride", type=_ints, metavar="S", help="conv stride, one number or one per axis (default: 1)")
+    p.add_argument("--dilation", type=_ints, metavar="D", help="conv dilation (default: 1)")
+    p.add_argument("--padding", type=_padding, metavar="valid|same|P,P", help="conv padding (default: valid)")
+    p.add_argument("--output-padding", type=_ints, metavar="P", help="transposed conv output padding (default: 0)")
+    p.add_argument("--groups", type=int, help="conv groups (default: 1)")
+    p.add_argument("--multiplier", type=int, help="depthwise channel multiplier (default: units / channels, else 1)")
     p.add_argument("--no-bias", action="store_true", help="layers without a bias")
 
 
-def _one_or_tuple(values: tuple[int, ...]) -> Any:
-    return values[0] if len(values) == 1 else values
+def _one_or_tuple(values: tuple[int, ...] | None) -> Any:
+    return values[0] if values is not None and len(values) == 1 else values
+
+
+def shape_from_args(args: argparse.Namespace) -> Shape:
+    """The shape flags that were given, as one :class:`~equivcheck.specs.Shape` for both layers."""
+    return Shape(
+        channels=args.channels, spatial=args.spatial, units=args.units, kernel_size=_one_or_tuple(args.kernel_size),
+        stride=_one_or_tuple(args.stride), dilation=_one_or_tuple(args.dilation), padding=args.padding,
+        output_padding=_one_or_tuple(args.output_padding), groups=args.groups, multiplier=args.multiplier,
+        bias=False if args.no_bias else None,
+    )
 
 
 def specs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     """The (source, target) specs named by ``--from``/``--to`` and the shape flags."""
-    from equivcheck.presets import spec
+    from equivcheck.presets import build_pair
 
     if args.channels is None:
         raise UsageError("--channels is required: the number of channels of the map the layers read")
-    common = dict(channels=args.channels, spatial=args.spatial, units=args.units, bias=not args.no_bias)
-    conv = dict(kernel_size=args.kernel_size, stride=_one_or_tuple(args.stride),
-                dilation=_one_or_tuple(args.dilation), padding=args.padding)
-    out = []
-    for name in (args.source, args.target):
-        layer = name.split(":")[-1]
-        if layer == "dense":
-            out.append(spec(name, **common))
-        elif layer == "depthwise":
-            out.append(spec(name, **common, **conv, multiplier=args.multiplier))
-        else:
-            out.append(spec(name, **common, **conv, groups=args.groups))
-    return out[0], out[1]
+    return build_pair(args.source, args.target, shape_from_args(args))
 
 
 def _print_json(obj: Any) -> None:
@@ -126,16 +124,56 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_backends(args: argparse.Namespace) -> int:
     from equivcheck import backends
 
+    names = _backend_names(args.backends) if args.backends else list(backends.BACKENDS)
+    if args.facts:
+        return _print_facts(names, args.json)
     rows = []
-    for name in backends.BACKENDS:
+    for name in names:
         b = backends.get(name)
         ok = b.available()
         rows.append({"name": name, "module": b.module, "available": ok, "version": b.version() if ok else None})
     if args.json:
         _print_json(rows)
     else:
+        width = max(len(r["name"]) for r in rows)
         for r in rows:
-            print(f"{r['name']:8s} {'yes' if r['available'] else 'no ':4s} {r['version'] or '-'}")
+            print(f"{r['name']:{width}s} {'yes' if r['available'] else 'no ':4s} {r['version'] or '-'}")
+    return 0
+
+
+def _backend_names(text: str) -> list[str]:
+    from equivcheck import backends
+
+    names = [n for n in text.split(",") if n]
+    for n in names:
+        backends.get(n)  # an unknown name is one line naming the known ones
+    return names
+
+
+def _print_facts(names: list[str], as_json: bool) -> int:
+    """What the probes find on this machine: each installed backend × layer kind × dtype."""
+    from equivcheck import backends
+    from equivcheck.backends.probe import cpu_flags, layer_kinds, probe
+
+    rows = []
+    for name in names:
+        if not backends.get(name).available():
+            continue
+        for kind, spec in layer_kinds(name).items():
+            for dtype in ("float32", "float16", "bfloat16", "float64"):
+                rows.append({"kind": kind, **probe(name, spec, dtype).to_dict()})
+    if as_json:
+        _print_json({"cpu": cpu_flags(), "facts": rows})
+        return 0
+    print(f"facts probed on this machine ({cpu_flags()}):")
+    width = max((len(r["backend"]) for r in rows), default=7)
+    for r in rows:
+        if r["runs"]:
+            what = f"sums in {r['accumulate']}, rounded {'once' if r['roundings'] == 1 else 'twice'}"
+            what += "" if r["decided"] else f" (undecided: {r['note']})"
+        else:
+            what = f"does not run: {r['reason']}"
+        print(f"{r['backend']:{width}s} {r['kind']:17s} {r['dtype']:9s} {what}")
     return 0
 
 
@@ -158,10 +196,40 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if all(c.verdict in ("pass", "skip") for c in cases) else EXIT_FAIL
 
 
-def cmd_explore(args: argparse.Namespace) -> int:
-    from equivcheck.explore import explore_cli
+def _explore_side(preset: str | None, obj: str | None, role: str, flag: str, obj_flag: str) -> Any:
+    """A preset name (built by explore, which borrows units from a real layer on the other side) or an object."""
+    if preset and obj:
+        raise UsageError(f"{flag} and {obj_flag} both name the {role}: give one")
+    if not preset and not obj:
+        raise UsageError(f"the {role} is missing: pass {flag} PRESET:LAYER or {obj_flag} MODULE:ATTR")
+    if obj:
+        from equivcheck.explore.sides import load_object
 
-    return explore_cli(args)
+        return load_object(obj)
+    return preset
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    """Print the exploration (or one JSON object); ``--report DIR`` writes the standard report files there."""
+    from equivcheck.explore import explore
+
+    source = _explore_side(args.source, args.source_obj, "source", "--from", "--source")
+    target = _explore_side(args.target, args.target_obj, "target", "--to", "--target")
+    shape = shape_from_args(args).given()
+    result = explore(source, target, seed=args.seed, backend=args.backend, probe=args.probe, **shape)
+    data = result.to_dict()
+    if args.json:
+        _print_json(data)
+    else:
+        print(result.render())
+    if args.report:
+        from equivcheck.report import write_report
+
+        paths = write_report(args.report, [], seed=args.seed, command="explore",
+                             extra={"explorations": [json.loads(json.dumps(data, default=str))]})
+        if not args.json:
+            print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if result.found else EXIT_FAIL
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -220,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("backends", cmd_backends, "list the backends and whether their framework is installed")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--facts", action="store_true",
+                   help="probe each layer kind in each dtype on this machine: runs or not, roundings, accumulation")
+    p.add_argument("--backends", default=None, help="comma-separated backends to list (default: all)")
 
     p = add("verify", cmd_verify, "convert with the planner and check the real layers agree")
     _spec_flags(p)

@@ -7,6 +7,8 @@ how to fix it. The CLI prints that line and exits 2.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EquivcheckError(Exception):
     """Root of every error equivcheck raises on purpose."""
@@ -38,3 +40,36 @@ class VerificationError(EquivcheckError, AssertionError):
 
 class HeadError(EquivcheckError, ValueError):
     """A layer of a classifier head cannot be represented, converted or bounded."""
+
+
+class UsageError(EquivcheckError):
+    """A command line that cannot be run as given (a missing or malformed flag)."""
+
+
+class ProbeError(EquivcheckError):
+    """A layer could not be run on a probe input (it raised, or returned the wrong shape)."""
+
+
+class ProbeFailure(EquivcheckError):
+    """A layer's responses are not those of a rearranged kernel (explore's own signal; carries the reason)."""
+
+
+class NotAPermutation(EquivcheckError):
+    """Observed positions are not a rearrangement of the stored kernel (explore's own signal; carries the reason)."""
+
+
+class CheckSkipped(EquivcheckError):
+    """Nothing could be checked (every case skipped); the pytest fixture turns it into a skip."""
+
+
+class ConversionCheckFailed(EquivcheckError, AssertionError):
+    """A converter gave weights on which the target layer disagrees with the source.
+
+    ``record`` is the failing check's record (:class:`equivcheck.checker.CheckRecord`) and
+    ``case`` its :class:`equivcheck.verify.Case`, for code that catches the failure.
+    """
+
+    def __init__(self, message: str, record: Any = None) -> None:
+        super().__init__(message)
+        self.record = record
+        self.case = getattr(record, "case", None)

@@ -18,14 +18,12 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import numpy as np
-
 from equivcheck.errors import EquivcheckError
 from equivcheck.mapping import Flip, Mapping
 from equivcheck.plan import plan
 from equivcheck.specs import ConvSpec, DenseSpec, LayerSpec
 
-__all__ = ["Convention", "Mutant", "convention_of", "diagnose", "mutants"]
+__all__ = ["Convention", "Mutant", "convention_of", "mutants"]
 
 
 class Convention(str, Enum):
@@ -222,32 +220,3 @@ def _unique(found: list[Mutant]) -> list[Mutant]:
             if not m.ambiguous:
                 seen.add(key)
     return kept
-
-
-def diagnose(source: LayerSpec, target: LayerSpec, mapping: Mapping, kernel: np.ndarray,
-             new_kernel: np.ndarray) -> dict[str, str] | None:
-    """The mutant whose kernel a converter returned, exactly: the mistake it makes, on any data.
-
-    ``new_kernel`` is compared with each mutant applied to ``kernel`` (in ``new_kernel``'s
-    dtype). ``None`` when none matches, or mutants breaking different conventions all do.
-    """
-    found = [m for m in mutants(source, target, mapping)
-             if not m.ambiguous and m.bias is None and m.target is None
-             and np.array_equal(m.mapping.apply(kernel).astype(new_kernel.dtype), new_kernel)]
-    if len({m.convention for m in found}) != 1:
-        return None
-    m = found[0]
-    return {"mutant": m.name, "convention": str(m.convention), "description": m.description,
-            "code": m.mapping.simplify().code("numpy")}
-
-
-def diagnose_bias(source: LayerSpec, target: LayerSpec, mapping: Mapping, bias: np.ndarray | None,
-                  new_bias: np.ndarray | None) -> dict[str, str] | None:
-    """The bias mutant a converter's bias is, exactly (the kernel being right), or None."""
-    if bias is None or new_bias is None:
-        return None
-    for m in mutants(source, target, mapping):
-        if m.bias is not None and np.array_equal(m.bias.apply(bias).astype(new_bias.dtype), new_bias):
-            return {"mutant": m.name, "convention": str(m.convention), "description": m.description,
-                    "code": m.bias.simplify().code("numpy", var="b")}
-    return None

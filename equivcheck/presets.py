@@ -13,11 +13,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from equivcheck.errors import SpecError
-from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, spatial_letters
+from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, Shape, spatial_letters
 
-__all__ = ["LAYERS", "PRESETS", "Preset", "spec"]
+__all__ = ["LAYERS", "LAYER_KEYWORDS", "PRESETS", "Preset", "backend_of", "build", "build_pair", "spec"]
 
 LAYERS = ("dense", "conv", "conv_transpose", "depthwise")
+_CONV = ("channels", "spatial", "units", "kernel_size", "stride", "dilation", "padding", "bias")
+#: The shape keywords each layer takes; the others describe the other layer of a pair.
+LAYER_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "dense": ("channels", "spatial", "units", "bias"),
+    "conv": (*_CONV, "groups"),
+    "conv_transpose": (*_CONV, "groups", "output_padding"),
+    "depthwise": (*_CONV, "multiplier"),
+}
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,7 @@ class Preset:
     depthwise_layout: str | None
     op: str = "correlate"
     transpose_op: str | None = None  # when a transposed conv differs from ``op`` (Flax)
+    backend: str = "numpy"  # the framework that runs its layers (numpy: the reference)
 
     def layers(self) -> tuple[str, ...]:
         return tuple(
@@ -49,30 +58,31 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("keras", "Keras 3, channels_last (the default): Flatten→Dense kernel (in, out), Conv kernel HWIO",
-               _CL, _CL, "IO", "SIO", "SOI", "SIM"),
+               _CL, _CL, "IO", "SIO", "SOI", "SIM", backend="keras"),
         Preset("keras_cf", "Keras 3 with data_format='channels_first' throughout: maps NCHW, but Flatten moves "
-               "channels last before flattening and kernels stay HWIO", _CF, _CL, "IO", "SIO", "SOI", "SIM"),
+               "channels last before flattening and kernels stay HWIO", _CF, _CL, "IO", "SIO", "SOI", "SIM", backend="keras"),
         Preset("tf", "tf.nn ops: NHWC maps, tf.reshape + tf.matmul dense (in, out), filters HWIO, "
-               "conv_transpose HWOI, depthwise (h, w, in, multiplier)", _CL, _CL, "IO", "SIO", "SOI", "SIM"),
+               "conv_transpose HWOI, depthwise (h, w, in, multiplier)", _CL, _CL, "IO", "SIO", "SOI", "SIM", backend="tf"),
         Preset("torch", "PyTorch: NCHW, nn.Flatten + nn.Linear weight (out, in), Conv weight OIHW, "
-               "ConvTranspose weight IOHW, depthwise as groups=in_channels", _CF, _CF, "OI", "OIS", "IOS", "OIS"),
+               "ConvTranspose weight IOHW, depthwise as groups=in_channels", _CF, _CF, "OI", "OIS", "IOS", "OIS", backend="torch"),
         Preset("jax", "jax.lax.conv_general_dilated with its default NCHW/OIHW dimension numbers; "
-               "dense x.reshape(n, -1) @ w with w (in, out)", _CF, _CF, "IO", "OIS", "IOS", "OIS"),
+               "dense x.reshape(n, -1) @ w with w (in, out)", _CF, _CF, "IO", "OIS", "IOS", "OIS", backend="jax"),
         Preset("flax", "Flax linen: NHWC, Dense kernel (in, out), Conv kernel HWIO, depthwise as "
                "feature_group_count; ConvTranspose (in, out) kernel used as-is by lax.conv_transpose"
                "(transpose_kernel=False), i.e. flipped relative to torch's", _CL, _CL, "IO", "SIO", "SIO", "SIO",
-               transpose_op="convolve"),
+               transpose_op="convolve", backend="jax"),
         Preset("onnx", "ONNX: NCHW, Flatten + Gemm with transB=1 as exported by torch (weight (out, in)), "
-               "Conv weight OIHW, ConvTranspose weight IOHW", _CF, _CF, "OI", "OIS", "IOS", "OIS"),
+               "Conv weight OIHW, ConvTranspose weight IOHW", _CF, _CF, "OI", "OIS", "IOS", "OIS", backend="onnxruntime"),
         Preset("caffe", "Caffe: NCHW, InnerProduct weight (out, in), Convolution OIHW, Deconvolution IOHW",
                _CF, _CF, "OI", "OIS", "IOS", "OIS"),
         Preset("tflite", "TensorFlow Lite: NHWC, FullyConnected weight (out, in), Conv2D filter OHWI, "
-               "TransposeConv OHWI, DepthwiseConv2D (1, h, w, out)", _CL, _CL, "OI", "OSI", "OSI", "ISO"),
+               "TransposeConv OHWI, DepthwiseConv2D (1, h, w, out)", _CL, _CL, "OI", "OSI", "OSI", "ISO", backend="tflite"),
         Preset("theano", "legacy Keras 1 on Theano: NCHW ('th' ordering), Flatten in CHW order, Dense (in, out), "
-               "kernel OIHW, true convolution (kernel flipped)", _CF, _CF, "IO", "OIS", None, None, "convolve"),
+               "kernel OIHW, true convolution (kernel flipped)", _CF, _CF, "IO", "OIS", None, None, "convolve",
+               backend="scipy"),
         Preset("scipy", "scipy.signal.convolve per channel pair: NCHW, true convolution (kernel flipped), "
                "kernel OIHW, dense x.reshape(n, -1) @ w with w (in, out)", _CF, _CF, "IO", "OIS", None, "OIS",
-               "convolve"),
+               "convolve", backend="scipy"),
     )
 }
 
@@ -177,6 +187,46 @@ def spec(
         if layer == "conv_transpose" and preset.transpose_op:
             fields["op"] = preset.transpose_op
     return _build(ConvSpec, fields, overrides, name)
+
+
+def backend_of(layer: LayerSpec) -> str:
+    """The framework that runs a preset layer (the numpy reference for a spec of no preset)."""
+    preset = PRESETS.get((layer.name or "").split(":")[0])
+    return "numpy" if preset is None else preset.backend
+
+
+def build(name: str, shape: Shape | None = None, **keywords: Any) -> LayerSpec:
+    """The spec of preset layer ``name`` from shape keywords, taking those that apply to it.
+
+    The one way from keywords to a spec for the CLI, explore and the checker: a ``kernel_size``
+    meant for a conv target does not trouble the dense source. ``keywords`` may add spec
+    fields (``data_format=...``) as :func:`spec` does.
+    """
+    _, layer = parse_name(name)
+    given = {**(shape.given() if shape is not None else {}), **keywords}
+    if "channels" not in given:
+        raise SpecError(f"channels is missing for {name}: pass channels=C, the channels of the map the layer reads")
+    taken = {k: v for k, v in given.items() if k in LAYER_KEYWORDS[layer] or k not in _SHAPE_FIELDS}
+    if layer == "depthwise" and "units" in taken and "multiplier" in taken:
+        taken.pop("units")
+    ks = taken.get("kernel_size")
+    if isinstance(ks, int) and not isinstance(ks, bool):  # one size for every spatial axis
+        rank = max(1, len(_spatial(taken.get("spatial"), "spatial")))
+        taken["kernel_size"] = (ks,) * rank
+    return spec(name, **taken)
+
+
+_SHAPE_FIELDS = {f.name for f in dataclasses.fields(Shape)}
+
+
+def build_pair(source: str, target: str, shape: Shape) -> tuple[LayerSpec, LayerSpec]:
+    """Both specs of a conversion from one set of keywords; a keyword that applies to neither is refused."""
+    layers = [parse_name(name)[1] for name in (source, target)]
+    for key in shape.given():
+        if not any(key in LAYER_KEYWORDS[layer] for layer in layers):
+            raise SpecError(f"{key} does not apply to {source} -> {target}: "
+                            f"it is a keyword of {', '.join(k for k, v in LAYER_KEYWORDS.items() if key in v)} layers")
+    return build(source, shape), build(target, shape)
 
 
 def _build(cls: type, fields: dict[str, Any], overrides: dict[str, Any], name: str) -> Any:

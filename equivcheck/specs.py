@@ -409,6 +409,45 @@ class ConvSpec:
 LayerSpec = DenseSpec | ConvSpec
 
 
+@dataclass(frozen=True)
+class Shape:
+    """Shape keywords for a preset layer (:func:`equivcheck.presets.build`); None: not given.
+
+    One set of keywords describes both layers of a conversion: each layer takes those that
+    apply to it (a dense layer no ``kernel_size``, a depthwise one ``multiplier``, not ``groups``).
+    """
+
+    channels: int | None = None
+    spatial: Any = None
+    units: int | None = None
+    kernel_size: Any = None
+    stride: Any = None
+    dilation: Any = None
+    padding: Any = None
+    groups: int | None = None
+    multiplier: int | None = None
+    output_padding: Any = None
+    bias: bool | None = None
+
+    def need_channels(self, what: str) -> int:
+        if self.channels is None:
+            raise SpecError(f"channels is missing for {what}: pass channels=C, the channels of the map the layers read")
+        return self.channels
+
+    def spatial_or(self, default: tuple[int, ...]) -> tuple[int, ...]:
+        """The map's spatial size, or ``default`` when none was given."""
+        if self.spatial is None:
+            return tuple(default)
+        return (self.spatial,) if isinstance(self.spatial, int) else tuple(self.spatial)
+
+    def given(self) -> dict[str, Any]:
+        """The keywords that were given, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def replace(self, **changes: Any) -> Shape:
+        return _replace(self, changes)
+
+
 def _taps_per_output(n: int, k: int, s: int, d: int, lo: int, out: int) -> int:
     """Most kernel taps of a transposed conv axis that land on one output position."""
     return max(sum(1 for t in range(k) if (o + lo - t * d) % s == 0 and 0 <= (o + lo - t * d) // s < n)

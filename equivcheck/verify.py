@@ -24,7 +24,6 @@ from equivcheck.compare import Comparison, compare
 from equivcheck.data import detection_batch, sample_inputs, sample_weights
 from equivcheck.errors import EquivcheckError, SpecError, VerificationError
 from equivcheck.mapping import Mapping
-from equivcheck.mutations import diagnose, diagnose_bias
 from equivcheck.plan import plan
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, fan_in, require_memory
 
@@ -242,7 +241,7 @@ def verify_pair(
         case.verdict = "fail"
         case.reason = case.comparison.summary()
         if mapping is not None:
-            case.diagnosis = _diagnose(source, target, mapping, kernel, bias, new_kernel, new_bias)
+            case.diagnosis = _diagnose(source, target, kernel, bias, new_kernel, new_bias)
     else:
         case.verdict = "pass"
     if mutations and mapping is not None:
@@ -250,15 +249,12 @@ def verify_pair(
     return case
 
 
-def _diagnose(source: LayerSpec, target: LayerSpec, mapping: Mapping, kernel: np.ndarray, bias: np.ndarray | None,
+def _diagnose(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None,
               new_kernel: np.ndarray, new_bias: np.ndarray | None) -> dict[str, str] | None:
-    """Which single mistake a failed conversion is, from its weights alone: the kernel's, or else the bias's."""
-    right_kernel, right_bias = _planned(source, target, kernel, bias)
-    if _same(new_bias, right_bias):
-        return diagnose(source, target, mapping, kernel, new_kernel)
-    if np.array_equal(np.asarray(right_kernel).astype(new_kernel.dtype), new_kernel):
-        return diagnose_bias(source, target, mapping, None if right_bias is None else np.asarray(right_bias), new_bias)
-    return None
+    """Which single mistake a failed conversion is, from its weights alone (:func:`equivcheck.identify.identify`)."""
+    from equivcheck.identify import identify
+
+    return identify(source, target, new_kernel, new_bias, source_kernel=kernel, source_bias=bias).diagnosis()
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:

@@ -142,9 +142,19 @@ def test_identify_two_mistakes_other_presets_and_value_changes():
     assert "raised ValueError" in identify_conventions(lambda k, b: (_ for _ in ()).throw(ValueError()), SRC, DST).summary()
 
 
+def test_explore_and_the_checker_run_a_preset_on_the_same_framework():
+    from equivcheck.explore.sides import _backend_for
+
+    for name in ("theano:conv", "flax:dense", "keras:dense", "caffe:dense"):
+        layer = ec.spec(name, **SHAPE) if name.endswith("dense") else ec.spec(name, channels=2, spatial=(3, 3), units=2)
+        if resolve_backend(layer, "float32")[0] == ec.PRESETS[name.split(":")[0]].backend:  # installed and runs here
+            assert _backend_for(layer, None) == resolve_backend(layer, "float32")[0], name
+
+
 def test_backend_resolution_falls_back_to_numpy_with_a_note():
     assert PRESET_BACKENDS["flax"] == "jax" and PRESET_BACKENDS["theano"] == "scipy"
-    assert resolve_backend(ec.spec("onnx:dense", **SHAPE), "float32") == ("numpy", "")
+    assert PRESET_BACKENDS["onnx"] == "onnxruntime" and "caffe" not in PRESET_BACKENDS
+    assert resolve_backend(ec.spec("caffe:dense", **SHAPE), "float32") == ("numpy", "")
     name, note = resolve_backend(ec.spec("torch:dense", **SHAPE), "float32", allowed=("numpy",))
     assert name == "numpy" and "'torch' is not among the allowed backends" in note
     checker = Checker(Options(backends=("numpy",)))
@@ -192,3 +202,31 @@ def test_helpers():
     assert table[-1] == "note: torch:dense ran on numpy: backend 'torch' is not installed"
     assert table[0].split()[:3] == ["conversion", "converter", "backends"]
     assert "3" in table[1].split() and "1 fail 2 pass" in table[1] and table[1].endswith("matches b")
+
+
+def test_a_failed_check_carries_its_record_and_case():
+    checker = Checker()
+    with pytest.raises(ec.ConversionCheckFailed) as info:
+        checker.check_converter(lambda k, b: (k.reshape(4, 2, 3, 2).transpose(3, 2, 0, 1), b), "keras:dense", "torch:conv",
+                                channels=2, spatial=(4, 3), units=2)
+    assert isinstance(info.value, ec.EquivcheckError) and isinstance(info.value, AssertionError)
+    assert info.value.case.verdict == "fail" and info.value.record is checker.records[-1]
+
+
+def test_every_exception_equivcheck_defines_derives_from_the_root():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import equivcheck
+
+    outside = []
+    for info in pkgutil.walk_packages(equivcheck.__path__, "equivcheck."):
+        if info.name.split(".")[-1] in ("plugin", "__main__") or ".modelcheck" in info.name:
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == module.__name__
+                    and not issubclass(obj, ec.EquivcheckError) and not name.startswith("_")):
+                outside.append(f"{module.__name__}.{name}")
+    assert not outside, f"exceptions outside EquivcheckError: {outside}"

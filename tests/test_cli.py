@@ -102,3 +102,58 @@ def test_docs_preset_table_is_current(capsys):
     docs = Path(__file__).parents[1] / "docs" / "presets.md"
     assert code == 0
     assert docs.read_text() == out, "docs/presets.md is stale: regenerate with `equivcheck presets --markdown > docs/presets.md`"
+
+
+def test_backends_facts_lists_what_the_probes_found(capsys):
+    from equivcheck.backends.probe import LAYER_KINDS
+
+    code, out, _ = run(capsys, "backends", "--facts", "--json", "--backends", "numpy,scipy")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["cpu"]
+    rows = {(r["backend"], r["kind"], r["dtype"]): r for r in doc["facts"]}
+    assert set(rows) == {(b, k, d) for b in ("numpy", "scipy") for k in LAYER_KINDS
+                         for d in ("float32", "float16", "bfloat16", "float64")}
+    assert rows["numpy", "conv2d", "float16"]["runs"] and rows["numpy", "conv2d", "float16"]["accumulate"] == "float32"
+    assert not rows["scipy", "conv2d", "float16"]["runs"] and "float16" in rows["scipy", "conv2d", "float16"]["reason"]
+    code, out, _ = run(capsys, "backends", "--facts", "--backends", "numpy")
+    assert code == 0 and "numpy conv3d" in out and "sums in float32" in out
+
+
+def test_backends_refuses_an_unknown_name_in_one_line(capsys):
+    code, _, err = run(capsys, "backends", "--facts", "--backends", "numpy,nope")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "'nope'" in err
+
+
+@pytest.mark.parametrize("value", ["4,x", "4,,5", "-1", "4;5", ""])
+def test_list_flags_are_strict(capsys, value):
+    code, _, err = run(capsys, "plan", "--from", "keras:dense", "--to", "torch:conv", "--channels", "2",
+                       "--spatial", value, "--units", "3")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "comma-separated list of integers" in err
+
+
+def test_a_flag_that_applies_to_neither_layer_is_refused(capsys):
+    code, _, err = run(capsys, "plan", "--from", "keras:dense", "--to", "torch:dense", "--channels", "2",
+                       "--spatial", "3,3", "--units", "3", "--kernel-size", "3,3")
+    assert code == 2 and "kernel_size does not apply" in err
+
+
+def test_output_padding_and_an_int_kernel_size_reach_the_specs(capsys):
+    code, out, _ = run(capsys, "plan", "--from", "torch:conv_transpose", "--to", "keras:conv_transpose", "--channels", "2",
+                       "--spatial", "4,4", "--units", "3", "--kernel-size", "3", "--stride", "2", "--output-padding", "1",
+                       "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert "kernel=(3, 3)" in doc["source"] and "conv_transpose" in doc["target"]
+
+
+def test_explore_borrows_units_from_a_real_layer_as_the_api_does(capsys, tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch", reason="explores a torch layer")
+    (tmp_path / "mylayers.py").write_text(
+        "import torch\nlayer = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 3 * 3, 4))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run(capsys, "explore", "--source", "mylayers:layer", "--to", "torch:conv", "--channels", "2",
+                         "--spatial", "3,3", "--json")
+    assert code == 0, err
+    assert json.loads(out)["found"] is True
+    del torch

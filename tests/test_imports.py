@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "scipy", "matplotlib")
+FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "scipy", "matplotlib", "onnx", "onnxruntime", "ai_edge_litert")
 
 
 @pytest.mark.parametrize(

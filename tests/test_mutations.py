@@ -118,7 +118,8 @@ def test_a_failed_conversion_is_diagnosed_from_its_kernel_on_any_data():
     assert case.verdict == "fail"
     assert case.diagnosis == {"mutant": "missing flip", "convention": "flip",
                               "description": "kernel flipped 180° in space relative to the right conversion",
-                              "code": "w.T.reshape(250, 48, 5, 5)"}
+                              "code": "w.T.reshape(250, 48, 5, 5)",
+                              "right": "w.T.reshape(250, 48, 5, 5)[:, :, ::-1, ::-1]"}
     assert case.to_dict()["diagnosis"]["mutant"] == "missing flip"
 
     def no_flip_and_bias_lost(k, b):

@@ -90,3 +90,34 @@ def test_apply_converts_real_fc6_sized_weights():
     kw = dict(channels=512, spatial=(7, 7), units=64)
     m = ec.plan(ec.spec("theano:dense", **kw), ec.spec("theano:conv", **kw))
     np.testing.assert_array_equal(m.apply(w), w.T.reshape(64, 512, 7, 7)[:, :, ::-1, ::-1])
+
+
+# -- one builder, one backend per preset ----------------------------------------------------
+def test_every_preset_names_the_framework_that_runs_it():
+    from equivcheck import backends
+
+    for name, preset in ec.PRESETS.items():
+        assert preset.backend in backends.BACKENDS, name
+    assert ec.PRESETS["theano"].backend == "scipy" and ec.PRESETS["onnx"].backend == "onnxruntime"
+
+
+def test_build_takes_the_keywords_that_apply_to_each_layer():
+    shape = ec.Shape(channels=4, spatial=(6, 6), units=8, kernel_size=3, stride=2, groups=2, multiplier=2)
+    dense = ec.build("keras:dense", shape)
+    assert dense.in_features == 144 and dense.units == 8
+    conv = ec.build("torch:conv", shape)
+    assert conv.kernel_size == (3, 3) and conv.groups == 2 and conv.stride == (2, 2)  # an int: every axis
+    depthwise = ec.build("torch:depthwise", shape)
+    assert depthwise.out_channels == 8 and depthwise.groups == 4  # multiplier, not groups
+
+
+def test_build_pair_refuses_a_keyword_that_applies_to_neither_layer():
+    from equivcheck.presets import build_pair
+
+    with pytest.raises(ec.SpecError, match="kernel_size does not apply to keras:dense -> torch:dense"):
+        build_pair("keras:dense", "torch:dense", ec.Shape(channels=2, spatial=(2, 2), units=3, kernel_size=(2, 2)))
+    with pytest.raises(ec.SpecError, match="multiplier does not apply"):
+        build_pair("keras:conv", "torch:conv", ec.Shape(channels=2, spatial=(4, 4), units=4, multiplier=2))
+    src, dst = build_pair("keras:dense", "torch:conv", ec.Shape(channels=2, spatial=(2, 2), units=3, kernel_size=(2, 2)))
+    assert src.in_features == 8
+    assert dst.kernel_size == (2, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from typing import Any
@@ -16,10 +17,13 @@ def installed(*modules: str) -> bool:
 
 def import_tensorflow() -> Any:
     """``tensorflow``, imported on first use with its C++ start-up log quietened."""
-    if "tensorflow" not in sys.modules:
+    first = "tensorflow" not in sys.modules
+    if first:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow
 
+    if first:  # ours to quieten: retracing warnings from the probes' many small layers are noise
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
     return tensorflow
 
 

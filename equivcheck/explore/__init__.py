@@ -24,15 +24,15 @@ from equivcheck.explore.check import Verification, nearest_candidate, verify_map
 from equivcheck.explore.conventions import candidates, convention_rows, holding, matching_presets
 from equivcheck.explore.probe import STRATEGIES, Probed, probe_side
 from equivcheck.explore.result import Exploration, SideReport
-from equivcheck.explore.sides import BlackBox, Shape, Side, make_side
+from equivcheck.explore.sides import BlackBox, Side, make_side
 from equivcheck.mapping import Mapping
-from equivcheck.specs import ConvSpec
+from equivcheck.specs import ConvSpec, Shape
 
-__all__ = ["BlackBox", "Exploration", "Probed", "explore", "explore_cli", "pair_mapping", "probe_layer"]
+__all__ = ["BlackBox", "Exploration", "Probed", "explore", "pair_mapping", "probe_layer"]
 
 
 def _shape(channels: int | None, spatial: Any, units: int | None, kernel_size: Any, stride: Any, dilation: Any,
-           padding: Any, groups: int, multiplier: int | None, bias: bool) -> Shape:
+           padding: Any, groups: int, multiplier: int | None, bias: bool, output_padding: Any = 0) -> Shape:
     def tup(v: Any) -> Any:
         if v is None or isinstance(v, str):
             return v
@@ -42,8 +42,9 @@ def _shape(channels: int | None, spatial: Any, units: int | None, kernel_size: A
         v = tup(v)
         return v[0] if isinstance(v, tuple) and len(v) == 1 else v
 
-    return Shape(channels, tup(spatial), units, tup(kernel_size), one(stride), one(dilation), one(padding) if not
-                 isinstance(padding, str) else padding, groups, multiplier, bias)
+    return Shape(channels=channels, spatial=tup(spatial), units=units, kernel_size=tup(kernel_size), stride=one(stride),
+                 dilation=one(dilation), padding=one(padding) if not isinstance(padding, str) else padding,
+                 groups=groups, multiplier=multiplier, bias=bias, output_padding=one(output_padding))
 
 
 def probe_layer(layer: Any, *, channels: int | None = None, spatial: Any = None, units: int | None = None,
@@ -146,6 +147,7 @@ def explore(
     groups: int = 1,
     multiplier: int | None = None,
     bias: bool = True,
+    output_padding: Any = 0,
     backend: str | None = None,
     seed: int = 0,
     probe: str = "auto",
@@ -166,7 +168,8 @@ def explore(
         raise SpecError(f"probe={probe!r} is not valid: expected one of {', '.join(STRATEGIES)}")
     start = time.perf_counter()
     imported = dict(IMPORT_SECONDS)
-    shape = _shape(channels, spatial, units, kernel_size, stride, dilation, padding, groups, multiplier, bias)
+    shape = _shape(channels, spatial, units, kernel_size, stride, dilation, padding, groups, multiplier, bias,
+                   output_padding)
     sides = _make_sides(source, target, shape, backend)
     try:
         result = _explore_sides(sides, probe, seed)
@@ -275,10 +278,3 @@ def _nearest_from_probe(probes: list[Probed], cands: list, holds: list, seed: in
     fake = [Probed(p.side, m, p.strategy, p.calls, p.bias) for p, m in zip(probes, chosen)]
     v = verify_mapping(fake[0], fake[1], mapping, seed=seed, source_canonical=chosen[0])
     return _nearest(" → ".join(parts), mapping, v)
-
-
-def explore_cli(args: Any) -> int:
-    """``equivcheck explore``: print the exploration (or one JSON object); exit 0 found, 1 not found."""
-    from equivcheck.explore.cli import run
-
-    return run(args)

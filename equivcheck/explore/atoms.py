@@ -21,13 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from equivcheck.errors import NotAPermutation
 from equivcheck.mapping import Flip, Mapping, Reshape, Transpose
 
 __all__ = ["Atom", "NotAPermutation", "line_atoms", "line_points", "mapping_from_lines", "signature", "stored_index"]
-
-
-class NotAPermutation(Exception):
-    """Observed positions are not a rearrangement of the stored kernel (internal; carries the reason)."""
 
 
 @dataclass(frozen=True)

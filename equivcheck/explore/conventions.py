@@ -138,8 +138,8 @@ def data_format_rows(role: str, side: Side) -> list[ConventionRow]:
 
 def matching_presets(side: Side, found: Mapping) -> list[str]:
     """Presets whose layer of this shape stores its kernel the way the probe found (and reads this data format)."""
-    from equivcheck.presets import PRESETS
-    from equivcheck.presets import spec as preset_spec
+    from equivcheck.presets import PRESETS, build
+    from equivcheck.specs import Shape
 
     g = side.geometry
     if side.kind == "dense":
@@ -156,18 +156,11 @@ def matching_presets(side: Side, found: Mapping) -> list[str]:
             if layer not in preset.layers():
                 continue
             try:
-                kwargs: dict[str, Any] = dict(channels=g.in_channels, spatial=() if side.rank0 else g.spatial,
-                                              units=g.out_channels, bias=g.bias)
-                if layer != "dense":
-                    kwargs.update(kernel_size=g.kernel_size, stride=g.stride, dilation=g.dilation, padding=g.padding)
-                    if layer == "depthwise":
-                        kwargs["multiplier"] = g.out_channels // g.in_channels
-                        kwargs.pop("units")
-                    else:
-                        kwargs.update(groups=g.groups)
-                        if layer == "conv_transpose":
-                            kwargs.update(output_padding=g.output_padding)
-                spec = preset_spec(f"{name}:{layer}", **kwargs)
+                spec = build(f"{name}:{layer}", Shape(
+                    channels=g.in_channels, spatial=() if side.rank0 else g.spatial, units=g.out_channels, bias=g.bias,
+                    **({} if layer == "dense" else dict(
+                        kernel_size=g.kernel_size, stride=g.stride, dilation=g.dilation, padding=g.padding, groups=g.groups,
+                        output_padding=g.output_padding, multiplier=g.out_channels // g.in_channels))))
             except EquivcheckError:
                 continue
             m = _fit(canonical(spec), side)

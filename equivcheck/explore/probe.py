@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.errors import SpecError
-from equivcheck.explore.atoms import NotAPermutation, line_atoms, mapping_from_lines, stored_index
+from equivcheck.errors import NotAPermutation, ProbeFailure, SpecError
+from equivcheck.explore.atoms import line_atoms, mapping_from_lines, stored_index
 from equivcheck.explore.sides import Side
 from equivcheck.mapping import Mapping
 from equivcheck.specs import ConvSpec
@@ -68,10 +68,6 @@ class Probed:
     @property
     def ok(self) -> bool:
         return self.canonical is not None
-
-
-class ProbeFailure(Exception):
-    """The layer's responses are not those of a rearranged kernel (internal)."""
 
 
 # -- index digits ----------------------------------------------------------------------------

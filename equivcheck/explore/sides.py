@@ -25,49 +25,14 @@ from typing import Any
 import numpy as np
 
 from equivcheck._arrays import aligned_empty, to_numpy
-from equivcheck.errors import EquivcheckError, SpecError
-from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, DATA_FORMATS, ConvSpec, DenseSpec, LayerSpec
+from equivcheck.errors import EquivcheckError, ProbeError, SpecError
+from equivcheck.presets import backend_of, build
+from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, DATA_FORMATS, ConvSpec, DenseSpec, LayerSpec, Shape
 
 __all__ = ["BlackBox", "Shape", "Side", "make_side"]
 
-# Which backend runs a preset's layers by default (others run on the numpy reference).
-PRESET_BACKENDS = {
-    "keras": "keras", "keras_cf": "keras", "tf": "tf", "torch": "torch", "jax": "jax", "flax": "jax", "scipy": "scipy",
-}
 # Kernels up to this many weights are probed in float64 where the layer allows it.
 FLOAT64_MAX_WEIGHTS = 1 << 24
-
-
-class ProbeError(EquivcheckError):
-    """A layer could not be run on a probe input (it raised, or returned the wrong shape)."""
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The shape keywords of :func:`equivcheck.explore`: what a layer does not carry itself."""
-
-    channels: int | None = None
-    spatial: tuple[int, ...] | None = None
-    units: int | None = None
-    kernel_size: tuple[int, ...] | None = None
-    stride: Any = 1
-    dilation: Any = 1
-    padding: Any = "valid"
-    groups: int = 1
-    multiplier: int | None = None
-    bias: bool = True
-
-    def need_channels(self, what: str) -> int:
-        if self.channels is None:
-            raise SpecError(f"channels is missing for {what}: pass channels=C, the channels of the map the layers read")
-        return self.channels
-
-    def spatial_or(self, default: tuple[int, ...]) -> tuple[int, ...]:
-        if self.spatial is None:
-            return tuple(default)
-        if isinstance(self.spatial, int):
-            return (self.spatial,)
-        return tuple(self.spatial)
 
 
 @dataclass
@@ -297,10 +262,7 @@ def _backend_for(spec: LayerSpec, backend: str | None) -> str:
         if backend not in backends.BACKENDS:
             raise SpecError(f"backend={backend!r} is unknown: expected one of {', '.join(backends.BACKENDS)}")
         return backend
-    preset = (spec.name or "").split(":")[0]
-    name = PRESET_BACKENDS.get(preset, "numpy")
-    if name not in backends.BACKENDS:
-        return "numpy"
+    name = backend_of(spec)
     try:
         b = backends.get(name)
         if not b.available() or not probe(b, spec, "float32").runs:
@@ -335,20 +297,9 @@ class _Reference:
 
 def preset_spec(name: str, shape: Shape) -> LayerSpec:
     """The spec of preset layer ``name`` at the given shape (as the CLI builds it)."""
-    from equivcheck.presets import spec
-
-    channels = shape.need_channels(name)
-    common = dict(channels=channels, spatial=shape.spatial_or(()), units=shape.units, bias=shape.bias)
-    conv = dict(kernel_size=shape.kernel_size, stride=shape.stride, dilation=shape.dilation, padding=shape.padding)
-    layer = name.split(":")[-1]
-    if layer == "dense":
-        return spec(name, **common)
-    if layer == "depthwise":
-        return spec(name, **common, **conv, multiplier=shape.multiplier)
-    return spec(name, **common, **conv, groups=shape.groups)
+    return build(name, shape.replace(channels=shape.need_channels(name)))
 
 
-# -- torch ---------------------------------------------------------------------------------
 class TorchSide(Side):
     framework = "torch"
 

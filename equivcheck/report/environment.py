@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["environment", "environment_line"]
+__all__ = ["environment", "environment_line", "facts_rows"]
 
 # module name -> distribution names that provide it
 _FRAMEWORKS: dict[str, tuple[str, ...]] = {
@@ -123,3 +123,18 @@ def environment_line(env: dict[str, Any]) -> str:
         else:
             parts.append(f"{name}={settings}")
     return " · ".join(parts)
+
+
+def facts_rows(env: dict[str, Any]) -> list[list[str]]:
+    """``[backend, layer, dtype, what was probed]`` for each machine fact the report's cases used."""
+    rows = []
+    for f in env.get("facts") or []:
+        if not isinstance(f, dict):
+            continue
+        if f.get("runs"):
+            what = f"sums in {f.get('accumulate')}, output rounded {'once' if f.get('roundings') == 1 else 'twice'}"
+            what += "" if f.get("decided", True) else f" (undecided: {f.get('note')})"
+        else:
+            what = f"does not run: {f.get('reason')}"
+        rows.append([str(f.get("backend")), str(f.get("layer")), str(f.get("dtype")), what])
+    return rows

@@ -10,7 +10,7 @@ import json
 from html import escape
 from typing import Any
 
-from equivcheck.report.environment import environment_line
+from equivcheck.report.environment import environment_line, facts_rows
 from equivcheck.report.markdown import PROBLEMS, backends, counts_line, fmt, percent
 
 __all__ = ["render"]
@@ -186,5 +186,10 @@ def render(doc: dict[str, Any]) -> str:
     if doc["cases"]:
         parts += ["<h2>Cases</h2>", _cases(doc)]
     parts += [_extra(k, v) for k, v in (doc.get("extra") or {}).items()]
+    facts = facts_rows(doc["environment"])
+    if facts:
+        rows = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in facts)
+        parts += ["<h2>Machine facts (probed here)</h2>",
+                  f"<table><tr><th>backend</th><th>layer</th><th>dtype</th><th>found</th></tr>{rows}</table>"]
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p) + "\n"

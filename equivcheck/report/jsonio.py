@@ -66,7 +66,8 @@ def build_document(
             "command": command,
             "seed": seed,
         },
-        "environment": to_jsonable(environment if environment is not None else current_environment(seed)),
+        "environment": to_jsonable({**(environment if environment is not None else current_environment(seed)),
+                                    "facts": facts_used(records)}),
         "summary": summary(records),
         "conventions": matrix(records),
         "cases": list(records),
@@ -76,6 +77,16 @@ def build_document(
     if extra:
         doc["extra"] = to_jsonable(extra)
     return doc
+
+
+def facts_used(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The probed machine facts the cases were judged by, once each (see equivcheck.backends.probe)."""
+    seen: dict[tuple, dict[str, Any]] = {}
+    for record in records:
+        for facts in (record.get("facts") or {}).values():
+            if isinstance(facts, dict):
+                seen.setdefault((facts.get("backend"), facts.get("layer"), facts.get("dtype")), facts)
+    return list(seen.values())
 
 
 def dumps(doc: dict[str, Any]) -> str:

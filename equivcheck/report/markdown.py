@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from equivcheck.report.environment import environment_line
+from equivcheck.report.environment import environment_line, facts_rows
 
 __all__ = ["fmt", "percent", "render"]
 
@@ -114,6 +114,9 @@ def render(doc: dict[str, Any]) -> str:
         out.append("")
     for name, value in (doc.get("extra") or {}).items():
         out += extra_section(name, value)
+    facts = facts_rows(doc["environment"])
+    if facts:
+        out += ["## Machine facts (probed here)", "", *_table(["backend", "layer", "dtype", "found"], facts), ""]
     return "\n".join(out).rstrip() + "\n"
 
 

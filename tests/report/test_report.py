@@ -8,6 +8,7 @@ from html.parser import HTMLParser
 
 import pytest
 
+import equivcheck as ec
 from equivcheck.cli import main as cli_main
 from equivcheck.errors import FileFormatError, SpecError
 from equivcheck.report import (
@@ -220,3 +221,18 @@ def test_bad_arguments_raise_one_line_errors(tmp_path):
     with pytest.raises(SpecError, match="run_id="):
         write_part(tmp_path, [], run_id="../x", worker="gw0")
     assert cli_main(["report", str(tmp_path / "missing.json")]) == 2
+
+
+def test_the_environment_records_the_probed_facts_the_cases_used(tmp_path):
+    from equivcheck.report import write_report
+    from equivcheck.verify import verify_pair
+
+    case = verify_pair(ec.spec("onnx:dense", channels=2, spatial=(3, 3), units=4),
+                       ec.spec("torch:conv", channels=2, spatial=(3, 3), units=4), dtype="bfloat16")
+    write_report(tmp_path, [case])
+    doc = json.loads((tmp_path / "equivcheck.json").read_text())
+    facts = doc["environment"]["facts"]
+    assert {f["dtype"] for f in facts} == {"bfloat16"} and len(facts) == 2
+    assert all(f["runs"] and f["accumulate"] for f in facts)
+    assert "Machine facts (probed here)" in (tmp_path / "equivcheck.md").read_text()
+    assert "Machine facts (probed here)" in (tmp_path / "equivcheck.html").read_text()
