@@ -1,30 +1,30 @@
-"""Index operations on any array kind, dispatched by type.
+"""Index operations on any array kind, dispatched by type: one interface, one class per kind.
 
 As in einops' ``_backends``: a framework is recognised only if its module is already in
 ``sys.modules`` — an array of that kind cannot exist otherwise — so dispatch never imports one.
+Every kind implements the whole of :class:`ArrayOps` with the same signatures; numpy's
+:meth:`NumpyOps.apply` adds the fast copy paths of :mod:`equivcheck._copy`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-import os
 import sys
 from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
 
+from equivcheck import _copy
+from equivcheck._copy import check_dtype
 from equivcheck.errors import MappingError
+from equivcheck.ops import Flip, NormalForm, Op, Reshape, Transpose
 
-# Copies above this many bytes go through the cache-blocked path.
-_BLOCKED_MIN_BYTES = 1 << 22
-# Bytes of source that one block may touch; about an L2 cache.
-_BLOCK_BYTES = 1 << 20
+__all__ = ["ArrayOps", "aligned_empty", "check_dtype", "framework_of", "ops_for", "to_numpy"]
 
 
 class ArrayOps(ABC):
-    """Reshape / transpose / flip for one array kind."""
+    """Reshape / transpose / flip, validation and allocation for one array kind."""
 
     framework = ""
 
@@ -32,9 +32,43 @@ class ArrayOps(ABC):
     def is_array(self, x: Any) -> bool:
         """Whether ``x`` is this kind of array (without importing its framework)."""
 
-    def apply(self, x: Any, ops: tuple) -> Any:
-        from equivcheck.mapping import Flip, Reshape
+    @abstractmethod
+    def check(self, x: Any, what: str = "array") -> None:
+        """Refuse an array whose values are not plain real numbers, with one line naming ``what``."""
 
+    @abstractmethod
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        """``x`` reshaped in C order (a view where the kind allows)."""
+
+    @abstractmethod
+    def transpose(self, x: Any, perm: tuple[int, ...]) -> Any:
+        """``x`` with output axis ``i`` its axis ``perm[i]``."""
+
+    @abstractmethod
+    def flip(self, x: Any, axes: tuple[int, ...]) -> Any:
+        """``x`` reversed along ``axes`` (not empty)."""
+
+    @abstractmethod
+    def finish(self, x: Any) -> Any:
+        """A contiguous array of ``x``'s values that shares no memory with the caller's input."""
+
+    @abstractmethod
+    def zeros(self, like: Any, shape: tuple[int, ...]) -> Any:
+        """Zeros of ``shape`` of ``like``'s kind and dtype."""
+
+    def check_out(self, x: Any, out: Any, shape: tuple[int, ...]) -> None:
+        """Whether ``out`` may receive the mapping of ``x`` (of ``shape``); only numpy takes one."""
+        raise MappingError(f"out= takes a numpy array for a numpy input, got {type(out).__name__} "
+                           f"for {type(x).__name__}: leave out=None")
+
+    def apply(self, x: Any, ops: tuple[Op, ...], nf: NormalForm | None = None, out: Any = None) -> Any:
+        """``ops`` applied to ``x``: a new contiguous array of the same kind, or ``out`` filled.
+
+        ``nf`` is the normal form of ``ops`` when known (for the fast paths); ``out`` has been
+        accepted by :meth:`check_out`.
+        """
+        if out is not None:
+            self.check_out(x, out, ())  # refuses: only numpy writes into an out array
         for op in ops:
             if isinstance(op, Reshape):
                 x = self.reshape(x, op.shape)
@@ -44,16 +78,6 @@ class ArrayOps(ABC):
                 x = self.transpose(x, op.perm)
         return self.finish(x)
 
-    def finish(self, x: Any) -> Any:
-        return x
-
-    def check(self, x: Any, what: str = "array") -> None:
-        """Refuse an array whose values are not plain real numbers (see :func:`check_dtype`)."""
-        check_dtype(np.dtype(x.dtype), what)
-
-    def zeros(self, like: Any, shape: tuple[int, ...]) -> Any:
-        return np.zeros(shape, dtype=like.dtype)
-
 
 class NumpyOps(ArrayOps):
     framework = "numpy"
@@ -61,172 +85,60 @@ class NumpyOps(ArrayOps):
     def is_array(self, x: Any) -> bool:
         return isinstance(x, np.ndarray)
 
-    def apply(self, x: np.ndarray, ops: tuple, normal: Any = None, out: np.ndarray | None = None) -> np.ndarray:
-        """``ops`` applied to ``x``, into ``out`` (C-contiguous, the result's size) when given."""
-        from equivcheck.mapping import Reshape, Transpose
+    def check(self, x: Any, what: str = "array") -> None:
+        check_dtype(np.dtype(x.dtype), what)
 
-        if normal is not None and x.nbytes >= _BLOCKED_MIN_BYTES and x.flags.c_contiguous:
-            done = _row_gather_transpose(x, normal, out)
-            if done is None:
-                done = _column_scatter_transpose(x, normal, out)
+    def reshape(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return x.reshape(shape)
+
+    def transpose(self, x: np.ndarray, perm: tuple[int, ...]) -> np.ndarray:
+        return x.transpose(perm)
+
+    def flip(self, x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+        index = [slice(None)] * x.ndim
+        for a in axes:
+            index[a] = slice(None, None, -1)
+        return x[tuple(index)]
+
+    def finish(self, x: np.ndarray) -> np.ndarray:
+        result = np.empty(x.shape, dtype=x.dtype)
+        _copy.blocked_copy(result, x)
+        return result
+
+    def zeros(self, like: Any, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, dtype=like.dtype)
+
+    def check_out(self, x: Any, out: Any, shape: tuple[int, ...]) -> None:
+        if not isinstance(out, np.ndarray):
+            super().check_out(x, out, shape)
+        if tuple(out.shape) != shape or out.dtype != x.dtype:
+            raise MappingError(f"out has shape={tuple(out.shape)} dtype={out.dtype}: expected shape={shape} "
+                               f"dtype={x.dtype}")
+        if not (out.flags.c_contiguous and out.flags.writeable):
+            raise MappingError("out is not a writeable C-contiguous array: pass np.empty(mapping.out_shape, dtype)")
+        if np.shares_memory(x, out):
+            raise MappingError("out overlaps the input array: a mapping cannot rearrange in place")
+
+    def apply(self, x: np.ndarray, ops: tuple[Op, ...], nf: NormalForm | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
+        if nf is not None and x.nbytes >= _copy.BLOCKED_MIN_BYTES and x.flags.c_contiguous:
+            done = _copy.transpose_copy(x, nf, out)
             if done is not None:
                 return done
         final = None
-        if ops and isinstance(ops[-1], Reshape):
+        if ops and isinstance(ops[-1], Reshape):  # copy the view before its last reshape: fewer, longer axes
             final, ops = ops[-1].shape, ops[:-1]
         view = x
         for op in ops:
             if isinstance(op, Reshape):
-                view = view.reshape(op.shape)
+                view = self.reshape(view, op.shape)
             elif isinstance(op, Transpose):
-                view = view.transpose(op.perm)
+                view = self.transpose(view, op.perm)
             elif op.axes:
-                index = [slice(None)] * view.ndim
-                for a in op.axes:
-                    index[a] = slice(None, None, -1)
-                view = view[tuple(index)]
+                view = self.flip(view, op.axes)
         result = np.empty(view.shape, dtype=view.dtype) if out is None else out.reshape(view.shape)
-        blocked_copy(result, view)
+        _copy.blocked_copy(result, view)
         return result.reshape(final or view.shape) if out is None else out
-
-
-_POOL: Any = None
-_POOL_PID = 0
-_WORKERS = min(4, os.cpu_count() or 1)
-
-
-def _pool() -> Any:
-    """The copy threads of this process: a forked child, which inherits none, makes its own."""
-    global _POOL, _POOL_PID
-    if _POOL is None or os.getpid() != _POOL_PID:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="equivcheck"), os.getpid()
-    return _POOL
-
-
-def _forget_pool() -> None:
-    """In a forked child: drop the parent's pool, whose threads did not survive the fork."""
-    global _POOL
-    _POOL = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _source_order(nf: Any, moved: tuple[int, ...], out_rest: tuple[int, ...]) -> np.ndarray:
-    """For each output position along the atoms other than ``moved``, its flat source index.
-
-    The atoms other than ``moved`` keep their input order in the source and appear as
-    ``out_rest`` (permuted, some flipped) in the output.
-    """
-    rest = [a for a in nf.in_atoms if a not in moved]
-    order = [rest.index(a) for a in out_rest]
-    index = np.arange(math.prod(nf.sizes[a] for a in rest)).reshape([nf.sizes[a] for a in rest] or [1])
-    index = index.transpose(order or [0])
-    return index[tuple(slice(None, None, -1) if a in nf.flipped else slice(None) for a in out_rest)].ravel()
-
-
-def _row_gather_transpose(x: np.ndarray, nf: Any, into: np.ndarray | None = None) -> np.ndarray | None:
-    """The dense→conv shape of mapping: a 2-D transpose whose rows are permuted and flipped.
-
-    Applies when the input's last axis (say the dense's units) becomes the output's leading
-    axes unchanged. Then ``out2d[:, j] = x2d[rows[j], :]``: gather a few source rows into a
-    small buffer (contiguous reads) and write them transposed (in cache), two threads at once.
-    """
-    last = nf.in_groups[-1]
-    n = len(last)
-    if not last or nf.out_atoms[:n] != last or nf.flipped & set(last):
-        return None
-    width = x.shape[-1]
-    height = x.size // width
-    rows = _source_order(nf, last, nf.out_atoms[n:])
-    src = x.reshape(height, width)
-    out = np.empty((width, height), dtype=x.dtype) if into is None else into.reshape(width, height)
-    fast = _fastcopy()
-    if fast is not None and x.itemsize in (1, 2, 4, 8):
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        share = -(-height // _WORKERS)
-        raw_src, raw_out = raw_view(src), raw_view(out)
-
-        def part(j0: int) -> None:
-            fast.gather_transpose(raw_src, width, rows[j0 : j0 + share], raw_out, height, j0, x.itemsize)
-
-        list(_pool().map(part, range(0, height, share)))
-    else:
-        step = 16
-
-        def block(j0: int) -> None:
-            out[:, j0 : j0 + step] = np.take(src, rows[j0 : j0 + step], axis=0).T
-
-        list(_pool().map(block, range(0, height, step)))
-    return out.reshape(tuple(nf_out_shape(nf))) if into is None else into
-
-
-def _column_scatter_transpose(x: np.ndarray, nf: Any, into: np.ndarray | None = None) -> np.ndarray | None:
-    """The conv→dense shape, the reverse of :func:`_row_gather_transpose` (compiled kernel only).
-
-    Applies when the input's first axis (say the conv's out channels) becomes the output's
-    trailing axes unchanged: each source column lands, whole, in one output row.
-    """
-    fast = _fastcopy()
-    first = nf.in_groups[0] if nf.in_groups else ()
-    n = len(first)
-    if fast is None or x.itemsize not in (1, 2, 4, 8) or not first:
-        return None
-    if nf.out_atoms[-n:] != first or nf.flipped & set(first):
-        return None
-    height = x.shape[0]
-    width = x.size // height
-    rows = np.empty(width, dtype=np.int64)
-    rows[_source_order(nf, first, nf.out_atoms[:-n])] = np.arange(width)  # output row of each source column
-    src = x.reshape(height, width)
-    out = np.empty((width, height), dtype=x.dtype) if into is None else into.reshape(width, height)
-    share = -(-width // _WORKERS)
-    raw_src, raw_out = raw_view(src), raw_view(out)
-
-    def part(c0: int) -> None:
-        fast.scatter_transpose(raw_src, width, rows[c0 : c0 + share], raw_out, c0, x.itemsize)
-
-    list(_pool().map(part, range(0, width, share)))
-    return out.reshape(tuple(nf_out_shape(nf))) if into is None else into
-
-
-def _fastcopy() -> Any:
-    """The compiled kernel, or None where it was not built (a fallback, never an error)."""
-    if os.environ.get("EQUIVCHECK_NO_FASTCOPY"):
-        return None
-    try:
-        from equivcheck import _fastcopy as module
-    except ImportError:
-        return None
-    return module
-
-
-def nf_out_shape(nf: Any) -> list[int]:
-    return [math.prod(nf.sizes[a] for a in g) for g in nf.out_groups]
-
-
-def blocked_copy(out: np.ndarray, src: np.ndarray) -> None:
-    """``out[...] = src`` for a C-contiguous ``out``, in cache-sized tiles.
-
-    Copying a transposed view in one go streams through the source with large jumps, and
-    each cache line read is evicted before its neighbours are used. Halving the largest
-    axis until a tile fits in cache keeps both sides of every tile resident while it is
-    copied: the same idea as a cache-oblivious matrix transpose, for any rank.
-    """
-    if out.nbytes < _BLOCKED_MIN_BYTES or src.flags.c_contiguous:
-        np.copyto(out, src)
-        return
-    tile = list(out.shape)
-    while math.prod(tile) * out.itemsize > _BLOCK_BYTES:
-        axis = tile.index(max(tile))
-        tile[axis] = -(-tile[axis] // 2)
-    grid = [range(0, n, t) for n, t in zip(out.shape, tile)]
-    for corner in itertools.product(*grid):
-        index = tuple(slice(c, c + t) for c, t in zip(corner, tile))
-        np.copyto(out[index], src[index])
 
 
 class TorchOps(ArrayOps):
@@ -235,6 +147,14 @@ class TorchOps(ArrayOps):
     def is_array(self, x: Any) -> bool:
         torch = sys.modules.get("torch")
         return torch is not None and isinstance(x, torch.Tensor)
+
+    def check(self, x: Any, what: str = "array") -> None:
+        if x.is_quantized or x.layout != sys.modules["torch"].strided or x.is_meta:
+            kind = "quantized" if x.is_quantized else "meta" if x.is_meta else str(x.layout).removeprefix("torch.")
+            raise MappingError(f"{what} is a {kind} torch tensor (dtype={x.dtype}), not a plain array: expected a dense tensor "
+                               "with its values (call .dequantize() / .to_dense() first)")
+        if x.dtype.is_complex:
+            raise MappingError(f"{what} dtype={x.dtype} is not a real numeric type: expected float, bfloat16, integer or bool values")
 
     def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
         return x.reshape(shape)
@@ -248,14 +168,6 @@ class TorchOps(ArrayOps):
     def finish(self, x: Any) -> Any:
         return x.clone(memory_format=sys.modules["torch"].contiguous_format)  # never the caller's storage
 
-    def check(self, x: Any, what: str = "array") -> None:
-        if x.is_quantized or x.layout != sys.modules["torch"].strided or x.is_meta:
-            kind = "quantized" if x.is_quantized else "meta" if x.is_meta else str(x.layout).removeprefix("torch.")
-            raise MappingError(f"{what} is a {kind} torch tensor (dtype={x.dtype}), not a plain array: expected a dense tensor "
-                               "with its values (call .dequantize() / .to_dense() first)")
-        if x.dtype.is_complex:
-            raise MappingError(f"{what} dtype={x.dtype} is not a real numeric type: expected float, bfloat16, integer or bool values")
-
     def zeros(self, like: Any, shape: tuple[int, ...]) -> Any:
         return like.new_zeros(shape)
 
@@ -266,6 +178,11 @@ class TensorflowOps(ArrayOps):
     def is_array(self, x: Any) -> bool:
         tf = sys.modules.get("tensorflow")
         return tf is not None and (isinstance(x, (tf.Tensor, tf.Variable)))
+
+    def check(self, x: Any, what: str = "array") -> None:
+        dtype = x.dtype
+        if not (dtype.is_floating or dtype.is_integer or dtype.is_bool) or dtype.is_quantized:
+            raise MappingError(f"{what} dtype={dtype.name} is not a real numeric type: expected float, bfloat16, integer or bool values")
 
     def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
         return sys.modules["tensorflow"].reshape(x, shape)
@@ -279,11 +196,6 @@ class TensorflowOps(ArrayOps):
     def finish(self, x: Any) -> Any:
         return sys.modules["tensorflow"].identity(x)
 
-    def check(self, x: Any, what: str = "array") -> None:
-        dtype = x.dtype
-        if not (dtype.is_floating or dtype.is_integer or dtype.is_bool) or dtype.is_quantized:
-            raise MappingError(f"{what} dtype={dtype.name} is not a real numeric type: expected float, bfloat16, integer or bool values")
-
     def zeros(self, like: Any, shape: tuple[int, ...]) -> Any:
         return sys.modules["tensorflow"].zeros(shape, dtype=like.dtype)
 
@@ -295,6 +207,9 @@ class JaxOps(ArrayOps):
         jax = sys.modules.get("jax")
         return jax is not None and isinstance(x, jax.Array)
 
+    def check(self, x: Any, what: str = "array") -> None:
+        check_dtype(np.dtype(x.dtype), what)
+
     def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
         return x.reshape(shape)
 
@@ -304,39 +219,14 @@ class JaxOps(ArrayOps):
     def flip(self, x: Any, axes: tuple[int, ...]) -> Any:
         return sys.modules["jax.numpy"].flip(x, axes)
 
+    def finish(self, x: Any) -> Any:
+        return x  # jax arrays are immutable: sharing a buffer cannot change the caller's values
+
     def zeros(self, like: Any, shape: tuple[int, ...]) -> Any:
         return sys.modules["jax.numpy"].zeros(shape, dtype=like.dtype)
 
 
 _REGISTRY: tuple[ArrayOps, ...] = (NumpyOps(), TorchOps(), TensorflowOps(), JaxOps())
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % align
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
-
-
-def check_dtype(dtype: np.dtype, what: str = "array") -> None:
-    """Refuse a dtype that is not plain real numbers: complex, object, void, structured, text, dates.
-
-    Accepted: numpy's bool, integer and float kinds and the ml_dtypes types (bfloat16, float8...).
-    """
-    ml_dtypes = sys.modules.get("ml_dtypes")
-    plain = dtype.fields is None and dtype.subdtype is None and (
-        dtype.kind in "biuf" or (ml_dtypes is not None and dtype.type is getattr(ml_dtypes, dtype.name, None)))
-    if not plain:
-        raise MappingError(f"{what} dtype={str(dtype)[:60]} is not a real numeric type: expected float, bfloat16, integer "
-                           "or bool values")
-
-
-def raw_view(x: np.ndarray) -> np.ndarray:
-    """``x``'s bytes as unsigned integers of its item size: all the compiled kernel may see."""
-    check_dtype(x.dtype)
-    return x.view(f"u{x.itemsize}")
 
 
 def ops_for(x: Any) -> ArrayOps:
@@ -348,6 +238,19 @@ def ops_for(x: Any) -> ArrayOps:
         f"array of type={type(x).__module__}.{type(x).__qualname__} is not supported: "
         "expected a numpy, torch, tensorflow or jax array"
     )
+
+
+def framework_of(x: Any) -> str:
+    return ops_for(x).framework
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 # torch dtypes numpy lacks, read through an integer view as their ml_dtypes twin.
@@ -374,7 +277,3 @@ def to_numpy(a: Any) -> Any:
     if hasattr(a, "numpy") and not isinstance(a, np.ndarray):
         return a.numpy()
     return a
-
-
-def framework_of(x: Any) -> str:
-    return ops_for(x).framework

@@ -1,14 +1,17 @@
-"""Render a :class:`~equivcheck.mapping.Mapping` as numpy, torch or einops code."""
+"""Render a chain of index ops (a :class:`~equivcheck.mapping.Mapping`) as numpy, torch or einops code.
+
+Works on the ops and their normal form (:mod:`equivcheck.ops`) alone, so that ``Mapping.code``
+calls it without this module knowing the Mapping class.
+"""
 
 from __future__ import annotations
 
 import string
-from typing import TYPE_CHECKING, Any
 
 from equivcheck.errors import MappingError
+from equivcheck.ops import Flip, NormalForm, Op, Reshape
 
-if TYPE_CHECKING:
-    from equivcheck.mapping import Mapping, Op
+Names = tuple[str, ...] | None
 
 LANGS = ("numpy", "torch", "einops")
 
@@ -25,8 +28,6 @@ def _numpy_flip(axes: tuple[int, ...]) -> str:
 
 
 def _chain(ops: tuple[Op, ...], var: str, lang: str) -> str:
-    from equivcheck.mapping import Flip, Reshape
-
     out = var
     for op in ops:
         if isinstance(op, Reshape):
@@ -40,12 +41,9 @@ def _chain(ops: tuple[Op, ...], var: str, lang: str) -> str:
     return out
 
 
-def _einops(mapping: Mapping, var: str) -> str:
+def _einops(nf: NormalForm, var: str, in_names: Names, out_names: Names) -> str:
     """``rearrange(w, '(a b c) d -> d a b c', ...)`` plus numpy-style flips."""
-    nf = mapping._normal
-    if nf is None:
-        raise MappingError(f"mapping {mapping.code('numpy')} has an irregular reshape that einops cannot express")
-    names = _atom_names(mapping, nf)
+    names = _atom_names(nf, in_names, out_names)
 
     def side(groups: tuple[tuple[int, ...], ...]) -> str:
         parts = []
@@ -74,11 +72,11 @@ def _einops(mapping: Mapping, var: str) -> str:
     return call(call(var, nf.in_groups, atoms) + _numpy_flip(flip), atoms, nf.out_groups)
 
 
-def _atom_names(mapping: Mapping, nf: Any) -> dict[int, str]:
+def _atom_names(nf: NormalForm, in_names: Names, out_names: Names) -> dict[int, str]:
     """An einops name per atom: the axis name where an atom is a whole named axis (output side
     first), else a free letter in output order, so the right-hand side reads a, b, c, ..."""
     names: dict[int, str] = {}
-    for groups, axis_names in ((nf.out_groups, mapping.out_names), (nf.in_groups, mapping.in_names)):
+    for groups, axis_names in ((nf.out_groups, out_names), (nf.in_groups, in_names)):
         for group, name in zip(groups, axis_names or ()):
             name = name.lower()
             if len(group) == 1 and group[0] not in names and name.isidentifier() and name not in names.values():
@@ -88,11 +86,20 @@ def _atom_names(mapping: Mapping, nf: Any) -> dict[int, str]:
     return ordered
 
 
-def render(mapping: Mapping, lang: str, var: str) -> str:
+def render(simple_ops: tuple[Op, ...], nf: NormalForm | None, lang: str, var: str,
+           in_names: Names = None, out_names: Names = None) -> str:
+    """Code applying a mapping to variable ``var`` in ``lang``.
+
+    ``simple_ops``: the mapping's ops in normal form (``ops.simplify``); ``nf``: their
+    ``ops.normal_form``, None where a reshape regroups irregularly (no einops then);
+    ``in_names``/``out_names``: axis names the einops pattern uses where it can.
+    """
     if lang not in LANGS:
         raise MappingError(f"lang={lang!r} is not one of {', '.join(LANGS)}")
     if lang == "einops":
-        if mapping.is_identity:
+        if not simple_ops:
             return var
-        return _einops(mapping, var)
-    return _chain(mapping.simplify().ops, var, lang)
+        if nf is None:
+            raise MappingError(f"mapping {_chain(simple_ops, 'w', 'numpy')} has an irregular reshape that einops cannot express")
+        return _einops(nf, var, in_names, out_names)
+    return _chain(simple_ops, var, lang)

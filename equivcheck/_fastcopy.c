@@ -9,7 +9,7 @@
  * released while copying, so two threads can split the columns. Buffers must be C-contiguous
  * plain unsigned integers of the item size (the caller passes uint views of numeric arrays), so
  * object pointers never reach a memcpy. The module keeps no threads or state: the Python pool
- * that calls it is re-created after fork. When this module is not built, equivcheck/_arrays.py
+ * that calls it is re-created after fork. When this module is not built, equivcheck/_copy.py
  * does the same in numpy, about twice as slowly.
  */
 #define PY_SSIZE_T_CLEAN
