@@ -72,14 +72,15 @@ def adapter_for(model: Any, role: str) -> Adapter:
 
 
 # -- torch ---------------------------------------------------------------------------------
-def _torch_numpy(t: Any) -> np.ndarray:
+def _torch_numpy(t: Any, *, copy: bool = True) -> np.ndarray:
+    """A numpy copy of a tensor (``copy=False``: a view where torch allows, for weights only read)."""
     from equivcheck.backends.base import np_dtype
 
     t = t.detach().cpu()
     name = str(t.dtype).replace("torch.", "")
     if name == "bfloat16":
         return t.float().numpy().astype(np_dtype("bfloat16"))
-    return t.numpy().copy()
+    return t.numpy().copy() if copy else t.numpy()
 
 
 class TorchAdapter(Adapter):
@@ -150,8 +151,8 @@ class TorchAdapter(Adapter):
                 if seen[name] > 1:
                     name = f"{name}#{seen[name]}"
                 xin, y = args[0], output
-                rec = Linear(name, "torch", kind, _torch_numpy(module.weight),
-                             None if module.bias is None else _torch_numpy(module.bias),
+                rec = Linear(name, "torch", kind, _torch_numpy(module.weight, copy=False),
+                             None if module.bias is None else _torch_numpy(module.bias, copy=False),
                              _torch_numpy(xin), _torch_numpy(y) if outputs else np.empty(0), cfg, layer=module,
                              index=len(records))
                 if kind == "dense":

@@ -39,15 +39,16 @@ def test_torch_to_keras_right_conversion_passes(mc, vgg):
 
 
 def test_wrong_flatten_order_is_named_at_the_first_dense(mc, vgg):
-    import equivcheck as ec
+    from equivcheck.plan import plan
+    from equivcheck.presets import spec
 
     result = mc.check_models(vgg, M.to_keras(vgg, flatten="wrong"), input_shape=M.SHAPE)
     assert result.verdict == "fail"
     first = result.first_divergence
     assert (first.source, first.converted) == ("classifier.0", "fc1")
     assert first.diagnosis.startswith("wrong flatten order (CHW read as HWC)")
-    right = ec.plan(ec.spec("torch:dense", channels=6, spatial=(3, 2), units=8),
-                    ec.spec("keras:dense", channels=6, spatial=(3, 2), units=8))
+    right = plan(spec("torch:dense", channels=6, spatial=(3, 2), units=8),
+                    spec("keras:dense", channels=6, spatial=(3, 2), units=8))
     assert first.mapping == right.code("numpy")
     assert [r.verdict for r in result.layers] == ["pass", "pass", "fail", "pass"]  # replayed alone: no accumulation
     assert "fc1" in result.reason and "wrong flatten order" in result.reason
@@ -206,11 +207,11 @@ def test_layouts_round_trip():
 
 
 def test_mutants_the_data_cannot_reject_are_named():
-    import equivcheck as ec
     from equivcheck.modelcheck.judge import unrejected_mutants
+    from equivcheck.presets import spec
 
-    src = ec.spec("torch:conv", channels=3, spatial=(8, 8), kernel_size=(3, 3), units=4)
-    dst = ec.spec("keras:conv", channels=3, spatial=(8, 8), kernel_size=(3, 3), units=4)
+    src = spec("torch:conv", channels=3, spatial=(8, 8), kernel_size=(3, 3), units=4)
+    dst = spec("keras:conv", channels=3, spatial=(8, 8), kernel_size=(3, 3), units=4)
     rng = np.random.default_rng(0)
     kernel = rng.standard_normal(src.kernel_shape).astype(np.float32)
     bias = rng.standard_normal(4).astype(np.float32)
@@ -219,3 +220,23 @@ def test_mutants_the_data_cannot_reject_are_named():
     flat = np.ones((2, 3, 8, 8), np.float32)  # a constant map: a flipped kernel gives the same sums
     missed, _ = unrejected_mutants(src, dst, kernel, bias, flat, None, "float32", 27)
     assert "spurious flip" in missed
+
+
+@pytest.mark.parametrize("layer", ["dense", "conv", "depthwise"])
+def test_large_layers_are_checked_on_a_twin(layer, monkeypatch):
+    from equivcheck.modelcheck import judge
+    from equivcheck.presets import spec
+
+    kw = dict(channels=6, spatial=(5, 5), units=12) if layer == "dense" else \
+        dict(channels=6, spatial=(7, 7), kernel_size=(3, 3), units=12 if layer == "conv" else None, multiplier=2 if layer == "depthwise" else None)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    src, dst = spec(f"torch:{layer}", **kw), spec(f"keras:{layer}", **kw)
+    rng = np.random.default_rng(1)
+    kernel = rng.standard_normal(src.kernel_shape).astype(np.float32)
+    x = rng.standard_normal((2, 6, *kw["spatial"])).astype(np.float32)
+    monkeypatch.setattr(judge, "MUTANT_MAX_KERNEL", 16)
+    assert judge._twin(src, dst, kernel, None, x) is not None
+    assert judge.unrejected_mutants(src, dst, kernel, None, x, None, "float32", 100) == ([], [])
+    constant = np.ones_like(x)
+    if layer != "dense":
+        assert "spurious flip" in judge.unrejected_mutants(src, dst, kernel, None, constant, None, "float32", 100)[0]
