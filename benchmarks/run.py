@@ -28,6 +28,8 @@ SECTIONS = [
     ("soundness", "Soundness per layer kind and dtype (probed facts), natively and as an older CPU",
      {"trials": 300}, {"trials": 30, "older_cpu": False}),
     ("runtimes", "ONNX Runtime / TFLite per-case overhead", {"repeat": 20}, {"repeat": 3}),
+    ("modelcheck", "Whole-model check: converted VGG16 layer by layer against one forward pass of both",
+     {"repeat": 3}, {"quick": True, "repeat": 1}),
 ]
 
 

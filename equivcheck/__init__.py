@@ -24,13 +24,16 @@ from equivcheck.errors import (
 from equivcheck.explore import explore
 from equivcheck.identify import Identification, identify
 from equivcheck.mapping import Flip, Mapping, Reshape, Transpose
-from equivcheck.modelcheck import ModelCheck, check_models
 from equivcheck.plan import canonical, convert, plan
 from equivcheck.presets import PRESETS, build, spec
 from equivcheck.specs import ConvSpec, DenseSpec, Shape
 from equivcheck.verify import Case, verify, verify_pair
 
 __version__ = "0.1.0"
+
+# Imported on first use: they pull in more of the package (and a framework only when given a model).
+_LAZY = {"convolutionalize": "equivcheck.models", "verify_model": "equivcheck.models",
+         "check_models": "equivcheck.modelcheck", "ModelCheck": "equivcheck.modelcheck"}
 
 __all__ = [
     "PRESETS",
@@ -68,11 +71,9 @@ __all__ = [
     "verify_pair",
 ]
 
-_LAZY = {"convolutionalize": "equivcheck.models", "verify_model": "equivcheck.models"}
-
 
 def __getattr__(name: str) -> object:
-    """Whole-model functions, imported on first use (they import no framework until given a model)."""
+    """Whole-model functions, imported on first use."""
     if name in _LAZY:
         import importlib
 

@@ -448,6 +448,14 @@ class Checker:
         return self._search(convert, strategy, max_examples, self._seed(seed), pairs=True)
 
     # -- internals -------------------------------------------------------------------------
+    def check_model_converter(self, convert: Callable[[Any], Any], source: Any, **options: Any) -> Any:
+        """Convert a whole model and check it layer by layer: :func:`equivcheck.modelcheck.check_model_converter`."""
+        __tracebackhide__ = True
+        from equivcheck.modelcheck.converter import check_model_converter
+
+        options.setdefault("seed", self._seed(options.get("seed")))
+        return check_model_converter(convert, source, **options)
+
     def _dtypes(self, dtypes: Sequence[str] | str | None) -> tuple[str, ...]:
         from equivcheck.backends.base import np_dtype
 
@@ -537,30 +545,6 @@ def options_from(backends: Sequence[str] | None, max_examples: int | None, seed:
     if isinstance(changes.get("backends"), str):
         changes["backends"] = tuple(b for b in changes["backends"].split(",") if b)
     return base.replace(**changes), {k: v for k, v in marker.items() if k in pair_names}
-
-
-class PytestChecker(Checker):
-    """A :class:`Checker` that turns :class:`CheckSkipped` into ``skip(reason)`` (``pytest.skip``)."""
-
-    def __init__(self, options: Options, *, test: str, pair_defaults: dict[str, Any], skip: Callable[[str], Any]) -> None:
-        super().__init__(options, test=test, pair_defaults=pair_defaults)
-        self._skip = skip
-
-    def check_converter(self, *args: Any, **kwargs: Any) -> list[Case]:
-        __tracebackhide__ = True
-        try:
-            return super().check_converter(*args, **kwargs)
-        except CheckSkipped as exc:
-            self._skip(str(exc))
-            raise
-
-    def check_pairs(self, *args: Any, **kwargs: Any) -> list[Case]:
-        __tracebackhide__ = True
-        try:
-            return super().check_pairs(*args, **kwargs)
-        except CheckSkipped as exc:
-            self._skip(str(exc))
-            raise
 
 
 _COLUMNS = ("conversion", "converter", "backends", "dtype", "checked", "verdicts", "conventions")

@@ -112,7 +112,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from equivcheck.presets import PRESETS
 
     if args.markdown:
-        from equivcheck.render import presets_markdown
+        from equivcheck.presets import presets_markdown
 
         print(presets_markdown(), end="")
         return 0
@@ -178,21 +178,43 @@ def _print_facts(names: list[str], as_json: bool) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from equivcheck.verify import verify
+    """Each layer on its own framework (a row per dtype), plus a row per ``--backends`` name running both layers."""
+    from equivcheck import backends
+    from equivcheck.checker import resolve_backend
+    from equivcheck.verify import verify_pair
 
     src, dst = specs_from_args(args)
-    names = [b for b in args.backends.split(",") if b] if args.backends else ["numpy"]
-    cases = verify(src, dst, backends=names, dtypes=args.dtype.split(","), seed=args.seed)
-    if args.report:
-        from equivcheck.report import write_report
-
-        write_report(args.report, cases, seed=args.seed, command="verify")
+    extra = [b for b in (args.backends or "").split(",") if b]
+    for name in extra:
+        backends.get(name)  # an unknown name: one line naming the known ones
+    rows = []
+    for dtype in [d for d in args.dtype.split(",") if d]:
+        (sb, s_note), (tb, t_note) = resolve_backend(src, dtype), resolve_backend(dst, dtype)
+        rows.append((sb, tb, dtype, [n for n in (s_note, t_note) if n]))
+        rows += [(b, b, dtype, [f"both layers on {b} (--backends)"]) for b in extra if (b, b) != (sb, tb)]
+    cases = []
+    for i, (sb, tb, dtype, notes) in enumerate(rows, 1):
+        if sys.stderr.isatty() and not args.json:
+            print(f"\r[{i}/{len(rows)}] {sb} → {tb} {dtype} …", end="", file=sys.stderr, flush=True)
+        case = verify_pair(src, dst, source_backend=sb, target_backend=tb, dtype=dtype, seed=args.seed)
+        case.notes[:0] = notes
+        cases.append(case)
+    if sys.stderr.isatty() and not args.json:
+        print("\r\033[K", end="", file=sys.stderr)
     if args.json:
         _print_json({"cases": [c.to_dict() for c in cases]})
     else:
         from equivcheck.render import print_cases
 
         print_cases(cases)
+        counts = {v: sum(c.verdict == v for c in cases) for v in ("pass", "fail", "inconclusive", "skip", "error")}
+        print(f"{len(cases)} case{'s' if len(cases) != 1 else ''}: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n))
+    if args.report:
+        from equivcheck.report import write_report
+
+        paths = write_report(args.report, cases, seed=args.seed, command="verify")
+        if not args.json:
+            print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if all(c.verdict in ("pass", "skip") for c in cases) else EXIT_FAIL
 
 
@@ -294,9 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", cmd_verify, "convert with the planner and check the real layers agree")
     _spec_flags(p)
-    p.add_argument("--backends", default="numpy", help="comma-separated, e.g. numpy,torch,keras")
-    p.add_argument("--dtype", default="float32", help="comma-separated: float64,float32,float16,bfloat16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backends", default=None, metavar="NAMES",
+                   help="comma-separated backends that also run both layers, a row each (default: none; each layer "
+                        "always runs on its own preset's framework, e.g. keras -> torch)")
+    p.add_argument("--dtype", default="float32", help="comma-separated: float64,float32,float16,bfloat16 (default: float32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default: 0)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--report", metavar="DIR", help="write equivcheck.json/.md/.html to DIR")
 
@@ -330,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_ints, help="larger input size to check sliding-window equivalence at")
     p.add_argument("--json", action="store_true")
     p.add_argument("--report", metavar="DIR")
+
+    from equivcheck.modelcheck.commands import add_parser as add_check_models
+
+    add_check_models(sub)
     return parser
 
 

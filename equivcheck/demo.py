@@ -85,10 +85,8 @@ def _conventions_table() -> Any:
 
 
 def _matrix_line(cases: list[Any]) -> str | None:
-    try:
-        from equivcheck.report.conventions import matrix
-    except ImportError:
-        return None
+    from equivcheck.report.conventions import matrix
+
     m = matrix([c.to_dict() for c in cases])
     counts: dict[str, int] = {}
     for row in m["rows"]:
@@ -197,6 +195,30 @@ def _print_model(result: Any, console: Any) -> None:
     console.print(table)
 
 
+def _model_conversions(progress: Any, console: Any) -> list[tuple[str, Any]]:
+    """A torch VGG-style classifier converted to Keras, right and with the classifier's flatten order wrong."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("keras") is None:
+        console.print("[yellow]whole-model conversion skipped: it needs torch and keras[/]")
+        return []
+    from equivcheck.modelcheck import check_models
+    from equivcheck.modelcheck.examples import SHAPE, to_keras, torch_vgg
+
+    task = progress.add_task("whole models: torch → Keras, layer by layer", total=2)
+    out = []
+    for want, flatten in (("pass", "right"), ("fail", "wrong")):
+        source = torch_vgg(seed=0)
+        check = check_models(source, to_keras(source, flatten=flatten), input_shape=SHAPE)
+        out.append((want, check))
+        first = check.first_divergence
+        where = "" if first is None else f": first wrong layer {first.source} ↔ {first.converted}: {first.diagnosis}"
+        mark = "green" if check.verdict == want else "red"
+        progress.console.print(f"[{mark}]{flatten} converter → {check.verdict} (expected {want}){where}[/]")
+        progress.update(task, advance=1)
+    return out
+
+
 # -- the demo -----------------------------------------------------------------------------
 def run(report_dir: str | os.PathLike[str] | None = "reports", quick: bool = False, seed: int = 0) -> int:
     """Run the demo; 0 when every check passes, 1 otherwise."""
@@ -218,11 +240,14 @@ def run(report_dir: str | os.PathLike[str] | None = "reports", quick: bool = Fal
         if line:
             progress.console.print(line)
         results = _models(quick, seed, progress, console)
-    ok = all(c.verdict == "pass" for c in cases) and all(r.passed for r in results)
+        conversions = _model_conversions(progress, console)
+    expected = all(check.verdict == want for want, check in conversions)
+    ok = all(c.verdict == "pass" for c in cases) and all(r.passed for r in results) and expected
     if report_dir is not None:
         from equivcheck.models.commands import write_model_report
 
-        paths = write_model_report(report_dir, results, cases=cases, command="demo" + (" --quick" if quick else ""), seed=seed)
+        paths = write_model_report(report_dir, results, cases=cases, command="demo" + (" --quick" if quick else ""), seed=seed,
+                                   extra={"model conversions": [check.to_dict() for _, check in conversions]})
         if paths:
             console.print("wrote " + ", ".join(str(Path(p)) for p in paths))
     verdict = "[green]all checks pass[/]" if ok else "[red]some checks fail[/]"

@@ -8,18 +8,25 @@
     def test_generic(equivcheck):
         equivcheck.check_pairs(my_generic_convert)   # (source, target, kernel, bias) -> (kernel, bias)
 
-All logic lives in :mod:`equivcheck.checker`; loading this module imports no deep-learning
-framework (nor numpy or hypothesis). Under pytest-xdist each worker sends its results to the
-controller (``workeroutput``), which prints one summary and writes one report.
+All logic lives in :mod:`equivcheck.checker`, imported on first use; loading this module
+imports pytest and the ``equivcheck`` package (numpy, no deep-learning framework, no hypothesis). Each test's rows and report records travel in its own
+test report (``user_properties``), so under pytest-xdist they reach the controller as each test
+finishes — a worker that crashes later loses nothing already done — and the controller prints
+one summary and writes one report, whatever happened.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+_PROPERTY = "equivcheck"  # the user_properties key of a test's rows and records
 
 _OPTIONS = (  # (name, ini name, help)
     ("backends", "equivcheck_backends", "comma-separated backends the checks may run layers on (default: every installed one)"),
@@ -38,7 +45,7 @@ class _State:
     def __init__(self, values: dict[str, Any]) -> None:
         self.values = values
         self.rows: list[dict[str, Any]] = []
-        self.records: list[Any] = []  # CheckRecord objects here, report records from workers
+        self.records: list[dict[str, Any]] = []  # report records (with --equivcheck-report)
         self.report_paths: list[str] = []
         self.report_problem = ""
 
@@ -54,6 +61,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         extra: dict[str, Any] = {"nargs": "?", "const": "reports"} if name == "report" else {}
         group.addoption(flag, dest=ini, type=kind, default=None, metavar=name.upper(), help=text, **extra)
         parser.addini(ini, text, default=None)
+
+
+def _check_report_folder(folder: str, args: tuple[str, ...]) -> None:
+    """Refuse a report destination that cannot be written, before any test runs.
+
+    The folder is given only as ``--equivcheck-report=DIR``: ``--equivcheck-report tests`` would
+    take the test path for the folder, so it is refused.
+    """
+    for flag, following in itertools.pairwise(args):
+        if flag == "--equivcheck-report" and not following.startswith("-"):
+            raise pytest.UsageError(f"--equivcheck-report {following}: give the folder as --equivcheck-report={following} "
+                                    "(a bare --equivcheck-report writes into reports/)")
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise pytest.UsageError(f"--equivcheck-report={folder}: is a file, expected a folder to write the report into")
+    parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise pytest.UsageError(f"--equivcheck-report={folder}: {parent} is not writable")
 
 
 def _value(config: pytest.Config, ini: str, kind: type) -> Any:
@@ -89,7 +114,11 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--equivcheck-max-examples={values['max_examples']}: expected a positive integer")
     if values["seed"] < 0:
         raise pytest.UsageError(f"--equivcheck-seed={values['seed']}: expected a non-negative integer")
-    config.stash[_STATE] = _State(values)
+    if values["report"] and workerinput is None:
+        _check_report_folder(values["report"], tuple(map(str, config.invocation_params.args)))
+    config.stash[_STATE] = state = _State(values)
+    if workerinput is None:
+        config.pluginmanager.register(_Collector(state), "equivcheck-collector")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -118,57 +147,76 @@ def _options(config: pytest.Config, marker: pytest.Mark | None) -> tuple[Any, di
 
 @pytest.fixture
 def equivcheck(request: pytest.FixtureRequest) -> Any:
-    """A :class:`equivcheck.checker.Checker` for this test (seeded by the session seed and the test id)."""
-    from equivcheck.checker import PytestChecker
+    """A :class:`equivcheck.checker.Checker` for this test (seeded by the session seed and the test id).
 
+    Where nothing can be checked (every case skipped) the test is skipped with the reason.
+    """
     options, pair_defaults = _options(request.config, request.node.get_closest_marker("equivcheck"))
-    checker = PytestChecker(options, test=request.node.nodeid, pair_defaults=pair_defaults, skip=pytest.skip)
+    checker = _pytest_checker()(options, test=request.node.nodeid, pair_defaults=pair_defaults)
     yield checker
     state = request.config.stash[_STATE]
-    state.rows += [r.summary() | {"index": i} for i, r in enumerate(checker.records)]
-    state.records += checker.records
+    rows = [r.summary() | {"index": i} for i, r in enumerate(checker.records)]
+    records = [r.report_record() for r in checker.records] if state.values["report"] else []
+    if rows or records:  # with the test's report: to the controller as soon as the test is done
+        request.node.user_properties.append((_PROPERTY, json.dumps({"rows": rows, "records": records}, default=str)))
 
 
-def _report_records(state: _State) -> list[dict[str, Any]]:
-    return [r if isinstance(r, dict) else r.report_record() for r in state.records]
+def _pytest_checker() -> type:
+    """:class:`~equivcheck.checker.Checker` turning :class:`~equivcheck.errors.CheckSkipped` into ``pytest.skip``."""
+    from equivcheck.checker import Checker
+    from equivcheck.errors import CheckSkipped
+
+    class PytestChecker(Checker):
+        def check_converter(self, *args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True
+            try:
+                return super().check_converter(*args, **kwargs)
+            except CheckSkipped as exc:
+                pytest.skip(str(exc))
+
+        def check_pairs(self, *args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True
+            try:
+                return super().check_pairs(*args, **kwargs)
+            except CheckSkipped as exc:
+                pytest.skip(str(exc))
+
+    return PytestChecker
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+class _Collector:
+    """Takes each finished test's rows and records from its test report (the controller's, under xdist)."""
+
+    def __init__(self, state: _State) -> None:
+        self.state = state
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "teardown":
+            return
+        for key, value in report.user_properties:
+            if key == _PROPERTY:
+                sent = json.loads(value)
+                self.state.rows += sent["rows"]
+                self.state.records += sent["records"]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     state = config.stash[_STATE]
     report = state.values["report"]
-    if hasattr(config, "workeroutput"):  # an xdist worker: hand everything to the controller
-        try:
-            records = _report_records(state) if report else []
-        except ImportError as exc:
-            records, state.report_problem = [], str(exc)
-        config.workeroutput["equivcheck"] = json.dumps({"rows": state.rows, "records": records,
-                                                        "problem": state.report_problem})
+    if hasattr(config, "workeroutput") or not report:
         return
-    if report and (state.records or state.rows):
-        try:
-            from equivcheck.report import write_report
-        except ImportError as exc:
-            state.report_problem = f"--equivcheck-report needs equivcheck.report, which is not available ({exc})"
-            return
-        rows = sorted(state.rows, key=lambda r: (r["test"], r["index"]))
-        paths = write_report(report, _report_records(state), seed=state.values["seed"],
+    from equivcheck.report import write_report
+
+    rows = sorted(state.rows, key=lambda r: (r["test"], r["index"]))
+    try:
+        paths = write_report(report, state.records, seed=state.values["seed"],
                              command="pytest " + " ".join(config.invocation_params.args),
-                             extra={"pytest checks": rows})
-        state.report_paths = [str(p) for p in paths]
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    """xdist controller: collect one worker's rows and report records."""
-    data = getattr(node, "workeroutput", {}).get("equivcheck")
-    if not data:
+                             extra={"pytest checks": rows}, failed=bool(session.testsfailed) or exitstatus not in (0, 5))
+    except Exception as exc:  # the tests ran: say why there is no report instead of failing the session
+        state.report_problem = f"{type(exc).__name__}: {exc}"
         return
-    sent = json.loads(data)
-    state = node.config.stash[_STATE]
-    state.rows += sent["rows"]
-    state.records += sent["records"]
-    state.report_problem = state.report_problem or sent.get("problem", "")
+    state.report_paths = [str(p) for p in paths]
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

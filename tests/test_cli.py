@@ -157,3 +157,19 @@ def test_explore_borrows_units_from_a_real_layer_as_the_api_does(capsys, tmp_pat
     assert code == 0, err
     assert json.loads(out)["found"] is True
     del torch
+
+
+def test_verify_runs_each_layer_on_its_own_framework_and_backends_add_rows(capsys):
+    pytest.importorskip("torch", reason="the target runs on torch")
+    pytest.importorskip("keras", reason="the source runs on keras")
+    argv = ["verify", "--from", "keras:dense", "--to", "torch:conv", "--channels", "2", "--spatial", "3,3", "--units", "2"]
+    code, out, _ = run(capsys, *argv, "--json")
+    assert code == 0
+    rows = [(c["source_backend"], c["target_backend"]) for c in json.loads(out)["cases"]]
+    assert rows == [("keras", "torch")]
+    code, out, _ = run(capsys, *argv, "--backends", "numpy", "--json")
+    cases = json.loads(out)["cases"]
+    assert [(c["source_backend"], c["target_backend"]) for c in cases] == [("keras", "torch"), ("numpy", "numpy")]
+    assert cases[1]["notes"] == ["both layers on numpy (--backends)"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and out.rstrip().endswith("1 case: 1 pass")

@@ -86,7 +86,7 @@ def test_outcomes_summary_report_and_the_same_under_xdist(pytester: pytest.Pytes
     assert "seed 11 (rerun with --equivcheck-seed 11)" in summary
 
     pytest.importorskip("xdist", reason="pytest-xdist runs the workers")
-    parallel = _subprocess(pytester, "-n", "2", "--equivcheck-report", "out", "--equivcheck-backends", "numpy,torch")
+    parallel = _subprocess(pytester, "-n", "2", "--equivcheck-report=out", "--equivcheck-backends", "numpy,torch")
     parallel.assert_outcomes(passed=2, failed=1)
     rows = _section(parallel.stdout.str())
     assert rows[:-1] == summary and rows[-1] == "report: out/equivcheck.json, out/equivcheck.md, out/equivcheck.html"
@@ -156,3 +156,49 @@ def test_report_flag_alone_writes_into_reports(pytester: pytest.Pytester):
     result = pytester.runpytest("-p", "no:cacheprovider", "--equivcheck-report")
     assert result.ret == 0
     assert sorted(p.name for p in (pytester.path / "reports").iterdir()) == ["equivcheck.html", "equivcheck.json", "equivcheck.md"]
+
+
+def test_the_report_folder_is_given_only_as_an_equals_value_and_must_be_writable(pytester: pytest.Pytester):
+    pytester.makepyfile("def test_it():\n    pass\n")
+    spaced = pytester.runpytest("-p", "no:cacheprovider", "--equivcheck-report", "tests")
+    assert spaced.ret == pytest.ExitCode.USAGE_ERROR
+    assert "give the folder as --equivcheck-report=tests" in spaced.stderr.str()
+    (pytester.path / "afile").write_text("x")
+    on_a_file = pytester.runpytest("-p", "no:cacheprovider", "--equivcheck-report=afile")
+    assert on_a_file.ret == pytest.ExitCode.USAGE_ERROR and "is a file" in on_a_file.stderr.str()
+    assert (pytester.path / "afile").read_text() == "x"
+
+
+def test_a_failed_session_is_never_an_ok_report(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        "import equivcheck as ec\n\n"
+        "def test_good(equivcheck):\n"
+        "    src = ec.spec('onnx:dense', channels=2, spatial=(3,), units=2)\n"
+        "    dst = ec.spec('caffe:conv', channels=2, spatial=(3,), units=2)\n"
+        "    equivcheck.check_converter(lambda k, b: ec.convert(src, dst, k, b), source=src, target=dst)\n\n"
+        "def test_unrelated_failure():\n"
+        "    assert False\n"
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "--equivcheck-report=out", "--equivcheck-backends=numpy")
+    assert result.ret == 1
+    doc = json.loads((pytester.path / "out" / "equivcheck.json").read_text())
+    assert doc["summary"]["verdicts"]["pass"] == 1 and doc["summary"]["ok"] is False
+
+
+def test_a_crashed_xdist_worker_loses_no_finished_check(pytester: pytest.Pytester):
+    pytest.importorskip("xdist", reason="pytest-xdist runs the worker")
+    pytester.makepyfile(
+        "import os\nimport equivcheck as ec\n\n"
+        "def test_a_check(equivcheck):\n"
+        "    src = ec.spec('onnx:dense', channels=2, spatial=(3,), units=2)\n"
+        "    dst = ec.spec('caffe:conv', channels=2, spatial=(3,), units=2)\n"
+        "    equivcheck.check_converter(lambda k, b: (k.reshape(2, 2, 3)[:, :, ::-1], b), source=src, target=dst)\n\n"
+        "def test_z_crash():\n"
+        "    os._exit(3)\n"
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "1", "--max-worker-restart=0", "-p", "no:randomly",
+                                           "--equivcheck-report=out", "--equivcheck-backends=numpy")
+    assert result.ret != 0
+    doc = json.loads((pytester.path / "out" / "equivcheck.json").read_text())
+    assert [c["verdict"] for c in doc["cases"]] == ["fail"], "the finished check's record reached the controller"
+    assert doc["summary"]["ok"] is False

@@ -15,6 +15,7 @@ reason; a pickled torch module is refused as code.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,10 @@ def load_model(path: str | Path) -> Any:
         return files.load_keras_model(p)
     if p.suffix in STATE_DICT_SUFFIXES:
         arrays = files.load_arrays(p)
-        try:
-            from equivcheck.models import vgg
-        except ImportError:
-            raise FileFormatError(f"input={str(p)!r} is a torch state dict: pip install 'equivcheck[torch]'") from None
+        if importlib.util.find_spec("torch") is None:
+            raise FileFormatError(f"input={str(p)!r} is a torch state dict: pip install 'equivcheck[torch]'")
+        from equivcheck.models import vgg
+
         return vgg.from_state_dict(arrays)
     raise FileFormatError(f"input={str(p)!r} has suffix {p.suffix!r}: expected a .keras model or a .pt/.pth/.safetensors/.npz "
                           "state dict of equivcheck's VGG16-style model")
@@ -121,14 +122,12 @@ def verify_model_cli(args: argparse.Namespace) -> int:
 
 
 def write_model_report(directory: str | Path, results: list[Any], *, cases: list[Any] | None = None,
-                       command: str = "verify-model", seed: int = 0) -> list[Path] | None:
-    """Write the report with ``results`` under ``extra["models"]``; None (with a note) when the report package is missing."""
-    try:
-        from equivcheck.report import write_report
-    except ImportError as exc:
-        print(f"note: report not written ({exc})")
-        return None
-    return write_report(directory, cases or [], seed=seed, command=command, extra={"models": [r.to_dict() for r in results]})
+                       command: str = "verify-model", seed: int = 0, extra: dict[str, Any] | None = None) -> list[Path]:
+    """Write the report with ``results`` under ``extra["models"]`` (and any further ``extra`` sections)."""
+    from equivcheck.report import write_report
+
+    sections = {"models": [r.to_dict() for r in results], **(extra or {})}
+    return write_report(directory, cases or [], seed=seed, command=command, extra=sections)
 
 
 def print_verification(result: Any, console: Any = None) -> None:

@@ -23,7 +23,7 @@ from equivcheck.errors import FileFormatError, SpecError
 from equivcheck.files import atomic_path
 from equivcheck.report.environment import environment
 from equivcheck.report.jsonio import SCHEMA_VERSION, build_document, dumps, load, schema, validate
-from equivcheck.report.parts import clear_parts, merge_parts, write_part
+from equivcheck.report.parts import clear_parts
 from equivcheck.report.records import case_record, merge_cases
 
 __all__ = [
@@ -33,12 +33,10 @@ __all__ = [
     "environment",
     "load",
     "merge_cases",
-    "merge_parts",
     "rebuild",
     "render",
     "schema",
     "validate",
-    "write_part",
     "write_report",
 ]
 
@@ -95,8 +93,12 @@ def write_report(
     run_id: str | None = None,
     environment: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    failed: bool = False,
 ) -> list[Path]:
     """Write ``equivcheck.json``, ``.md`` and ``.html`` for ``cases`` into ``directory``.
+
+    ``failed``: the run failed for a reason of its own (a pytest session with failures): the
+    report's ``ok`` is then false whatever its cases say.
 
     ``cases``: :class:`~equivcheck.verify.Case` objects and/or case records (``Case.to_dict()``
     or :func:`case_record` dicts, from any number of workers; duplicates dropped by id).
@@ -122,6 +124,8 @@ def write_report(
             r["pictures"] = []
     doc = build_document(records, seed=seed, command=command, run_id=run_id, environment=environment,
                          extra=extra, pictures=pictures)
+    if failed:
+        doc["summary"]["ok"] = False
     texts = {"equivcheck.json": dumps(doc), **render(doc)}
     paths = _write_all(folder, texts)
     clear_parts(folder)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from equivcheck.errors import EquivcheckError
-
-from . import models as M
+from equivcheck.modelcheck import examples as M
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +179,7 @@ def test_cli_command(mc, vgg, torch, tmp_path, capsys, monkeypatch):
     M.to_keras(vgg).save(tmp_path / "right.keras")
     M.to_keras(vgg, flatten="wrong").save(tmp_path / "wrong.keras")
     monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
-    common = ["--model", "tests.modelcheck.models:torch_vgg", "--input-shape", "2,3,12,10"]
+    common = ["--model", "equivcheck.modelcheck.examples:torch_vgg", "--input-shape", "2,3,12,10"]
 
     def run(*argv):
         args = parser.parse_args(["check-models", *argv])

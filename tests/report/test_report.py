@@ -15,11 +15,9 @@ from equivcheck.report import (
     FILES,
     case_record,
     merge_cases,
-    merge_parts,
     rebuild,
     schema,
     validate,
-    write_part,
     write_report,
 )
 from equivcheck.report.conventions import COLUMNS
@@ -152,13 +150,12 @@ def test_a_second_run_replaces_every_file_whole(cases, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)  # no temporary files left
 
 
-def test_workers_merge_without_duplicates_and_stale_parts_are_dropped(cases, tmp_path):
-    write_part(tmp_path, cases[:3], run_id="run1", worker="gw0")
-    write_part(tmp_path, [case_record(c) for c in cases[1:]], run_id="run1", worker="gw1")  # overlaps gw0
-    stale = write_part(tmp_path, cases[:1], run_id="run0", worker="gw0")
-    merged = merge_parts(tmp_path, "run1")
+def test_records_merge_without_duplicates_and_old_part_folders_are_cleared(cases, tmp_path):
+    first, second = [case_record(c) for c in cases[:3]], [case_record(c) for c in cases[1:]]  # overlapping
+    merged = merge_cases(first, second)
     assert [r["id"] for r in merged] == [case_record(c)["id"] for c in cases]
-    assert not stale.exists()
+    (tmp_path / PARTS_DIR).mkdir()
+    (tmp_path / PARTS_DIR / "old.gw0.json").write_text("{}")  # left by an older version
     write_report(tmp_path, merged, run_id="run1")
     assert not (tmp_path / PARTS_DIR).exists()
     doc = json.loads((tmp_path / "equivcheck.json").read_text(encoding="utf-8"))
@@ -218,8 +215,6 @@ def test_bad_arguments_raise_one_line_errors(tmp_path):
         write_report(tmp_path, "cases")
     with pytest.raises(SpecError, match="not a Case or a case dict"):
         write_report(tmp_path, [object()])
-    with pytest.raises(SpecError, match="run_id="):
-        write_part(tmp_path, [], run_id="../x", worker="gw0")
     assert cli_main(["report", str(tmp_path / "missing.json")]) == 2
 
 

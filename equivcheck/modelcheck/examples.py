@@ -1,4 +1,4 @@
-"""Small models and user-style converters (right and wrong) for the whole-model check tests."""
+"""A small VGG-style classifier and user-style converters to Keras (right and wrong): the demo's and tests' whole models."""
 
 from __future__ import annotations
 
