@@ -142,8 +142,10 @@ def identify(source: LayerSpec, target: LayerSpec, kernel: Any, bias: Any = None
     found = dict(target=label, same_as=same_as, right=right)
     wrong = [m for m in mutants(source, target, right) if not m.ambiguous and m.target is None]
     if _equal(right.apply(src), got):
+        if _bias_right(source_bias, bias):
+            return Identification(**found, exact=True)
         bias_mistakes = _bias_mistakes(wrong, source_bias, bias)
-        return Identification(**found, exact=not bias_mistakes, mistakes=bias_mistakes)
+        return Identification(**found, mistakes=bias_mistakes, problem="" if bias_mistakes else "the kernel is right, the bias is not")
     kernel_wrong = [m for m in wrong if m.bias is None]
     matched = [m for m in kernel_wrong if _equal(m.mapping.apply(src), got)]
     if matched:
@@ -161,6 +163,14 @@ def identify(source: LayerSpec, target: LayerSpec, kernel: Any, bias: Any = None
             if _equal(eb.apply(first), got) or _equal(ea.apply(eb.apply(expected)), got):
                 return Identification(**found, mistakes=(a, b))
     return Identification(**found)
+
+
+def _bias_right(source_bias: Any, bias: Any) -> bool:
+    """The bias is the source's (zeros, or none, where the source has none); unknown counts as right."""
+    if bias is None or source_bias is None:
+        return bias is None or not np.any(np.asarray(bias))
+    src, got = np.asarray(source_bias, dtype=np.float64), np.asarray(bias, dtype=np.float64)
+    return src.shape == got.shape and _equal(src, got)
 
 
 def _bias_mistakes(wrong: list[Mutant], source_bias: Any, bias: Any) -> tuple[Mutant, ...]:

@@ -153,7 +153,7 @@ CASES = [(b, k, "channels_last") for b in BACKEND_NAMES if b != "numpy" for k in
 ]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])  # float64 runs-or-not: test_against_numpy
 @pytest.mark.parametrize(("backend", "kind", "data_format"), CASES, ids=["-".join(c) for c in CASES])
 def test_probe_agrees_with_the_real_framework(backend, kind, data_format, dtype):
     require(backend)
