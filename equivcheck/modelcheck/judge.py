@@ -136,36 +136,31 @@ def diagnose_pair(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias
     if new_kernel.shape != target.kernel_shape:
         return {"mistake": "kernel shape", "detail": f"kernel shape {new_kernel.shape}, expected {target.kernel_shape}",
                 "code": code}
-    expected = right.apply(kernel).astype(new_kernel.dtype)
-    kernel_right = np.array_equal(expected, new_kernel)
-    bias_right = (new_bias is None and bias is None) or (
-        bias is not None and new_bias is not None and np.array_equal(bias.astype(new_bias.dtype), new_bias)) or (
-        bias is None and new_bias is not None and not np.any(new_bias))
-    from equivcheck.mutations import mutants
+    from equivcheck.identify import identify
 
-    catalogue = [m for m in mutants(source, target, right) if not m.ambiguous and m.target is None]
-    if kernel_right and bias_right:
+    found = identify(source, target, new_kernel, new_bias, source_kernel=kernel, source_bias=bias)
+    if found.exact:
         return {"mistake": "weights right, output differs",
                 "detail": "the weights are the right mapping of the source's: the layer itself computes differently "
                           "(padding, stride, dtype or an op the framework adds)", "code": code}
+    kernel_right = np.array_equal(right.apply(kernel).astype(new_kernel.dtype), new_kernel)
     if kernel_right:
-        if bias is not None and new_bias is not None and new_bias.shape == bias.shape:
-            for m in catalogue:
-                if m.bias is not None and np.array_equal(m.bias.apply(bias).astype(new_bias.dtype), new_bias):
-                    return {"mistake": m.name, "detail": m.description, "code": code, "convention": str(m.convention)}
+        if found.mistakes:  # a bias in another order
+            m = found.mistakes[0]
+            return {"mistake": m.name, "detail": m.description, "code": code, "convention": str(m.convention)}
         if bias is None and new_bias is not None:
             return {"mistake": "bias added", "detail": "the source layer has no bias; the converted one adds a non-zero bias",
                     "code": code}
         return {"mistake": "wrong bias", "detail": "the kernel is right; the bias is not the source's", "code": code}
-    matched = [m for m in catalogue if m.bias is None
-               and np.array_equal(m.mapping.apply(kernel).astype(new_kernel.dtype), new_kernel)]
-    if matched and len({m.convention for m in matched}) == 1:
-        m = next((m for m in matched if m.name.endswith("(target)")), matched[0])
+    if len(found.mistakes) == 1:
+        m = found.mistakes[0]
         name, detail = _named(m, target)
         if str(m.convention) == "flatten order" and isinstance(target, DenseSpec) and target.rank:
             order = _read_as(source, target, kernel, new_kernel)
             if order:
                 name, detail = f"wrong flatten order ({order} read as {target.flatten})", _flatten_detail(order, target)
+        if found.problem:
+            detail += f"; {found.problem}"
         return {"mistake": name, "detail": detail, "code": code, "convention": str(m.convention)}
     other = _search(source, target, kernel, new_kernel)
     if other:
