@@ -142,7 +142,7 @@ def _aligned(spec: LayerSpec, other: LayerSpec) -> tuple[Callable, Callable]:
     return plain_in, plain_out
 
 
-def _input_spec(source: LayerSpec, target: LayerSpec) -> LayerSpec:
+def input_spec(source: LayerSpec, target: LayerSpec) -> LayerSpec:
     """The spec whose map both layers read (the conv's, when a dense one reads plain features)."""
     if isinstance(source, DenseSpec) and source.rank == 0 and isinstance(target, ConvSpec):
         return target
@@ -192,8 +192,8 @@ def verify_pair(
     if data is not None:
         batch = len(data[2])
     elif batch is None:
-        batch = detection_batch(_input_spec(source, target))
-    in_elems = batch * math.prod(_input_spec(source, target).input_shape)
+        batch = detection_batch(input_spec(source, target))
+    in_elems = batch * math.prod(input_spec(source, target).input_shape)
     out_elems = batch * max(math.prod(source.output_shape), math.prod(target.output_shape))
     require_memory(f"verifying {source.describe()} -> {target.describe()}",
                    8 * (6 * math.prod(source.kernel_shape) + 4 * in_elems + 8 * out_elems))
@@ -209,7 +209,7 @@ def verify_pair(
     convert = converter or (lambda k, b: _planned(source, target, k, b))
     new_kernel, new_bias = _call_converter(convert, kernel, bias, target, dtype)
 
-    x = canonical_input(_input_spec(source, target), batch, dtype, rng) if data is None else data[2]
+    x = canonical_input(input_spec(source, target), batch, dtype, rng) if data is None else data[2]
     src_adapt, tgt_adapt = _aligned(source, target), _aligned(target, source)
     f64 = np.float64
     exact = src_adapt[1](np_forward(source, kernel.astype(f64), None if bias is None else bias.astype(f64),

@@ -1,0 +1,273 @@
+"""The checker: one conversion on real layers, a record of it, and searches over shapes and spec pairs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from equivcheck.checker.arguments import _build, _split_args
+from equivcheck.checker.messages import callable_name, failure_message, identify_conventions
+from equivcheck.checker.options import Options, derive_seed, resolve_backend
+from equivcheck.errors import CheckSkipped, ConversionCheckFailed, EquivcheckError, NoMapping, SpecError
+from equivcheck.plan import plan
+from equivcheck.specs import LayerSpec
+from equivcheck.verify import Case, input_spec
+
+
+# -- one check ---------------------------------------------------------------------------
+def check_conversion(
+    convert: Callable,
+    source: LayerSpec,
+    target: LayerSpec,
+    *,
+    source_backend: str = "numpy",
+    target_backend: str = "numpy",
+    dtype: str = "float32",
+    seed: int = 0,
+    batch: int | None = None,
+) -> Case:
+    """One check of ``convert`` on data drawn from ``seed``; a :class:`Case`, never raises for a failed check.
+
+    A converter that returns the wrong shapes gives a failed case saying so.
+    """
+    from equivcheck.errors import VerificationError
+    from equivcheck.strategies import sample_inputs, sample_weights
+    from equivcheck.verify import verify_pair
+
+    rng = np.random.default_rng(seed)
+    kernel, bias = sample_weights(source, dtype, rng)
+    x = sample_inputs(input_spec(source, target), batch, dtype, rng)
+    try:
+        return verify_pair(source, target, source_backend=source_backend, target_backend=target_backend,
+                           dtype=dtype, converter=convert, seed=seed, data=(kernel, bias, x))
+    except VerificationError as exc:
+        case = Case(source, target, source_backend, target_backend, dtype, "fail", seed=seed)
+        case.reason = str(exc)
+        with contextlib.suppress(NoMapping):
+            case.mapping = plan(source, target)
+        return case
+
+
+@dataclass
+class CheckRecord:
+    """One checked case with what the checker learned about the converter."""
+
+    case: Case
+    test: str = ""
+    converter: str = ""
+    notes: list[str] = field(default_factory=list)
+    identify: Callable[[], str] | None = field(default=None, repr=False)  # names the conventions, on demand
+    _conventions: str | None = field(default=None, repr=False)
+
+    @property
+    def conventions(self) -> str:
+        """What the converter's kernel is (computed once, only for records that are kept)."""
+        if self._conventions is None:
+            self._conventions = self.identify() if self.identify is not None else ""
+        return self._conventions
+
+    @property
+    def failed(self) -> bool:
+        return self.case.verdict in ("fail", "error", "inconclusive")
+
+    def summary(self) -> dict[str, Any]:
+        """A small JSON-able row for the terminal summary."""
+        c = self.case
+        return {"test": self.test, "converter": self.converter, "conversion": c.title(),
+                "backends": f"{c.source_backend} → {c.target_backend}", "dtype": c.dtype,
+                "verdict": c.verdict, "conventions": self.conventions, "notes": list(self.notes)}
+
+    def report_record(self) -> dict[str, Any]:
+        """The report's case record plus the test, converter, conventions and notes."""
+        from equivcheck.report.records import case_record
+
+        record = case_record(self.case)
+        record.pop("id", None)
+        record.update(test=self.test, converter=self.converter, conventions=self.conventions, notes=list(self.notes))
+        return case_record(record)
+
+
+# -- the checker -------------------------------------------------------------------------
+class Checker:
+    """Checks converters and records every case (for the pytest summary and report).
+
+    ``test`` names the caller (a pytest node id) and salts the seeds, so results do not
+    depend on test order or on which pytest-xdist worker runs the test.
+    """
+
+    def __init__(self, options: Options | None = None, *, test: str = "", pair_defaults: dict[str, Any] | None = None) -> None:
+        self.options = options or Options()
+        self.test = test
+        self.pair_defaults = dict(pair_defaults or {})
+        self.records: list[CheckRecord] = []
+        self._calls = 0
+
+    def _seed(self, seed: int | None) -> int:
+        self._calls += 1
+        return derive_seed(self.options.seed if seed is None else seed, self.test, self._calls)
+
+    # -- one converter, one layer pair --------------------------------------------------
+    def check_converter(
+        self,
+        convert: Callable,
+        source: str | LayerSpec,
+        target: str | LayerSpec,
+        *,
+        channels: Any = None,
+        spatial: Any = (),
+        units: Any = None,
+        kernel_size: Any = None,
+        stride: Any = 1,
+        dilation: Any = 1,
+        padding: Any = "valid",
+        groups: Any = 1,
+        bias: Any = True,
+        multiplier: Any = None,
+        output_padding: Any = 0,
+        dtypes: Sequence[str] | str | None = None,
+        max_examples: int | None = None,
+        seed: int | None = None,
+    ) -> list[Case]:
+        """Check ``convert(kernel, bias) -> (kernel, bias)`` from ``source`` to ``target``.
+
+        ``source``/``target``: ``"PRESET:LAYER"`` names (or specs). Shape arguments are those of
+        :func:`equivcheck.spec`; an int argument given as ``(low, high)`` or a ``range``, a
+        tuple argument with a range per axis, or any hypothesis strategy, makes this a search
+        over shapes with ``max_examples`` examples. Raises :class:`ConversionCheckFailed` on a
+        failure (the shrunk case) and :class:`CheckSkipped` when nothing could run.
+        """
+        __tracebackhide__ = True  # pytest shows the message, not this frame
+        if not callable(convert):
+            raise SpecError(f"convert={convert!r} is not callable: expected a function (kernel, bias) -> (kernel, bias)")
+        args = dict(channels=channels, spatial=spatial, units=units, kernel_size=kernel_size, stride=stride,
+                    dilation=dilation, padding=padding, groups=groups, multiplier=multiplier,
+                    output_padding=output_padding, bias=bias)
+        fixed, varying = _split_args(args)
+        names = self._dtypes(dtypes)
+        run_seed = self._seed(seed)
+        if not varying:
+            src, dst = _build(source, fixed, "source"), _build(target, fixed, "target")
+            plan(src, dst)  # a pair that no conversion can make equivalent is an error, not a failure
+            cases = []
+            for dtype in names:
+                record = self._run(convert, src, dst, dtype, derive_seed(run_seed, dtype))
+                cases.append(record.case)
+                if record.failed:
+                    raise ConversionCheckFailed(failure_message(record, convert), record)
+            return self._done(cases)
+
+        from hypothesis import strategies as st
+
+        def example(draw: Any) -> tuple[LayerSpec, LayerSpec, str, int]:
+            shape = {**fixed, **{k: draw(v) for k, v in varying.items()}}
+            try:
+                src, dst = _build(source, shape, "source"), _build(target, shape, "target")
+                plan(src, dst)
+            except EquivcheckError:
+                from hypothesis import reject
+
+                reject()
+            return src, dst, draw(st.sampled_from(names)), draw(st.integers(0, 2**32 - 1))
+
+        return self._search(convert, st.composite(example)(), max_examples, run_seed, pairs=False)
+
+    # -- a generic converter over generated pairs -----------------------------------------
+    def check_pairs(
+        self,
+        convert: Callable,
+        *,
+        dtypes: Sequence[str] | str | None = None,
+        max_examples: int | None = None,
+        seed: int | None = None,
+        **pair_options: Any,
+    ) -> list[Case]:
+        """Check ``convert(source, target, kernel, bias) -> (kernel, bias)`` on generated spec pairs.
+
+        ``pair_options`` go to :func:`equivcheck.strategies.spec_pairs` (``kinds``, ``presets``,
+        ``min_*``/``max_*``), after the defaults of the test's ``equivcheck`` marker.
+        """
+        __tracebackhide__ = True
+        from hypothesis import strategies as st
+
+        from equivcheck.strategies import spec_pairs
+
+        if not callable(convert):
+            raise SpecError(f"convert={convert!r} is not callable: expected (source, target, kernel, bias) -> (kernel, bias)")
+        pairs = spec_pairs(**{**self.pair_defaults, **pair_options})
+        names = self._dtypes(dtypes)
+        strategy = st.tuples(pairs, st.sampled_from(names), st.integers(0, 2**32 - 1)).map(
+            lambda t: (t[0][0], t[0][1], t[1], t[2]))
+        return self._search(convert, strategy, max_examples, self._seed(seed), pairs=True)
+
+    # -- internals -------------------------------------------------------------------------
+    def check_model_converter(self, convert: Callable[[Any], Any], source: Any, **options: Any) -> Any:
+        """Convert a whole model and check it layer by layer: :func:`equivcheck.modelcheck.check_model_converter`."""
+        __tracebackhide__ = True
+        from equivcheck.modelcheck.converter import check_model_converter
+
+        options.setdefault("seed", self._seed(options.get("seed")))
+        return check_model_converter(convert, source, **options)
+
+    def _dtypes(self, dtypes: Sequence[str] | str | None) -> tuple[str, ...]:
+        from equivcheck.backends.base import np_dtype
+
+        names = self.options.dtypes if dtypes is None else (dtypes,) if isinstance(dtypes, str) else tuple(dtypes)
+        if not names:
+            raise SpecError("dtypes=() is empty: expected at least one dtype, e.g. ('float32',)")
+        for d in names:
+            np_dtype(d)
+        return names
+
+    def _run(self, convert: Callable, source: LayerSpec, target: LayerSpec, dtype: str, seed: int) -> CheckRecord:
+        allowed = self.options.backends
+        (sb, snote), (tb, tnote) = (resolve_backend(s, dtype, allowed) for s in (source, target))
+        case = check_conversion(convert, source, target, source_backend=sb, target_backend=tb, dtype=dtype, seed=seed)
+        record = CheckRecord(case, test=self.test, converter=callable_name(convert)[0],
+                             notes=[n for n in (snote, tnote) if n])
+        if case.verdict != "skip":
+            record.identify = lambda: identify_conventions(convert, source, target).summary()
+        self.records.append(record)
+        return record
+
+    def _search(self, convert: Callable, strategy: Any, max_examples: int | None, seed: int, *, pairs: bool) -> list[Case]:
+        from hypothesis import HealthCheck, Phase, given, settings
+        from hypothesis import seed as hypothesis_seed
+
+        __tracebackhide__ = True
+        before = len(self.records)
+        name = callable_name(convert)[0]
+
+        def run(example: tuple[LayerSpec, LayerSpec, str, int]) -> None:
+            __tracebackhide__ = True
+            src, dst, dtype, data_seed = example
+
+            def generic(k: Any, b: Any) -> Any:
+                return convert(src, dst, k, b)
+
+            record = self._run(generic if pairs else convert, src, dst, dtype, data_seed)
+            record.converter = name
+            if record.failed:
+                call = f"lambda k, b: {name.split('.')[0]}(source, target, k, b)" if pairs else None
+                raise ConversionCheckFailed(failure_message(record, convert, call=call), record)
+
+        limit = max_examples or self.options.max_examples
+        phases = [p for p in Phase if p.name != "explain"]  # the failure message already explains
+        search = settings(max_examples=limit, deadline=None, database=None, derandomize=False, phases=phases,
+                          report_multiple_bugs=False, print_blob=False,
+                          suppress_health_check=list(HealthCheck))(hypothesis_seed(seed)(given(strategy)(run)))
+        try:
+            search()
+        except ConversionCheckFailed:
+            # Keep only the shrunk case, which hypothesis replays last.
+            self.records[before:] = self.records[-1:]
+            raise
+        return self._done([r.case for r in self.records[before:]])
+
+    def _done(self, cases: list[Case]) -> list[Case]:
+        if cases and all(c.verdict == "skip" for c in cases):
+            raise CheckSkipped(f"nothing was checked: {cases[0].reason}")
+        return cases

@@ -1,0 +1,122 @@
+"""What a check says: code that rebuilds a spec, the converter's conventions, the failure message, the summary table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from equivcheck._arrays import to_numpy
+from equivcheck.errors import EquivcheckError
+from equivcheck.identify import IDENTIFY_MAX_ELEMENTS, Identification, identify, preset_kwargs, probe_weights
+from equivcheck.presets import PRESETS, spec
+from equivcheck.specs import LayerSpec
+
+if TYPE_CHECKING:
+    from equivcheck.checker.core import CheckRecord
+
+
+# -- conventions -------------------------------------------------------------------------
+#: What a converter's kernel is (kept under its old name): see :class:`equivcheck.identify.Identification`.
+Conventions = Identification
+
+
+def _label(layer: LayerSpec) -> str:
+    return layer.name or layer.kind
+
+
+def spec_code(layer: LayerSpec) -> str:
+    """Python that rebuilds ``layer`` (with ``import equivcheck as ec``)."""
+    name = layer.name or ""
+    if name.count(":") == 1 and name.split(":")[0] in PRESETS:
+        kw = preset_kwargs(layer)
+        try:
+            if spec(name, **kw) == layer:
+                args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+                return f"ec.spec({name!r}, {args})"
+        except EquivcheckError:
+            pass
+    return f"ec.{layer!r}"
+
+
+def identify_conventions(convert: Callable, source: LayerSpec, target: LayerSpec) -> Identification:
+    """Name the conventions ``convert`` follows, by converting all-distinct probe weights (:func:`equivcheck.identify`)."""
+    label = _label(target)
+    if math.prod(source.kernel_shape) > IDENTIFY_MAX_ELEMENTS:
+        return Identification(label, problem=f"not identified: the kernel has more than {IDENTIFY_MAX_ELEMENTS} weights")
+    kernel, bias = probe_weights(source)
+    try:
+        result = convert(kernel.copy(), None if bias is None else bias.copy())
+        got = np.asarray(to_numpy(result[0]), dtype=np.float64)
+        got_bias = None if result[1] is None else np.asarray(to_numpy(result[1]), dtype=np.float64)
+    except Exception as exc:  # the user's converter may not accept probe values; say so, do not hide the check
+        return Identification(label, problem=f"not identified: the converter raised {type(exc).__name__} on probe weights")
+    return identify(source, target, got, got_bias, source_kernel=kernel, source_bias=bias)
+
+
+def callable_name(convert: Callable) -> tuple[str, str]:
+    """(display name, import line) of a converter."""
+    name = getattr(convert, "__qualname__", None) or getattr(convert, "__name__", None) or type(convert).__name__
+    if "<locals>" in name:  # a function defined inside a test: its plain name
+        return getattr(convert, "__name__", name), f"# define {getattr(convert, '__name__', name)} as in your test"
+    module = getattr(convert, "__module__", None)
+    if module and "<" not in name and module != "__main__":
+        return name, f"from {module} import {name.split('.')[0]}"
+    return name, f"# define {name} as in your test"
+
+
+def failure_message(record: CheckRecord, convert: Callable, *, call: str | None = None) -> str:
+    """The assertion message: the case, what went wrong, the conventions found and a reproducer.
+
+    ``call`` is the converter expression of the reproducer (default: ``convert``'s name).
+    """
+    c = record.case
+    name, import_line = callable_name(convert)
+    lines = [
+        f"{name} does not convert {c.title()} correctly ({c.verdict})",
+        f"  source     {c.source.describe()}",
+        f"  target     {c.target.describe()}",
+        f"  run on     {c.source_backend} → {c.target_backend}, {c.dtype}, seed={c.seed}",
+        f"  result     {c.reason or (c.comparison.summary() if c.comparison else '')}",
+        f"  converter  {record.conventions}",
+    ]
+    if c.mapping is not None:
+        lines.append(f"  right      {c.mapping.code('numpy')}")
+    lines += [f"  note       {n}" for n in record.notes]
+    lines += [
+        "  reproduce:",
+        "    import equivcheck as ec",
+        "    from equivcheck.checker import check_conversion",
+        f"    {import_line}",
+        f"    source = {spec_code(c.source)}",
+        f"    target = {spec_code(c.target)}",
+        f"    case = check_conversion({call or name.split('.')[0]}, source, target, source_backend={c.source_backend!r}, "
+        f"target_backend={c.target_backend!r}, dtype={c.dtype!r}, seed={c.seed})",
+        "    print(case.verdict, case.reason)",
+    ]
+    return "\n".join(lines)
+
+
+_COLUMNS = ("conversion", "converter", "backends", "dtype", "checked", "verdicts", "conventions")
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Text lines of a table of the checks: one line per conversion, converter, backend pair and dtype."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        key = (row["conversion"], row["converter"], row["backends"], row["dtype"])
+        g = groups.setdefault(key, {"checked": 0, "verdicts": {}, "conventions": []})
+        g["checked"] += 1
+        g["verdicts"][row["verdict"]] = g["verdicts"].get(row["verdict"], 0) + 1
+        if row["conventions"] and row["conventions"] not in g["conventions"]:
+            g["conventions"].append(row["conventions"])
+    table = [list(_COLUMNS)]
+    for key, g in groups.items():
+        verdicts = " ".join(f"{n} {v}" for v, n in sorted(g["verdicts"].items()))
+        table.append([*key[:4], str(g["checked"]), verdicts, "; ".join(g["conventions"]) or "-"])
+    widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1] for r in table]
+    notes = dict.fromkeys(n for row in rows for n in row.get("notes", ()))
+    return lines + [f"note: {n}" for n in notes]
