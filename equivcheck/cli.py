@@ -225,7 +225,7 @@ def _explore_side(preset: str | None, obj: str | None, role: str, flag: str, obj
     if not preset and not obj:
         raise UsageError(f"the {role} is missing: pass {flag} PRESET:LAYER or {obj_flag} MODULE:ATTR")
     if obj:
-        from equivcheck.explore.sides import load_object
+        from equivcheck.explore.objects import load_object
 
         return load_object(obj)
     return preset

@@ -22,9 +22,10 @@ from equivcheck.backends.base import IMPORT_SECONDS
 from equivcheck.errors import SpecError
 from equivcheck.explore.check import Verification, nearest_candidate, verify_mapping
 from equivcheck.explore.conventions import candidates, convention_rows, holding, matching_presets
+from equivcheck.explore.objects import make_side
 from equivcheck.explore.probe import STRATEGIES, Probed, probe_side
 from equivcheck.explore.result import Exploration, SideReport
-from equivcheck.explore.sides import BlackBox, Side, make_side
+from equivcheck.explore.sides import BlackBox, Side
 from equivcheck.mapping import Mapping
 from equivcheck.specs import ConvSpec, Shape
 
@@ -77,7 +78,7 @@ def _make_sides(source: Any, target: Any, shape: Shape, backend: str | None) -> 
     """Both sides; a layer that knows its map lends channels, spatial and units to a preset name on the other side."""
     from dataclasses import replace
 
-    from equivcheck.explore.sides import is_preset_name
+    from equivcheck.explore.objects import is_preset_name
 
     objs = [source, target]
     named = [isinstance(o, str) and is_preset_name(o) for o in objs]

@@ -64,7 +64,7 @@ def load_model(path: str | Path, factory: str | None = None) -> Any:
         from equivcheck.models.commands import load_model as load_vgg
 
         return load_vgg(p)
-    from equivcheck.explore.sides import load_object
+    from equivcheck.explore.objects import load_object
     from equivcheck.modelcheck.converter import _build, load_weights
 
     model = _build(load_object(factory), f"--model {factory}")
