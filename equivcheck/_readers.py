@@ -27,7 +27,7 @@ import numpy as np
 
 from equivcheck import _arrays
 from equivcheck.errors import EquivcheckError, FileFormatError, MappingError
-from equivcheck.specs import require_memory
+from equivcheck.memory import require_memory
 
 _NPY_MAGIC = b"\x93NUMPY"
 _MAX_HEADER = 1 << 16  # a .npy header is a short dict; numpy's own limit is 10 000 bytes

@@ -30,7 +30,8 @@ import numpy as np
 
 from equivcheck import _arrays, _readers
 from equivcheck.errors import FileFormatError, SpecError
-from equivcheck.specs import LayerSpec, require_memory
+from equivcheck.memory import require_memory
+from equivcheck.specs import LayerSpec
 
 KERNEL_KEYS = ("kernel", "weight", "w", "W", "arr_0")
 BIAS_KEYS = ("bias", "b", "arr_1")

@@ -10,11 +10,11 @@ field, the value and what was expected.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from equivcheck.errors import SpecError
+from equivcheck.memory import physical_memory, require_memory  # noqa: F401 - their old home
 
 __all__ = ["ConvSpec", "DenseSpec", "LayerSpec", "spatial_letters"]
 
@@ -95,24 +95,6 @@ def _layout(name: str, value: Any, letters: str) -> str:
 def _check_size(what: str, shape: tuple[int, ...]) -> None:
     if math.prod(shape) > MAX_ELEMENTS:
         raise SpecError(f"{what} shape={shape} has {math.prod(shape)} elements: more than the limit of {MAX_ELEMENTS}")
-
-
-def physical_memory() -> int:
-    """Bytes of RAM on this machine (a large default where the OS will not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 40
-
-
-def require_memory(what: str, nbytes: int) -> None:
-    """Refuse, before allocating, work that needs more than half of this machine's memory."""
-    limit = physical_memory() // 2
-    if nbytes > limit:
-        raise SpecError(
-            f"{what} needs about {nbytes / 2**30:.1f} GiB, more than half of this machine's "
-            f"{2 * limit / 2**30:.1f} GiB: use smaller shapes (channels, spatial, units) or a smaller batch"
-        )
 
 
 def map_shape(channels: int, spatial: tuple[int, ...], data_format: str) -> tuple[int, ...]:

@@ -24,8 +24,9 @@ from equivcheck.compare import Comparison, compare
 from equivcheck.data import detection_batch, sample_inputs, sample_weights
 from equivcheck.errors import EquivcheckError, SpecError, VerificationError
 from equivcheck.mapping import Mapping
+from equivcheck.memory import require_memory
 from equivcheck.plan import plan
-from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, fan_in, require_memory
+from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, fan_in
 
 __all__ = ["Case", "MutationOutcome", "draw", "verify", "verify_pair"]
 

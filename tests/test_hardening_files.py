@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from equivcheck import files, specs
+from equivcheck import files, memory
 from equivcheck.cli import main
 from equivcheck.errors import EquivcheckError
 
@@ -60,7 +60,7 @@ def npy_header(shape, descr="<f4") -> bytes:
 @pytest.fixture()
 def small_budget(monkeypatch):
     """Pretend the machine has 64 MiB, so the memory guard (half of it) stops anything past 32 MiB."""
-    monkeypatch.setattr(specs, "physical_memory", lambda: 64 << 20)
+    monkeypatch.setattr(memory, "physical_memory", lambda: 64 << 20)
 
 
 # -- HDF5 --------------------------------------------------------------------------------------
@@ -337,8 +337,8 @@ def test_damaged_files_give_an_equivcheck_error_or_arrays(kind, how, where, bit)
     with tempfile.TemporaryDirectory() as folder:
         path = valid_file(kind, Path(folder))
         path.write_bytes(damage(path, kind, how, where, bit))
-        saved = specs.physical_memory
-        specs.physical_memory = lambda: 64 << 20  # a 32 MiB guard: a huge re-declared array must not get through
+        saved = memory.physical_memory
+        memory.physical_memory = lambda: 64 << 20  # a 32 MiB guard: a huge re-declared array must not get through
         try:
             arrays = files.load_arrays(path)
         except EquivcheckError as exc:
@@ -346,4 +346,4 @@ def test_damaged_files_give_an_equivcheck_error_or_arrays(kind, how, where, bit)
         else:
             assert all(isinstance(a, np.ndarray) and a.nbytes <= 32 << 20 for a in arrays.values())
         finally:
-            specs.physical_memory = saved
+            memory.physical_memory = saved
