@@ -39,6 +39,7 @@ __all__ = [
     "flatten_permutation",
     "kernel_layout_mapping",
     "map_layout",
+    "native_weights",
     "np_dtype",
     "stored_kernel",
     "to_native_kernel",
@@ -107,6 +108,16 @@ def to_native_kernel(spec: ConvSpec, kernel: np.ndarray, layout: str) -> np.ndar
     mapping = kernel_layout_mapping(spec, layout)
     kernel = np.asarray(kernel)
     return np.ascontiguousarray(kernel if mapping.is_identity else mapping.apply(kernel))
+
+
+def native_weights(spec: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None, layout: str) -> np.ndarray:
+    """Check ``kernel`` and ``bias`` against ``spec``; the kernel in the framework's ``layout``
+    (``"IO"``/``"OI"`` for a dense spec, e.g. ``"OIHW"`` for a convolution)."""
+    check_kernel(spec, kernel)
+    check_bias(spec, bias)
+    if isinstance(spec, DenseSpec):
+        return dense_kernel(spec, kernel, layout)
+    return to_native_kernel(spec, kernel, layout)
 
 
 def stored_kernel(spec: ConvSpec, native: np.ndarray, layout: str) -> np.ndarray:

@@ -27,14 +27,12 @@ from equivcheck.backends._tensorflow import (
 from equivcheck.backends.base import (
     Backend,
     Layer,
-    check_bias,
     check_input,
-    check_kernel,
     dense_kernel,
     flatten_permutation,
+    native_weights,
     np_dtype,
     stored_kernel,
-    to_native_kernel,
 )
 from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec
 
@@ -83,6 +81,7 @@ class KerasLayer(Layer):
         if isinstance(spec, DenseSpec):
             keras_order = spec.map_letters[1:] + "C"  # Flatten's order for either data format
             self._perm = flatten_permutation(spec, native=keras_order)
+            self._layout = "IO"  # Dense kernels are (in, out)
             fmt = spec.data_format if self._perm is None else CHANNELS_LAST  # a plain row-major flatten
             self.flatten = L.Flatten(data_format=fmt, dtype=dtype)
             self.layer = L.Dense(spec.units, use_bias=spec.bias, dtype=dtype, **_NO_INIT)
@@ -124,12 +123,7 @@ class KerasLayer(Layer):
 
     def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
         spec = self.spec
-        check_kernel(spec, kernel)
-        check_bias(spec, bias)
-        if isinstance(spec, DenseSpec):
-            native = dense_kernel(spec, kernel, "IO")
-        else:
-            native = to_native_kernel(spec, kernel, self._layout)
+        native = native_weights(spec, kernel, bias, self._layout)
         dt = np_dtype(self.dtype)
         values = [native] + ([] if bias is None else [np.asarray(bias)])
         for variable, value in zip(self.layer.weights, values, strict=True):

@@ -22,14 +22,12 @@ from equivcheck.backends._tensorflow import import_tensorflow, installed, tensor
 from equivcheck.backends.base import (
     Backend,
     Layer,
-    check_bias,
     check_input,
-    check_kernel,
     dense_kernel,
     flatten_permutation,
+    native_weights,
     np_dtype,
     stored_kernel,
-    to_native_kernel,
 )
 from equivcheck.specs import CHANNELS_FIRST, ConvSpec, DenseSpec, LayerSpec
 
@@ -56,6 +54,7 @@ class TFLayer(Layer):
         self.bias: Any = None
         if isinstance(spec, DenseSpec):
             self._perm = flatten_permutation(spec)
+            self._layout = "IO"  # tf.matmul(x, w): (in, out)
             return
         self._kind = op_kind(spec)
         self._layout = FILTER_LAYOUTS[self._kind].replace("S", spec.letters)
@@ -64,12 +63,7 @@ class TFLayer(Layer):
     # -- weights ---------------------------------------------------------------------------
     def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
         spec, tf = self.spec, self._tf
-        check_kernel(spec, kernel)
-        check_bias(spec, bias)
-        if isinstance(spec, DenseSpec):
-            native = dense_kernel(spec, kernel, "IO")
-        else:
-            native = to_native_kernel(spec, kernel, self._layout)
+        native = native_weights(spec, kernel, bias, self._layout)
         dt = np_dtype(self.dtype)
         native = native.astype(dt, copy=False)
         shared = None if copy else tensor_in_place(native)

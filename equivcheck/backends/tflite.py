@@ -28,13 +28,11 @@ from equivcheck.backends._tensorflow import import_tensorflow, installed
 from equivcheck.backends.base import (
     Backend,
     Layer,
-    check_bias,
     check_input,
-    check_kernel,
     dense_kernel,
     flatten_permutation,
+    native_weights,
     stored_kernel,
-    to_native_kernel,
 )
 from equivcheck.errors import SpecError
 from equivcheck.specs import CHANNELS_FIRST, ConvSpec, DenseSpec, LayerSpec
@@ -221,6 +219,7 @@ class TFLiteLayer(Layer):
             self._layout = TF_LAYOUTS[self.kind].replace("S", spec.letters)
             self.native_shape: tuple[int, ...] = native_shape(spec, self._layout)
         else:
+            self._layout = "IO"  # the converter's graph multiplies by an (in, out) kernel
             self.native_shape = (spec.in_features, spec.units)
         self.kernel = np.zeros(self.native_shape, np.float32)  # TensorFlow's layout (before the converter's)
         self.bias = np.zeros(spec.bias_shape, np.float32) if spec.bias else None
@@ -230,12 +229,7 @@ class TFLiteLayer(Layer):
     # -- weights ------------------------------------------------------------------------
     def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
         spec = self.spec
-        check_kernel(spec, kernel)
-        check_bias(spec, bias)
-        if isinstance(spec, DenseSpec):
-            native = dense_kernel(spec, kernel, "IO")
-        else:
-            native = to_native_kernel(spec, kernel, self._layout)
+        native = native_weights(spec, kernel, bias, self._layout)
         self.kernel = np.array(native, dtype=np.float32)
         self.bias = None if bias is None else np.array(bias, dtype=np.float32)
         self._interpreters.clear()

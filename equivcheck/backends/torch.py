@@ -19,14 +19,12 @@ from equivcheck.backends.base import (
     Backend,
     Layer,
     can_share,
-    check_bias,
     check_input,
-    check_kernel,
     dense_kernel,
     flatten_permutation,
+    native_weights,
     np_dtype,
     stored_kernel,
-    to_native_kernel,
 )
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec
 
@@ -75,6 +73,7 @@ class TorchLayer(Layer):
         self._handed_over = False  # a parameter may read a caller's array (set_weights(copy=False))
         if isinstance(spec, DenseSpec):
             self._perm = flatten_permutation(spec)
+            self._layout = "OI"  # nn.Linear weight (out, in)
             self.module = nn.Sequential(
                 nn.Flatten(), _uninitialised(nn.Linear, spec.in_features, spec.units, bias=spec.bias, dtype=self._tdtype)
             )
@@ -105,12 +104,7 @@ class TorchLayer(Layer):
 
     def set_weights(self, kernel: np.ndarray, bias: np.ndarray | None, *, copy: bool = True) -> None:
         spec = self.spec
-        check_kernel(spec, kernel)
-        check_bias(spec, bias)
-        if isinstance(spec, DenseSpec):
-            native = dense_kernel(spec, kernel, "OI")
-        else:
-            native = to_native_kernel(spec, kernel, self._layout)
+        native = native_weights(spec, kernel, bias, self._layout)
         torch = self._torch
         with torch.no_grad():
             for param, value in ((self._weighted.weight, native), (self._weighted.bias, bias)):
