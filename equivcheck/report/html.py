@@ -7,6 +7,7 @@ allows nothing else makes any accidental external reference fail loudly in a bro
 from __future__ import annotations
 
 import json
+import re
 from html import escape
 from typing import Any
 
@@ -56,7 +57,10 @@ def _figure(doc: dict[str, Any], pid: str) -> str:
     pic = (doc.get("pictures") or {}).get(pid)
     if not pic:
         return ""
-    return (f'<figure id="pic-{_e(pid)}"><img src="data:image/png;base64,{pic["png"]}" alt="{_e(pic["title"])}">'
+    png = str(pic.get("png", ""))
+    if not re.fullmatch(r"[A-Za-z0-9+/=\s]*", png):  # only base64 goes into the attribute
+        return ""
+    return (f'<figure id="pic-{_e(pid)}"><img src="data:image/png;base64,{png}" alt="{_e(pic["title"])}">'
             f"<figcaption>{_e(pic['caption'])}</figcaption></figure>")
 
 
@@ -68,13 +72,14 @@ def _matrix(doc: dict[str, Any]) -> str:
     rows = []
     for r in conv["rows"]:
         cells = "".join(
-            f'<td class="{_STATE_CLASS[cell["state"]]}" title="{_e(cell["detail"])}">{_STATE_TEXT[cell["state"]]}</td>'
+            f'<td class="{_STATE_CLASS.get(cell["state"], "na")}" title="{_e(cell["detail"])}">'
+            f'{_e(_STATE_TEXT.get(cell["state"], cell["state"]))}</td>'
             for cell in (r["cells"][c] for c in conv["columns"])
         )
         counts = ", ".join(f"{n} {v}" for v, n in (r.get("counts") or {}).items())
         rows.append(f'<tr><th scope="row">{_e(r["conversion"])}</th>'
                     f'<td class="verdict-{_e(r["verdict"])}">{_e(r["verdict"])}</td>'
-                    f'<td title="{_e(counts)}">{r["cases"]}</td>{cells}</tr>')
+                    f'<td title="{_e(counts)}">{_e(r["cases"])}</td>{cells}</tr>')
     legend = ("<p class=\"meta\"><b>holds</b>: every wrong conversion breaking this convention was rejected on the "
               "same data · <b>fails</b>: the conversion is wrong here · <b>ambiguous</b>: a wrong conversion could "
               "not be told apart on this shape or data · <b>–</b>: not checked. Hover a cell for why.</p>")
@@ -154,7 +159,7 @@ def _extra(name: str, value: Any) -> str:
 def render(doc: dict[str, Any]) -> str:
     """The whole report as one HTML page."""
     run, summary = doc["run"], doc["summary"]
-    badges = "".join(f'<span class="badge {_e(v)}">{n} {_e(v)}</span>' for v, n in summary["verdicts"].items() if n)
+    badges = "".join(f'<span class="badge {_e(v)}">{_e(n)} {_e(v)}</span>' for v, n in summary["verdicts"].items() if n)
     meta = f"run <code>{_e(run['run_id'])}</code> · {_e(run['created'])}"
     if run.get("command"):
         meta += f" · <code>{_e(run['command'])}</code>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from typing import Any
 
@@ -28,9 +29,14 @@ def percent(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.3g}%"
 
 
-def cell(value: Any) -> str:
+def md(value: Any) -> str:
+    """A value as inline Markdown text: no raw HTML (``<``, ``>``, ``&`` escaped), one line."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    text = text.replace("\n", " ").replace("|", "\\|")
+    return html.escape(text, quote=False).replace("\n", " ")
+
+
+def cell(value: Any) -> str:
+    text = md(value).replace("|", "\\|")
     return text if len(text) <= 160 else text[:157] + "…"
 
 
@@ -41,9 +47,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def counts_line(summary: dict[str, Any]) -> str:
-    verdicts = ", ".join(f"{n} {v}" for v, n in summary["verdicts"].items() if n)
-    mutations = ", ".join(f"{n} {o}" for o, n in summary["mutations"].items() if n)
-    line = f"{summary['cases']} cases: {verdicts or 'none'}"
+    verdicts = ", ".join(f"{md(n)} {md(v)}" for v, n in summary["verdicts"].items() if n)
+    mutations = ", ".join(f"{md(n)} {md(o)}" for o, n in summary["mutations"].items() if n)
+    line = f"{md(summary['cases'])} cases: {verdicts or 'none'}"
     return line + (f"; wrong conversions tried: {mutations}" if mutations else "")
 
 
@@ -76,10 +82,10 @@ def render(doc: dict[str, Any]) -> str:
     out = [
         "# equivcheck report",
         "",
-        f"Run `{run['run_id']}` · {run['created']}" + (f" · `{run['command']}`" if run.get("command") else "")
+        f"Run `{md(run['run_id'])}` · {md(run['created'])}" + (f" · `{md(run['command'])}`" if run.get("command") else "")
         + (f" · seed {run['seed']}" if run.get("seed") is not None else ""),
         "",
-        f"Environment: {environment_line(doc['environment'])}",
+        f"Environment: {md(environment_line(doc['environment']))}",
         "",
         f"**{'OK' if summary['ok'] else 'PROBLEMS'}** — {counts_line(summary)}",
         "",
@@ -122,21 +128,22 @@ def render(doc: dict[str, Any]) -> str:
 
 def _problem(c: dict[str, Any]) -> list[str]:
     comp = c.get("comparison") or {}
-    out = [f"### {c.get('title')} — {backends(c)}, {c.get('dtype')}: {c['verdict']}", ""]
+    out = [f"### {md(c.get('title'))} — {md(backends(c))}, {md(c.get('dtype'))}: {md(c['verdict'])}", ""]
     if c.get("reason"):
-        out.append(f"- reason: {c['reason']}")
+        out.append(f"- reason: {md(c['reason'])}")
     if comp:
         out.append(f"- worst element {comp.get('worst_index')}: |error| {fmt(comp.get('max_abs_error'))}, "
                    f"bound {fmt(comp.get('bound_at_worst'))}, error/bound {fmt(comp.get('max_error_ratio'))}, "
                    f"relative {fmt(comp.get('max_rel_error'))}, {percent(comp.get('fraction_out_of_bound'))} of outputs out of bound")
     diagnosis = c.get("diagnosis")
     if diagnosis:
-        out.append(f"- looks like: **{diagnosis['mutant']}** ({diagnosis['description']}); "
-                   f"convention: {diagnosis['convention']}")
+        out.append(f"- looks like: **{md(diagnosis['mutant'])}** ({md(diagnosis['description'])}); "
+                   f"convention: {md(diagnosis['convention'])}")
     missed = [m["name"] for m in c.get("mutations") or [] if m.get("outcome") == "not rejected"]
     if missed:
-        out.append(f"- wrong conversions that also pass: {', '.join(missed)}")
+        out.append(f"- wrong conversions that also pass: {md(', '.join(map(str, missed)))}")
     mapping = c.get("mapping")
     if mapping:
-        out.append(f"- right mapping: `{mapping['code']['numpy']}`")
+        code = md(mapping["code"]["numpy"]).replace("`", "'")
+        out.append(f"- right mapping: `{code}`")
     return [*out, ""]

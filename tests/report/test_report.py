@@ -231,3 +231,24 @@ def test_the_environment_records_the_probed_facts_the_cases_used(tmp_path):
     assert all(f["runs"] and f["accumulate"] for f in facts)
     assert "Machine facts (probed here)" in (tmp_path / "equivcheck.md").read_text()
     assert "Machine facts (probed here)" in (tmp_path / "equivcheck.html").read_text()
+
+
+def test_every_field_is_escaped_in_html_and_markdown_without_the_schema(cases):
+    """Validation is a second line of defence: a hostile document renders inert even when it is not validated."""
+    from equivcheck.report import render
+    from equivcheck.report.jsonio import build_document
+    from equivcheck.report.records import case_record
+
+    evil = '<meta http-equiv="refresh" content="0;url=https://x.invalid">'
+    doc = build_document([case_record(c) for c in cases[:2]], run_id="r1", command=evil)
+    case = doc["cases"][0]
+    case.update(title=evil, reason=evil, verdict="fail", dtype=evil, diagnosis={"mutant": evil, "convention": evil,
+                                                                                 "description": evil})
+    doc["conventions"]["rows"][0]["cases"] = evil
+    doc["summary"]["verdicts"]["pass"] = evil
+    doc["pictures"] = {"x": {"png": '"><script>alert(1)</script>', "title": evil, "caption": evil}}
+    case["pictures"] = ["failure-x"]
+    doc["pictures"]["failure-x"] = doc["pictures"]["x"]
+    texts = render(doc)
+    for name, text in texts.items():
+        assert '<meta http-equiv="refresh"' not in text and "<script>" not in text, name
