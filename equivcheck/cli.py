@@ -131,7 +131,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
     for name in names:
         b = backends.get(name)
         ok = b.available()
-        rows.append({"name": name, "module": b.module, "available": ok, "version": b.version() if ok else None})
+        rows.append({"name": name, "module": b.module, "available": ok, "version": b.installed_version() if ok else None})
     if args.json:
         _print_json(rows)
     else:

@@ -173,3 +173,12 @@ def test_verify_runs_each_layer_on_its_own_framework_and_backends_add_rows(capsy
     assert cases[1]["notes"] == ["both layers on numpy (--backends)"]
     code, out, _ = run(capsys, *argv)
     assert code == 0 and out.rstrip().endswith("1 case: 1 pass")
+
+
+def test_backends_lists_versions_without_importing_a_framework():
+    code = ("import sys\nfrom equivcheck.cli import main\nmain(['backends', '--json'])\n"
+            "print(','.join(m for m in ('torch', 'tensorflow', 'keras', 'jax', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    rows, imported = json.loads(out[: out.rindex("]") + 1]), out[out.rindex("]") + 1:].strip()
+    assert imported == "", f"listing the backends imported {imported}"
+    assert all(r["version"] for r in rows if r["available"])

@@ -13,8 +13,11 @@ permute a map so that a row-major flatten reads it in the spec's flatten order.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
+import sys
 import time
 from abc import ABC, abstractmethod
 from functools import lru_cache
@@ -209,6 +212,11 @@ class ArrayLayer(Layer):
         return self.kernel.copy(), None if self.bias is None else self.bias.copy()
 
 
+@lru_cache(maxsize=1)
+def _distributions() -> dict[str, list[str]]:
+    return dict(importlib.metadata.packages_distributions())
+
+
 # Seconds each backend's first load() took in this process (0 when its framework was already imported).
 IMPORT_SECONDS: dict[str, float] = {}
 
@@ -242,8 +250,18 @@ class Backend(ABC):
         return importlib.import_module(self.module)
 
     def version(self) -> str:
-        """The framework's version string."""
+        """The framework's version string (imports the framework)."""
         return str(getattr(self.load(), "__version__", "unknown"))
+
+    def installed_version(self) -> str | None:
+        """The framework's version without importing it: from the loaded module, else its distribution's metadata."""
+        loaded = sys.modules.get(self.module)
+        if loaded is not None and getattr(loaded, "__version__", None):
+            return str(loaded.__version__)
+        for dist in _distributions().get(self.module, ()):
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                return importlib.metadata.version(dist)
+        return None
 
     def unsupported(self, spec: LayerSpec, dtype: str) -> str | None:
         """Why the framework's API cannot express ``spec`` in ``dtype``, or None.

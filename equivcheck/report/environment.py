@@ -27,6 +27,9 @@ _FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "jax": ("jax",),
     "jaxlib": ("jaxlib",),
     "scipy": ("scipy",),
+    "onnx": ("onnx",),
+    "onnxruntime": ("onnxruntime",),
+    "ai_edge_litert": ("ai-edge-litert",),
 }
 
 
