@@ -229,3 +229,16 @@ def test_every_exception_equivcheck_defines_derives_from_the_root():
                     and not issubclass(obj, ec.EquivcheckError) and not name.startswith("_")):
                 outside.append(f"{module.__name__}.{name}")
     assert not outside, f"exceptions outside EquivcheckError: {outside}"
+
+
+def test_a_converter_that_raises_is_a_recorded_error_case():
+    checker = Checker()
+
+    def broken(kernel, bias):
+        raise KeyError("fc1.weight")
+
+    with pytest.raises(ec.ConversionCheckFailed, match="the converter raised KeyError: 'fc1.weight'") as info:
+        checker.check_converter(broken, "keras:dense", "torch:conv", channels=2, spatial=(4, 3), units=2)
+    assert info.value.case.verdict == "error" and checker.records[-1].case.verdict == "error"
+    assert checker.records[-1].summary()["verdict"] == "error"
+    assert checker.records[-1].report_record()["reason"].startswith("the converter raised KeyError")

@@ -225,7 +225,14 @@ class Checker:
     def _run(self, convert: Callable, source: LayerSpec, target: LayerSpec, dtype: str, seed: int) -> CheckRecord:
         allowed = self.options.backends
         (sb, snote), (tb, tnote) = (resolve_backend(s, dtype, allowed) for s in (source, target))
-        case = check_conversion(convert, source, target, source_backend=sb, target_backend=tb, dtype=dtype, seed=seed)
+        try:
+            case = check_conversion(convert, source, target, source_backend=sb, target_backend=tb, dtype=dtype, seed=seed)
+        except EquivcheckError:
+            raise
+        except Exception as exc:  # the converter's own error: a recorded case, never a lost one
+            line = (str(exc).strip().splitlines() or [""])[0][:300]
+            case = Case(source, target, sb, tb, dtype, "error", seed=seed,
+                        reason=f"the converter raised {type(exc).__name__}: {line}".rstrip(": "))
         record = CheckRecord(case, test=self.test, converter=callable_name(convert)[0],
                              notes=[n for n in (snote, tnote) if n])
         if case.verdict != "skip":
