@@ -276,6 +276,20 @@ def cmd_convolutionalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_models(args: argparse.Namespace) -> int:
+    from equivcheck.modelcheck.commands import cmd_check_models as run
+
+    return run(args)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """A shape with the batch axis first, e.g. ``2,3,224,224``."""
+    shape = _ints(text)
+    if len(shape) < 2 or 0 in shape:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape with a batch axis first, e.g. 2,3,224,224")
+    return shape
+
+
 def cmd_verify_model(args: argparse.Namespace) -> int:
     from equivcheck.models import verify_model_cli
 
@@ -355,9 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--report", metavar="DIR")
 
-    from equivcheck.modelcheck.commands import add_parser as add_check_models
-
-    add_check_models(sub)
+    text = "check a converted model against its source layer by layer: the first wrong layer, its mistake and the fix"
+    p = add("check-models", cmd_check_models, text)
+    p.add_argument("source", metavar="SRC", help=".keras model or torch state dict")
+    p.add_argument("converted", metavar="DST", help=".keras model or torch state dict")
+    p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                   help="the source model's input, batch first (default: what a model records)")
+    p.add_argument("--model", metavar="MODULE:FACTORY", help="builds the torch architecture for a state-dict file")
+    p.add_argument("--dtype", default="float32", help="comma-separated dtypes to run in (torch models are cast)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the designed inputs (default: 0)")
+    p.add_argument("--no-mutants", action="store_true", help="skip showing the data rejects each plausible mistake")
+    p.add_argument("--report", metavar="DIR", help="write equivcheck.json/.md/.html and modelcheck.md to DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 

@@ -15,37 +15,9 @@ from typing import Any
 
 from equivcheck.errors import FileFormatError
 
-__all__ = ["add_parser", "cmd_check_models", "load_model"]
+__all__ = ["cmd_check_models", "load_model"]
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".safetensors", ".npz")
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated shape, e.g. 2,3,224,224") from None
-    if len(shape) < 2 or any(s < 1 for s in shape):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape with a batch axis first, e.g. 2,3,224,224")
-    return shape
-
-
-def add_parser(sub: Any) -> None:
-    """Add ``check-models`` to the ``equivcheck`` sub-command parsers."""
-    text = "check a converted model against its source layer by layer: the first wrong layer, its mistake and the fix"
-    p = sub.add_parser("check-models", help=text, description=text)
-    p.set_defaults(func=cmd_check_models)
-    p.add_argument("source", metavar="SRC", help=".keras model or torch state dict")
-    p.add_argument("converted", metavar="DST", help=".keras model or torch state dict")
-    p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
-                   help="the source model's input, batch first (default: what a model records)")
-    p.add_argument("--model", metavar="MODULE:FACTORY", help="builds the torch architecture for a state-dict file")
-    p.add_argument("--dtype", default="float32", help="comma-separated dtypes to run in (torch models are cast)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-mutants", action="store_true", help="skip showing the data rejects each plausible mistake")
-    p.add_argument("--report", metavar="DIR", help="write equivcheck.json/.md/.html and modelcheck.md to DIR")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def load_model(path: str | Path, factory: str | None = None) -> Any:
