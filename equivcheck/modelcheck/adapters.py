@@ -14,6 +14,7 @@ import contextlib
 import math
 import re
 import sys
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,9 @@ def _first_line(exc: BaseException) -> str:
     return framework_message(exc)
 
 
-class Adapter:
+class Adapter(ABC):
+    """One model's side of a check: its input shape, a run that captures each linear layer, one layer alone."""
+
     framework = ""
 
     def __init__(self, model: Any, role: str) -> None:
@@ -47,16 +50,19 @@ class Adapter:
     dtype = "float32"
     data_format = CHANNELS_FIRST
 
-    def input_shape(self) -> tuple[int, ...] | None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The model's input shape, batch first, where the model records one."""
 
-    def run(self, x: np.ndarray, *, outputs: bool = True) -> tuple[np.ndarray, list[Linear]]:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def run(self, x: np.ndarray, *, outputs: bool = True) -> tuple[np.ndarray, list[Linear]]:
+        """The model's output on ``x`` and each linear layer it ran, in execution order, with its input and output."""
 
-    def replay(self, layer: Linear, x: np.ndarray) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def replay(self, layer: Linear, x: np.ndarray) -> np.ndarray:
+        """``layer`` alone on ``x`` (in its own layout)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most frameworks change nothing to undo
         """Undo anything done to the model for the check (training flags)."""
 
 
