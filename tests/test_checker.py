@@ -237,7 +237,7 @@ def test_a_converter_that_raises_is_a_recorded_error_case():
     def broken(kernel, bias):
         raise KeyError("fc1.weight")
 
-    with pytest.raises(ec.ConversionCheckFailed, match="the converter raised KeyError: 'fc1.weight'") as info:
+    with pytest.raises(ec.ConversionCheckFailed, match=r"the converter raised KeyError: 'fc1\.weight'") as info:
         checker.check_converter(broken, "keras:dense", "torch:conv", channels=2, spatial=(4, 3), units=2)
     assert info.value.case.verdict == "error" and checker.records[-1].case.verdict == "error"
     assert checker.records[-1].summary()["verdict"] == "error"
