@@ -31,6 +31,13 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.split(r"[,x]", text))
 
 
+def _seed(text: str) -> int:
+    """A non-negative integer seed."""
+    if not re.fullmatch(r"\s*\d+\s*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer seed, e.g. 0")
+    return int(text)
+
+
 def _padding(text: str) -> Any:
     return text if text in ("valid", "same") else _ints(text)
 
@@ -334,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated backends that also run both layers, a row each (default: none; each layer "
                         "always runs on its own preset's framework, e.g. keras -> torch)")
     p.add_argument("--dtype", default="float32", help="comma-separated: float64,float32,float16,bfloat16 (default: float32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the weights and inputs (default: 0)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--report", metavar="DIR", help="write equivcheck.json/.md/.html to DIR")
 
@@ -344,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", dest="target_obj", metavar="MODULE:ATTR", help="a layer or callable to probe")
     p.add_argument("--json", action="store_true")
     p.add_argument("--report", metavar="DIR", help="write equivcheck.json/.md/.html to DIR")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--backend", help="run preset sides on this backend (default: the preset's own framework)")
     p.add_argument("--probe", choices=("auto", "lines", "selectors"), default="auto",
                    help="probing scheme (auto: selectors for wide layers)")
@@ -377,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the source model's input, batch first (default: what a model records)")
     p.add_argument("--model", metavar="MODULE:FACTORY", help="builds the torch architecture for a state-dict file")
     p.add_argument("--dtype", default="float32", help="comma-separated dtypes to run in (torch models are cast)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the designed inputs (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the designed inputs (default: 0)")
     p.add_argument("--no-mutants", action="store_true", help="skip showing the data rejects each plausible mistake")
     p.add_argument("--report", metavar="DIR", help="write equivcheck.json/.md/.html and modelcheck.md to DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -182,3 +182,10 @@ def test_backends_lists_versions_without_importing_a_framework():
     rows, imported = json.loads(out[: out.rindex("]") + 1]), out[out.rindex("]") + 1:].strip()
     assert imported == "", f"listing the backends imported {imported}"
     assert all(r["version"] for r in rows if r["available"])
+
+
+@pytest.mark.parametrize("command", ["verify", "explore"])
+def test_a_negative_seed_is_one_line(capsys, command):
+    code, _, err = run(capsys, command, "--from", "keras:dense", "--to", "torch:conv", "--channels", "2", "--spatial", "3,3",
+                       "--units", "2", "--seed=-1")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "non-negative integer seed" in err
