@@ -17,6 +17,7 @@ import numpy as np
 
 from equivcheck import backends as _backends
 from equivcheck._arrays import to_numpy
+from equivcheck._copy import check_dtype
 from equivcheck.backends.base import np_dtype
 from equivcheck.backends.numpy import forward as np_forward
 from equivcheck.backends.probe import Facts, probe
@@ -273,7 +274,16 @@ def _call_converter(convert: Converter, kernel: np.ndarray, bias: np.ndarray | N
     result = convert(kernel.copy(), None if bias is None else bias.copy())
     if not (isinstance(result, tuple) and len(result) == 2):
         raise SpecError(f"converter returned {type(result).__name__}: expected a (kernel, bias) tuple")
-    new_kernel, new_bias = (None if r is None else np.asarray(to_numpy(r)) for r in result)
+    arrays = []
+    for what, r in zip(("kernel", "bias"), result):
+        try:
+            a = None if r is None else np.asarray(to_numpy(r))
+        except (ValueError, TypeError) as exc:  # ragged lists and the like
+            raise VerificationError(f"converter returned a {what} that is not an array ({type(r).__name__}): {exc}") from None
+        if a is not None:
+            check_dtype(a.dtype, f"converter's {what}")
+        arrays.append(a)
+    new_kernel, new_bias = arrays
     if new_kernel is None or new_kernel.shape != target.kernel_shape:
         got = None if new_kernel is None else new_kernel.shape
         raise VerificationError(f"converter returned a kernel of shape={got}: the target expects {target.kernel_shape}")

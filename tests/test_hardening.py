@@ -354,3 +354,15 @@ def test_plugin_misuse_names_the_problem(pytester, name):
     result = pytester.runpytest("-p", "no:cacheprovider")
     out = result.stdout.str()
     assert result.ret != 0 and match in out, out
+
+
+@pytest.mark.parametrize(("returned", "words"), [
+    (lambda k: "abc", "dtype=<U3"), (lambda k: np.empty(k.shape, object), "dtype=object"),
+    (lambda k: [[1, 2], [3]], "not an array"), (lambda k: k.astype(np.complex64), "dtype=complex64"),
+])
+def test_a_converter_returning_no_real_array_is_one_line(returned, words):
+    src = ec.spec("keras:dense", channels=2, spatial=(3, 3), units=2)
+    dst = ec.spec("torch:conv", channels=2, spatial=(3, 3), units=2)
+    with pytest.raises(ec.EquivcheckError, match=re.escape(words)) as info:
+        ec.verify_pair(src, dst, converter=lambda k, b: (returned(ec.convert(src, dst, k, b)[0]), b))
+    assert "\n" not in str(info.value)
