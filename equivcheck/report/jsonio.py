@@ -131,5 +131,9 @@ def load(path: str | Path) -> dict[str, Any]:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FileFormatError(f"report={str(p)!r} is not valid JSON ({exc}): expected an equivcheck.json") from None
+    except RecursionError:
+        raise FileFormatError(f"report={str(p)!r} nests too deeply to be an equivcheck.json") from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise FileFormatError(f"report={str(p)!r} holds a number equivcheck will not read ({str(exc)[:80]})") from None
     validate(doc, where=f"report={str(p)!r}")
     return doc

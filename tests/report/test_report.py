@@ -252,3 +252,16 @@ def test_every_field_is_escaped_in_html_and_markdown_without_the_schema(cases):
     texts = render(doc)
     for name, text in texts.items():
         assert '<meta http-equiv="refresh"' not in text and "<script>" not in text, name
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ('{"x":' * 5000 + "1" + "}" * 5000, "nests too deeply"),
+    ('{"schema_version": "1.0", "n": ' + "9" * 5000 + "}", "number equivcheck will not read"),
+])
+def test_hostile_report_json_is_one_line(tmp_path, capsys, text, words):
+    path = tmp_path / "equivcheck.json"
+    path.write_text(text)
+    assert cli_main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["equivcheck.json"]
