@@ -366,3 +366,12 @@ def test_a_converter_returning_no_real_array_is_one_line(returned, words):
     with pytest.raises(ec.EquivcheckError, match=re.escape(words)) as info:
         ec.verify_pair(src, dst, converter=lambda k, b: (returned(ec.convert(src, dst, k, b)[0]), b))
     assert "\n" not in str(info.value)
+
+
+def test_verify_model_refuses_the_same_file_twice_before_loading_it(tmp_path, capsys):
+    from equivcheck.cli import main
+
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"not even read")
+    assert main(["verify-model", str(path), str(tmp_path / "." / "m.keras")]) == 2
+    assert "are the same file" in capsys.readouterr().err

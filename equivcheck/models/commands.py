@@ -109,6 +109,9 @@ def verify_model_cli(args: argparse.Namespace) -> int:
     """``equivcheck verify-model ORIGINAL CONVERTED [--size H,W] [--json] [--report DIR]``; 0 pass, 1 fail."""
     from equivcheck.models import verify_model
 
+    if Path(args.original).resolve() == Path(args.converted).resolve():
+        raise FileFormatError(f"ORIGINAL and CONVERTED are the same file ({args.original}): "
+                              "pass the model and its convolutionalized version")
     original, converted = load_model(args.original), load_model(args.converted)
     size = tuple(args.size) if getattr(args, "size", None) else None
     result = verify_model(original, converted, larger=size)
