@@ -12,7 +12,16 @@ from html import escape
 from typing import Any
 
 from equivcheck.report.environment import environment_line, facts_rows
-from equivcheck.report.markdown import PROBLEMS, backends, counts_line, fmt, percent
+from equivcheck.report.markdown import (
+    MODEL_COLUMNS,
+    PROBLEMS,
+    backends,
+    counts_line,
+    fmt,
+    is_model_checks,
+    model_rows,
+    percent,
+)
 
 __all__ = ["render"]
 
@@ -140,8 +149,27 @@ def _value(v: Any) -> str:
     return _e(v)
 
 
+def _model_checks(title: str, checks: list[dict[str, Any]]) -> str:
+    """Each whole-model check: its layer table, the first wrong layer highlighted."""
+    parts = [title]
+    for check in checks:
+        parts.append(f"<h3>{_e(check.get('source'))} → {_e(check.get('converted'))}: "
+                     f'<span class="verdict-{_e(check.get("verdict"))}">{_e(check.get("verdict"))}</span></h3>')
+        first = check.get("first_divergence")
+        if first:
+            parts.append(f"<p><b>First wrong layer:</b> {_e(first.get('headline'))}</p>")
+        head = "".join(f"<th>{_e(c)}</th>" for c in MODEL_COLUMNS)
+        marked = ' class="first-divergence fails"'
+        body = "".join(f"<tr{marked if is_first else ''}>" + "".join(f"<td>{_value(c)}</td>" for c in cells) + "</tr>"
+                       for is_first, cells in model_rows(check))
+        parts.append(f'<table class="extra model-layers"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+    return "".join(parts)
+
+
 def _extra(name: str, value: Any) -> str:
     title = f"<h2>{_e(name.replace('_', ' ').capitalize())}</h2>"
+    if is_model_checks(value):
+        return _model_checks(title, value)
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         keys: list[str] = []
         for v in value:

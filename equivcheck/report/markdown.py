@@ -57,8 +57,45 @@ def backends(case: dict[str, Any]) -> str:
     return f"{case.get('source_backend')} → {case.get('target_backend')}"
 
 
+MODEL_SCHEMA = "equivcheck.modelcheck/1"
+MODEL_COLUMNS = ("source", "converted", "kind", "dtype", "verdict", "max_error_ratio", "diagnosis", "mapping")
+
+
+def is_model_checks(value: Any) -> bool:
+    """A report section of whole-model checks (:meth:`equivcheck.modelcheck.ModelCheck.to_dict`)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, dict) and v.get("schema") == MODEL_SCHEMA for v in value)
+
+
+def model_rows(check: dict[str, Any]) -> list[tuple[bool, list[Any]]]:
+    """``(is the first divergence, cells)`` for each paired layer of one model check."""
+    first = check.get("first_divergence") or {}
+    rows = []
+    for layer in check.get("layers") or []:
+        is_first = bool(first) and (layer.get("source"), layer.get("converted")) == (first.get("source"), first.get("converted"))
+        rows.append((is_first, [layer.get(k) if k != "max_error_ratio" else fmt(layer.get(k)) for k in MODEL_COLUMNS]))
+    return rows
+
+
+def _model_sections(name: str, checks: list[dict[str, Any]]) -> list[str]:
+    out = [f"## {md(name.replace('_', ' ').capitalize())}", ""]
+    for check in checks:
+        out += [f"### {md(check.get('source'))} → {md(check.get('converted'))}: {md(check.get('verdict'))}", ""]
+        first = check.get("first_divergence")
+        if first:
+            out += [f"**First wrong layer:** {md(first.get('headline'))}", ""]
+        rows = [[("→ " if is_first else "") + str(cells[0]), *cells[1:]] for is_first, cells in model_rows(check)]
+        out += _table(list(MODEL_COLUMNS), rows)
+        if check.get("unpaired"):
+            out += ["", f"Unpaired: {md(check['unpaired'])}"]
+        out.append("")
+    return out
+
+
 def extra_section(name: str, value: Any) -> list[str]:
     """Any JSON value as Markdown: a list of objects as a table, an object as key/value rows."""
+    if is_model_checks(value):
+        return _model_sections(name, value)
     out = [f"## {name.replace('_', ' ').capitalize()}", ""]
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         keys: list[str] = []

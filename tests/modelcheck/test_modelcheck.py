@@ -234,3 +234,15 @@ def test_large_layers_are_checked_on_a_twin(layer, monkeypatch):
     constant = np.ones_like(x)
     if layer != "dense":
         assert "spurious flip" in judge.unrejected_mutants(src, dst, kernel, None, constant, None, "float32", 100)[0]
+
+
+def test_the_report_has_a_per_model_section_with_the_first_wrong_layer_marked(mc, vgg, tmp_path):
+    from equivcheck.report import write_report
+
+    result = mc.check_models(vgg, M.to_keras(vgg, flatten="wrong"), input_shape=M.SHAPE)
+    write_report(tmp_path, [], extra={"model checks": [result.to_dict()]})
+    text = (tmp_path / "equivcheck.md").read_text()
+    assert "**First wrong layer:** classifier.0 ↔ fc1: wrong flatten order (CHW read as HWC)" in text
+    assert "| → classifier.0 | fc1 | dense | float32 | fail |" in text
+    page = (tmp_path / "equivcheck.html").read_text()
+    assert page.count('class="first-divergence fails"') == 1 and "fc1" in page
