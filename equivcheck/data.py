@@ -42,7 +42,7 @@ BIAS_SCALE = 0.25
 
 #: Non-zero inputs per receptive field where a backend sums in less than float32: its rounding
 #: noise grows with the non-zero products, a swapped weight's effect does not.
-LOW_PRECISION_NONZEROS = 4
+LOW_PRECISION_NONZEROS = 2
 #: Most samples :func:`nonzeros_for` lets a batch grow to.
 MAX_BATCH = 512
 
