@@ -7,6 +7,7 @@ how to fix it. The CLI prints that line and exits 2.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -73,3 +74,10 @@ class ConversionCheckFailed(EquivcheckError, AssertionError):
         super().__init__(message)
         self.record = record
         self.case = getattr(record, "case", None)
+
+
+def framework_message(exc: BaseException) -> str:
+    """The line of a framework's error that says what failed (Keras wraps TF's under a generic first line)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m|\{\{function_node [^}]*\}\}", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("Exception encountered", "Arguments received", "•"))]
+    return f"{type(exc).__name__}: {(lines[0] if lines else repr(exc))[:300]}"

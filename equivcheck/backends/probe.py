@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,10 +34,10 @@ import numpy as np
 
 from equivcheck.backends.base import Backend, np_dtype
 from equivcheck.compare import compare, unit_roundoff
-from equivcheck.errors import EquivcheckError
+from equivcheck.errors import EquivcheckError, framework_message
 from equivcheck.specs import DenseSpec, LayerSpec, fan_in
 
-__all__ = ["KERNEL_ENV", "LAYER_KINDS", "Facts", "clear_cache", "cpu_flags", "environment_key", "framework_message", "layer_kinds", "probe",
+__all__ = ["KERNEL_ENV", "LAYER_KINDS", "Facts", "clear_cache", "cpu_flags", "environment_key", "layer_kinds", "probe",
            "probe_spec"]
 
 #: Environment variables that change which kernels the frameworks pick.
@@ -171,13 +170,6 @@ def _reference(spec: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None, x: 
 
     f64 = np.float64
     return forward(spec, kernel.astype(f64), None if bias is None else bias.astype(f64), x.astype(f64))
-
-
-def framework_message(exc: BaseException) -> str:
-    """The line of a framework's error that says what failed (Keras wraps TF's under a generic first line)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m|\{\{function_node [^}]*\}\}", "", line).strip() for line in str(exc).splitlines()]
-    lines = [line for line in lines if line and not line.startswith(("Exception encountered", "Arguments received", "•"))]
-    return f"{type(exc).__name__}: {(lines[0] if lines else repr(exc))[:300]}"
 
 
 # -- the decision ------------------------------------------------------------------------

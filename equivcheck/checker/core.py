@@ -12,7 +12,14 @@ import numpy as np
 from equivcheck.checker.arguments import _build, _split_args
 from equivcheck.checker.messages import callable_name, failure_message, identify_conventions
 from equivcheck.checker.options import Options, derive_seed, resolve_backend
-from equivcheck.errors import CheckSkipped, ConversionCheckFailed, EquivcheckError, NoMapping, SpecError
+from equivcheck.errors import (
+    CheckSkipped,
+    ConversionCheckFailed,
+    EquivcheckError,
+    NoMapping,
+    SpecError,
+    framework_message,
+)
 from equivcheck.plan import plan
 from equivcheck.specs import LayerSpec
 from equivcheck.verify import Case, input_spec
@@ -230,9 +237,8 @@ class Checker:
         except EquivcheckError:
             raise
         except Exception as exc:  # the converter's own error: a recorded case, never a lost one
-            line = (str(exc).strip().splitlines() or [""])[0][:300]
             case = Case(source, target, sb, tb, dtype, "error", seed=seed,
-                        reason=f"the converter raised {type(exc).__name__}: {line}".rstrip(": "))
+                        reason=f"the converter raised {framework_message(exc)}")
         record = CheckRecord(case, test=self.test, converter=callable_name(convert)[0],
                              notes=[n for n in (snote, tnote) if n])
         if case.verdict != "skip":

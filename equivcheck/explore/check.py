@@ -21,7 +21,7 @@ from equivcheck.explore.atoms import stored_index
 from equivcheck.explore.conventions import Candidate
 from equivcheck.explore.probe import Probed
 from equivcheck.mapping import Mapping, Reshape, Transpose
-from equivcheck.specs import ConvSpec
+from equivcheck.specs import ConvSpec, fan_in
 
 __all__ = ["Verification", "nearest_candidate", "reference", "verify_mapping"]
 
@@ -170,9 +170,8 @@ def verify_mapping(src: Probed, dst: Probed, mapping: Mapping, *, seed: int = 0,
         exact, mag = reference(geo, dst.canonical, w_dst, b_src, x)  # rows of the canonical kernel are contiguous
     else:
         exact, mag = reference(geo, canon_src, w, b_src, x)
-    fan_in = (geo.in_channels // geo.groups) * math.prod(geo.kernel_size)
-    cmp_src = compare(y_src, exact, mag, dtype=s.dtype, fan_in=fan_in)
-    cmp_dst = compare(y_dst, exact, mag, dtype=t.dtype, fan_in=fan_in)
+    cmp_src = compare(y_src, exact, mag, dtype=s.dtype, fan_in=fan_in(geo))
+    cmp_dst = compare(y_dst, exact, mag, dtype=t.dtype, fan_in=fan_in(geo))
     # How far the target is from the source itself (not from the reference: a side that did not
     # probe cleanly is only approximated by the canonical kernel used for the reference).
     norm = float(np.linalg.norm(y_src))

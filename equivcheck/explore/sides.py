@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from equivcheck._arrays import aligned_empty, to_numpy
-from equivcheck.errors import EquivcheckError, ProbeError, SpecError
+from equivcheck.errors import EquivcheckError, ProbeError, SpecError, framework_message
 from equivcheck.presets import backend_of, build
 from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, DATA_FORMATS, ConvSpec, DenseSpec, LayerSpec, Shape
 
@@ -180,10 +180,9 @@ class Side(ABC):
         except EquivcheckError:
             raise
         except Exception as exc:  # the layer's own error, on our probe input
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise ProbeError(
                 f"{self.label} failed on an input of shape={xin.shape} with a kernel of shape={kernel.shape}: "
-                f"{type(exc).__name__}: {first}"
+                f"{framework_message(exc)}"
             ) from None
         return self.from_output(np.asarray(_to_numpy(y), dtype=np.float64), x.shape[0])
 

@@ -31,7 +31,7 @@ class ModelError(EquivcheckError, ValueError):
 
 
 def _first_line(exc: BaseException) -> str:
-    from equivcheck.backends.probe import framework_message
+    from equivcheck.errors import framework_message
 
     return framework_message(exc)
 

@@ -67,7 +67,7 @@ def skip_where_it_cannot_run(framework_call, what: str):
     except Exception as exc:
         if type(exc).__name__ not in ("UnimplementedError", "InvalidArgumentError", "NotFoundError"):
             raise
-        from equivcheck.backends.probe import framework_message
+        from equivcheck.errors import framework_message
 
         pytest.skip(f"{what} does not run on this CPU: {framework_message(exc)}")
 
