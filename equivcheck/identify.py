@@ -23,7 +23,7 @@ from equivcheck.plan import plan
 from equivcheck.presets import PRESETS, spec
 from equivcheck.specs import ConvSpec, DenseSpec, LayerSpec
 
-__all__ = ["Identification", "identify", "preset_kwargs", "probe_weights"]
+__all__ = ["Identification", "as_preset", "identify", "layer_kinds", "preset_kwargs", "probe_weights"]
 
 #: Kernels larger than this are not identified (the comparisons would copy it once per preset and mistake).
 IDENTIFY_MAX_ELEMENTS = 1 << 20
@@ -105,12 +105,28 @@ def preset_kwargs(layer: LayerSpec) -> dict[str, Any]:
     return kw
 
 
-def as_preset(layer: LayerSpec, preset: str) -> LayerSpec | None:
-    """``layer``'s shape under another preset's conventions, or None when it has no such layer."""
+def as_preset(layer: LayerSpec, preset: str, kind: str | None = None) -> LayerSpec | None:
+    """``layer``'s shape under another preset's conventions (as its ``kind`` of layer: default
+    ``layer``'s own), or None when that preset has no such layer."""
+    kind = kind or _layer_name(layer)
+    kw = preset_kwargs(layer)
+    if kind == "depthwise":
+        kw.pop("groups", None)
+        kw["multiplier"] = layer.units // layer.channels
     try:
-        return spec(f"{preset}:{_layer_name(layer)}", **preset_kwargs(layer))
+        return spec(f"{preset}:{kind}", **kw)
     except EquivcheckError:
         return None
+
+
+def layer_kinds(layer: LayerSpec) -> tuple[str, ...]:
+    """The preset layers a layer of this shape can be: a conv with one group per channel may be depthwise."""
+    if isinstance(layer, DenseSpec):
+        return ("dense",)
+    if layer.transposed:
+        return ("conv_transpose",)
+    depthwise = layer.groups == layer.channels and layer.units % layer.channels == 0
+    return ("conv", "depthwise") if depthwise else ("conv",)
 
 
 def _equal(a: Any, b: np.ndarray) -> bool:

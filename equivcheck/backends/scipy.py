@@ -22,7 +22,7 @@ from equivcheck.backends.base import (
     np_dtype,
 )
 from equivcheck.backends.numpy import dense_forward, from_channels_first, to_channels_first
-from equivcheck.specs import DenseSpec, LayerSpec
+from equivcheck.specs import ConvSpec, DenseSpec, LayerSpec
 
 
 def dilate(kernel: np.ndarray, dilation: tuple[int, ...]) -> np.ndarray:
@@ -98,14 +98,13 @@ class ScipyLayer(ArrayLayer):
 class ScipyBackend(Backend):
     name = "scipy"
     module = "scipy"
-    dtypes = ("float64", "float32")
 
     def unsupported(self, spec: LayerSpec, dtype: str) -> str | None:
-        if dtype == "float16":
+        if isinstance(spec, ConvSpec) and dtype == "float16":
             return "scipy.signal.convolve has no float16 kernel (it raises 'Unsupported type')"
-        if dtype == "bfloat16":
+        if isinstance(spec, ConvSpec) and dtype == "bfloat16":
             return "scipy.signal.convolve does not take ml_dtypes bfloat16 arrays"
-        return super().unsupported(spec, dtype)
+        return super().unsupported(spec, dtype)  # the dense layer is a numpy matmul: every dtype
 
     def build(self, spec: LayerSpec, dtype: str = "float32") -> ScipyLayer:
         self._check(spec, dtype)

@@ -138,35 +138,19 @@ def data_format_rows(role: str, side: Side) -> list[ConventionRow]:
 
 def matching_presets(side: Side, found: Mapping) -> list[str]:
     """Presets whose layer of this shape stores its kernel the way the probe found (and reads this data format)."""
-    from equivcheck.presets import PRESETS, build
-    from equivcheck.specs import Shape
+    from equivcheck.identify import as_preset, layer_kinds
+    from equivcheck.presets import PRESETS
 
     g = side.geometry
-    if side.kind == "dense":
-        layers = ["dense"]
-    elif g.transposed:
-        layers = ["conv_transpose"]
-    else:
-        layers = ["conv"] + (["depthwise"] if g.groups == g.in_channels and g.out_channels % g.in_channels == 0 else [])
+    layer = DenseSpec(g.in_channels, () if side.rank0 else g.spatial, g.out_channels, bias=g.bias) if side.kind == "dense" else g
     target = signature(found)
     same_format = g.in_channels == 1 or math.prod(g.spatial) == 1
     out = []
-    for name, preset in PRESETS.items():
-        for layer in layers:
-            if layer not in preset.layers():
-                continue
-            try:
-                spec = build(f"{name}:{layer}", Shape(
-                    channels=g.in_channels, spatial=() if side.rank0 else g.spatial, units=g.out_channels, bias=g.bias,
-                    **({} if layer == "dense" else dict(
-                        kernel_size=g.kernel_size, stride=g.stride, dilation=g.dilation, padding=g.padding, groups=g.groups,
-                        output_padding=g.output_padding, multiplier=g.out_channels // g.in_channels))))
-            except EquivcheckError:
-                continue
-            m = _fit(canonical(spec), side)
-            if m is None or signature(m) != target:
-                continue
-            if same_format or spec.data_format == side.data_format:
+    for name in PRESETS:
+        for kind in layer_kinds(layer):
+            spec = as_preset(layer, name, kind)
+            m = None if spec is None else _fit(canonical(spec), side)
+            if m is not None and signature(m) == target and (same_format or spec.data_format == side.data_format):
                 out.append(name)
                 break
     return out

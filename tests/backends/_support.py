@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 
@@ -83,26 +85,28 @@ def fails_for_real(backend_name: str, spec, dtype: str) -> str:
 
     backend = backends.get(backend_name)
     static = backend.unsupported(spec, dtype)
-    if static:
-        return static  # the API refuses it on every machine: pinned by the test_facts_* modules
     kernel, bias, x = random_weights(spec, seed=7, dtype="float32")
     dt = backends.np_dtype(dtype)
     kernel, x = kernel.astype(dt), x.astype(dt)
     bias = None if bias is None else bias.astype(dt)
     try:
-        layer = backend.build(spec, dtype)
-        layer.set_weights(kernel, bias)
-        y = layer(x)
+        # A reason the product gives is not taken on its word: the layer is built past it and run.
+        with mock.patch.object(type(backend), "unsupported", lambda *a: None):
+            layer = backend.build(spec, dtype)
+            layer.set_weights(kernel, bias)
+            y = layer(x)
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return f"{static or ''} ({type(exc).__name__}: {exc})".lstrip()
     exact = reference(spec, kernel, bias, x)
+    if np.asarray(y).dtype != dt:
+        return f"{static or ''} (computes in {np.asarray(y).dtype}, not {dtype})".lstrip()
     if np.shape(y) != exact.shape:
-        return f"output shape {np.shape(y)} != {exact.shape}"
+        return f"{static or ''} (output shape {np.shape(y)} != {exact.shape})".lstrip()
     loose = dtype if dtype in ("float16", "bfloat16") else None
     nb = None if bias is None else reference(spec, kernel, None, x)
     mag = reference(spec, np.abs(kernel), None if bias is None else np.abs(bias), np.abs(x))
     result = compare(y, exact, mag, dtype=dtype, fan_in=fan_in(spec), accumulate=loose, exact_without_bias=nb)
-    return "" if result.passed else f"wrong result: {result.summary()}"
+    return "" if result.passed else f"{static or ''} (wrong result: {result.summary()})".lstrip()
 
 
 def assert_verdict(case, backend_names: tuple[str, ...], *, mutations: bool = True) -> None:
