@@ -10,11 +10,11 @@ field, the value and what was expected.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from equivcheck.errors import SpecError
-from equivcheck.memory import physical_memory, require_memory  # noqa: F401 - their old home
 
 __all__ = ["ConvSpec", "DenseSpec", "LayerSpec", "spatial_letters"]
 
@@ -34,19 +34,15 @@ def spatial_letters(rank: int) -> str:
 
 
 def _positive(name: str, value: Any, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            import numpy as np
-
-            if isinstance(value, np.integer):
-                value = int(value)
-            else:
-                raise TypeError
-        except TypeError:
-            raise SpecError(f"{name}={value!r} is not an integer: expected a positive integer") from None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)  # an int or numpy integer, never a float
+    except TypeError:
+        raise SpecError(f"{name}={value!r} is not an integer: expected a positive integer") from None
     if value < (0 if allow_zero else 1):
         raise SpecError(f"{name}={value!r} must be {'>= 0' if allow_zero else 'a positive integer'}")
-    return int(value)
+    return value
 
 
 def _tuple(name: str, value: Any, rank: int, *, allow_zero: bool = False, default: int | None = None) -> tuple[int, ...]:
