@@ -59,6 +59,20 @@ class Entry:
         return array
 
 
+class Index(dict[str, Entry]):
+    """A file's entries by name; for a model graph (``graph``), also its linear nodes.
+
+    ``linear`` maps each linear node's stored weight to its stored bias (or None); ``why``
+    describes them in one line, for the message when there is not exactly one.
+    """
+
+    def __init__(self, *, graph: bool = False) -> None:
+        super().__init__()
+        self.graph = graph
+        self.linear: dict[str, str | None] = {}
+        self.why = ""
+
+
 def refused_pickle(where: str, what: str, hint: str = "") -> FileFormatError:
     return FileFormatError(f"input={where} {what}, which could run code when loaded: pickled code refused{hint}")
 
@@ -78,13 +92,21 @@ def _dtype_problem(dtype: Any) -> str | None:
 
 
 @contextlib.contextmanager
-def open_index(p: Path) -> Iterator[dict[str, Entry]]:
+def open_index(p: Path) -> Iterator[Index]:
     """The arrays ``p`` declares, by name; the file stays open (for reads) inside the block."""
     where = repr(str(p))
-    opener = {".safetensors": _safetensors, ".pt": _torch, ".pth": _torch, ".h5": _h5, ".hdf5": _h5}.get(p.suffix, _numpy)
+    from equivcheck import _readers_runtimes as runtimes
+
+    opener = {".safetensors": _safetensors, ".pt": _torch, ".pth": _torch, ".h5": _h5, ".hdf5": _h5, ".keras": _keras,
+              ".onnx": runtimes.onnx_index, ".tflite": runtimes.tflite_index}.get(p.suffix, _numpy)
     try:
-        with opener(p, where) as index:
-            yield index
+        with opener(p, where) as entries:
+            if isinstance(entries, Index):
+                yield entries
+            else:
+                index = Index()
+                index.update(entries)
+                yield index
     except EquivcheckError:
         raise
     except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, RecursionError,
@@ -222,7 +244,7 @@ def _safetensors_entry(fh: Any, name: str, info: Any, where: str, start: int, si
 
 # -- HDF5 ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _h5(p: Path, where: str) -> Iterator[dict[str, Entry]]:
+def _h5(p: Path | io.BytesIO, where: str) -> Iterator[dict[str, Entry]]:
     import h5py
 
     with h5py.File(p, "r") as f:
@@ -235,6 +257,34 @@ def _h5(p: Path, where: str) -> Iterator[dict[str, Entry]]:
                 raise FileFormatError(f"input={where} links {_text(name)!r} to another file ({target!r}): external links refused")
         objects = {_text(name): f[name] for name, kind in kinds.items() if kind == h5py.h5l.TYPE_HARD}
         yield {name: _h5_entry(obj, name, where) for name, obj in objects.items() if isinstance(obj, h5py.Dataset)}
+
+
+@contextlib.contextmanager
+def _keras(p: Path, where: str) -> Iterator[Index]:
+    """A ``.keras`` archive's ``model.weights.h5``, read as HDF5 (Keras itself is not imported: nothing runs)."""
+    with zipfile.ZipFile(p) as archive:
+        info = next((i for i in archive.infolist() if i.filename == "model.weights.h5"), None)
+        if info is None:
+            raise FileFormatError(f"input={where} holds no model.weights.h5: expected a .keras file saved by Keras 3")
+        require_memory(f"reading {where}", info.file_size)
+        with archive.open(info) as member:
+            data = io.BytesIO(member.read())
+    with _h5(data, where) as entries:
+        index = Index(graph=True)
+        index.update(entries)
+        groups: dict[str, list[str]] = {}
+        for name in index:
+            folder, _, leaf = name.rpartition("/vars/")
+            if folder:
+                groups.setdefault(folder, []).append(leaf)
+        for folder, leaves in groups.items():
+            if "0" in leaves and len(index[f"{folder}/vars/0"].shape) >= 2 and set(leaves) <= {"0", "1"}:
+                bias = f"{folder}/vars/1" if "1" in leaves and len(index[f"{folder}/vars/1"].shape) == 1 else None
+                index.linear[f"{folder}/vars/0"] = bias
+        listed = ", ".join(repr(k[:60]) for k in list(index.linear)[:8])
+        index.why = (f"{len(index.linear)} layers with a kernel: {listed}" if index.linear
+                     else f"no layer with a kernel; it holds {', '.join(list(index)[:12])[:200] or 'no arrays'}")
+        yield index
 
 
 def _text(name: bytes) -> str:

@@ -3,7 +3,9 @@
 Nothing that could run code is loaded: ``.npz``/``.npy`` load with ``allow_pickle=False``,
 torch ``.pt``/``.pth`` with ``torch.load(..., weights_only=True)`` (a pickled module is
 refused), ``.safetensors`` and HDF5 (``.h5``, Keras ``.weights.h5``) hold plain arrays, and
-Keras ``.keras`` models load with ``safe_mode=True`` (a Lambda layer is refused). Writes go
+Keras ``.keras`` models load with ``safe_mode=True`` (a Lambda layer is refused). ONNX
+initializers, TFLite buffers and a ``.keras`` archive's weights are read as arrays without
+running or building the model (see :mod:`equivcheck._readers_runtimes`). Writes go
 to a temporary file in the target folder, are flushed to disk, then renamed over the target,
 so a reader never sees half a file and an interrupted write leaves nothing behind.
 
@@ -13,7 +15,12 @@ so a reader never sees half a file and an interrupted write leaves nothing behin
 | ``.safetensors`` | :func:`load_arrays` | :func:`save_arrays` |
 | ``.pt`` / ``.pth`` (a state dict) | :func:`load_arrays` | :func:`save_arrays` |
 | ``.h5`` / ``.weights.h5`` | :func:`load_arrays` (every dataset), :func:`load_keras_weights` | :func:`save_keras_weights` |
-| ``.keras`` | :func:`load_keras_model` | :func:`save_keras_model` |
+| ``.keras`` | :func:`load_arrays` (its weights), :func:`load_keras_model` | :func:`save_keras_model` |
+| ``.onnx`` (initializers) / ``.tflite`` (constant tensors) | :func:`load_arrays` | |
+
+In a model (``.onnx``, ``.tflite``, ``.keras``) ``convert`` takes the kernel and bias of its
+one linear node (Gemm/MatMul/Conv/ConvTranspose; FULLY_CONNECTED/CONV_2D/DEPTHWISE_CONV_2D/
+TRANSPOSE_CONV; a Dense/Conv layer) unless ``--kernel-key`` names one.
 """
 
 from __future__ import annotations
@@ -179,8 +186,6 @@ def load_arrays(path: str | os.PathLike[str], keys: Iterable[str] | None = None)
 
 def _input(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
-    if p.suffix == ".keras":
-        raise FileFormatError(f"input={str(p)!r} is a whole Keras model: load it with equivcheck.files.load_keras_model")
     try:
         regular = stat.S_ISREG(os.stat(p).st_mode)
     except OSError:
@@ -344,10 +349,14 @@ def convert_file(source: LayerSpec, target: LayerSpec, input: str | os.PathLike[
 def _read_weights(source: LayerSpec, p: Path, kernel_key: str | None, bias_key: str | None) -> tuple[np.ndarray, Any]:
     """The kernel and (if any) bias of ``source`` from ``p``, declared shapes and dtypes checked before reading."""
     with _readers.open_index(p) as index:
-        k = _pick(index, kernel_key, KERNEL_KEYS, "kernel", p)
-        if k is None:
-            raise FileFormatError(f"no kernel in {str(p)!r}: it holds {', '.join(index)[:200] or 'nothing'}; name one with --kernel-key")
-        b = _pick(index, bias_key, BIAS_KEYS, "bias", p)
+        if index.graph:
+            k, b = _pick_linear(index, kernel_key, bias_key, p)
+        else:
+            k = _pick(index, kernel_key, KERNEL_KEYS, "kernel", p)
+            if k is None:
+                raise FileFormatError(f"no kernel in {str(p)!r}: it holds {', '.join(index)[:200] or 'nothing'}; "
+                                      "name one with --kernel-key")
+            b = _pick(index, bias_key, BIAS_KEYS, "bias", p)
         if index[k].shape != source.kernel_shape:
             raise SpecError(f"kernel shape={index[k].shape} in {str(p)!r} does not match {source.describe()}: "
                             f"expected {source.kernel_shape}")
@@ -355,6 +364,17 @@ def _read_weights(source: LayerSpec, p: Path, kernel_key: str | None, bias_key: 
         require_memory(f"reading {str(p)!r}", sum(e.nbytes for _, e in picked))
         arrays = [_checked_weights(name, e.load(repr(str(p))), p) for name, e in picked]
     return arrays[0], arrays[1] if len(arrays) > 1 else None
+
+
+def _pick_linear(index: _readers.Index, kernel_key: str | None, bias_key: str | None, p: Path) -> tuple[str, str | None]:
+    """Kernel and bias names in a model graph: as named, else those of its one linear node."""
+    if kernel_key is None:
+        if len(index.linear) != 1:
+            raise FileFormatError(f"no single linear layer to take the kernel from in {str(p)!r} ({index.why}): "
+                                  "name the kernel with --kernel-key")
+        kernel_key = next(iter(index.linear))
+    _pick(index, kernel_key, (), "kernel", p)
+    return kernel_key, _pick(index, bias_key, (), "bias", p) if bias_key is not None else index.linear.get(kernel_key)
 
 
 def _checked_weights(name: str, arr: np.ndarray, p: Path) -> np.ndarray:
