@@ -55,6 +55,17 @@ def import_keras() -> Any:
 TF_ALIGNMENT = 64
 
 
+def tf_tensor(a: Any, dtype: str) -> Any:
+    """``a`` as a TensorFlow tensor in ``dtype`` (bfloat16 through float32, which holds it exactly)."""
+    import numpy as np
+
+    tf = import_tensorflow()
+    a = np.asarray(a)
+    if a.dtype.name == "bfloat16":
+        a = a.astype(np.float32)
+    return tf.cast(tf.convert_to_tensor(a), getattr(tf, dtype))
+
+
 def tensor_in_place(a: Any) -> Any:
     """A TensorFlow tensor reading numpy array ``a`` in place (DLPack), or None when it cannot.
 

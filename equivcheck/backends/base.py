@@ -249,6 +249,10 @@ class Backend(ABC):
         """Import the framework; a backend whose framework needs set-up first overrides this."""
         return importlib.import_module(self.module)
 
+    def tensor(self, a: np.ndarray, dtype: str) -> Any:
+        """``a`` as this framework's own tensor type in ``dtype`` (what ``native=True`` converters receive)."""
+        return np.asarray(a, dtype=np_dtype(dtype))
+
     def version(self) -> str:
         """The framework's version string (imports the framework)."""
         return str(getattr(self.load(), "__version__", "unknown"))

@@ -128,5 +128,10 @@ class JaxBackend(Backend):
         self.load()
         return JaxLayer(spec, dtype)
 
+    def tensor(self, a: np.ndarray, dtype: str) -> Any:
+        jax = self.load()
+        with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
+            return jax.numpy.asarray(np.asarray(a, dtype=np_dtype(dtype)))
+
 
 __all__ = ["JaxBackend", "JaxLayer", "dimension_numbers"]

@@ -23,6 +23,7 @@ from equivcheck.backends._tensorflow import (
     installed,
     keras_backend_name,
     tensor_in_place,
+    tf_tensor,
 )
 from equivcheck.backends.base import (
     Backend,
@@ -170,6 +171,9 @@ class KerasBackend(Backend):
 
     def _import(self) -> Any:
         return import_keras()
+
+    def tensor(self, a: np.ndarray, dtype: str) -> Any:
+        return tf_tensor(a, dtype)  # Keras 3 on TensorFlow: its layers hold tf tensors
 
     def version(self) -> str:
         keras = self.load()

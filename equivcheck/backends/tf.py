@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.backends._tensorflow import import_tensorflow, installed, tensor_in_place
+from equivcheck.backends._tensorflow import import_tensorflow, installed, tensor_in_place, tf_tensor
 from equivcheck.backends.base import (
     Backend,
     Layer,
@@ -155,6 +155,9 @@ class TFBackend(Backend):
 
     def _import(self) -> Any:
         return import_tensorflow()
+
+    def tensor(self, a: np.ndarray, dtype: str) -> Any:
+        return tf_tensor(a, dtype)
 
     def unsupported(self, spec: LayerSpec, dtype: str) -> str | None:
         why = super().unsupported(spec, dtype)

@@ -153,3 +153,7 @@ class TorchBackend(Backend):
         self._check(spec, dtype)
         self.load()
         return TorchLayer(spec, dtype)
+
+    def tensor(self, a: np.ndarray, dtype: str) -> Any:
+        torch = self.load()
+        return _to_torch(torch, np.asarray(a), getattr(torch, _TORCH_DTYPES[dtype]))
