@@ -24,7 +24,7 @@ from equivcheck.files import atomic_path
 from equivcheck.report.environment import environment
 from equivcheck.report.jsonio import SCHEMA_VERSION, build_document, dumps, load, schema, validate
 from equivcheck.report.parts import clear_parts
-from equivcheck.report.records import case_record, merge_cases
+from equivcheck.report.records import case_record, merge_cases, to_jsonable
 
 __all__ = [
     "FILES",
@@ -113,19 +113,20 @@ def write_report(
         raise SpecError(f"extra={type(extra).__name__} is not a dict: pass sections as {{'name': [...]}}")
     folder = _folder(directory)
     records = merge_cases(list(cases))
+    extra = to_jsonable(extra) if extra else None  # a copy: model checks gain their pictures' ids
     try:
         from equivcheck.report.pictures import add_pictures
+        from equivcheck.report.readout import add_model_pictures
 
         pictures = add_pictures(records)
+        pictures.update(add_model_pictures(extra or {}))
     except ImportError as exc:  # matplotlib is the optional 'report' extra
         warnings.warn(f"report pictures skipped: {exc} (install equivcheck[report])", stacklevel=2)
         pictures = {}
         for r in records:
             r["pictures"] = []
     doc = build_document(records, seed=seed, command=command, run_id=run_id, environment=environment,
-                         extra=extra, pictures=pictures)
-    if failed:
-        doc["summary"]["ok"] = False
+                         extra=extra, pictures=pictures, failed=failed)
     texts = {"equivcheck.json": dumps(doc), **render(doc)}
     paths = _write_all(folder, texts)
     clear_parts(folder)

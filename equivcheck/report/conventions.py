@@ -1,6 +1,7 @@
 """The convention matrix: for each conversion, which conventions the checks established.
 
-Rows are conversions (``"keras:dense → torch:conv"``), columns are the conventions of
+Rows are conversions (``"keras:dense → torch:conv"``, with the converter's name where the case
+records one), columns are the conventions of
 :class:`equivcheck.mutations.Convention` (flip, flatten order, kernel transposed, kernel axes,
 channels, channel order, padding, bias). Each mutant of
 :mod:`equivcheck.mutations` breaks one convention, so its outcome says what the data showed:
@@ -83,6 +84,8 @@ def matrix(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
     columns = list(COLUMNS)
     for case in cases:
         label = conversion_label(case)
+        if case.get("converter"):  # two converters of one conversion are two rows
+            label += f" ({case['converter']})"
         row = rows.setdefault(label, {"conversion": label, "verdict": "skip", "cases": 0, "cells": {},
                                       "counts": {}})
         verdict = case.get("verdict", "error")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["example_cases", "main"]
+__all__ = ["example_cases", "example_runs", "main"]
 
 
 def _keras_as_chw(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -33,8 +33,8 @@ def _theano_without_flip(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[n
     return kernel.T.reshape(2, 3, 5, 5), bias
 
 
-def example_cases(backends: Sequence[str] = ("numpy",), seed: int = 0) -> list[Any]:
-    """Five kinds of check (two wrong converters among them) on ``backends``."""
+def example_runs(backends: Sequence[str] = ("numpy",), seed: int = 0) -> list[tuple[str, list[Any]]]:
+    """``(converter name, its cases)`` for five kinds of check, two wrong converters among them."""
     import equivcheck as ec
     from equivcheck.verify import verify
 
@@ -46,23 +46,31 @@ def example_cases(backends: Sequence[str] = ("numpy",), seed: int = 0) -> list[A
     small_keras = ec.spec("keras:conv", channels=3, spatial=(9, 9), units=2, kernel_size=(3, 3))
     pairs = [(a, b) for a in backends for b in backends]
     return [
-        *verify(keras_dense, torch_conv, backends=pairs, seed=seed),
-        *verify(keras_dense, torch_conv, backends=[("numpy", b) for b in backends], converter=_keras_as_chw, seed=seed),
-        *verify(theano_dense, theano_conv, backends=[("numpy", "numpy")], seed=seed),
-        *verify(theano_dense, theano_conv, backends=[("numpy", "numpy")], converter=_theano_without_flip, seed=seed),
-        *verify(small_torch, small_keras, backends=[("numpy", "numpy")], seed=seed),
+        ("planned mapping", verify(keras_dense, torch_conv, backends=pairs, seed=seed)),
+        ("_keras_as_chw", verify(keras_dense, torch_conv, backends=[("numpy", b) for b in backends],
+                                 converter=_keras_as_chw, seed=seed)),
+        ("planned mapping", verify(theano_dense, theano_conv, backends=[("numpy", "numpy")], seed=seed)),
+        ("_theano_without_flip", verify(theano_dense, theano_conv, backends=[("numpy", "numpy")],
+                                        converter=_theano_without_flip, seed=seed)),
+        ("planned mapping", verify(small_torch, small_keras, backends=[("numpy", "numpy")], seed=seed)),
     ]
 
 
+def example_cases(backends: Sequence[str] = ("numpy",), seed: int = 0) -> list[Any]:
+    """The cases of :func:`example_runs`, in order."""
+    return [case for _, cases in example_runs(backends, seed) for case in cases]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from equivcheck.report import write_report
+    from equivcheck.report import case_record, write_report
 
     parser = argparse.ArgumentParser(prog="python -m equivcheck.report.example", description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path)
     parser.add_argument("--backends", default="numpy")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cases = example_cases([b for b in args.backends.split(",") if b], seed=args.seed)
+    cases = [{**case_record(case), "id": None, "converter": name}
+             for name, run in example_runs([b for b in args.backends.split(",") if b], seed=args.seed) for case in run]
     args.directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.directory) as tmp:
         paths = write_report(tmp, cases, seed=args.seed,

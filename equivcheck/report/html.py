@@ -11,17 +11,10 @@ import re
 from html import escape
 from typing import Any
 
+from equivcheck.report.describe import backends, case_heading, case_identity, overall_verdict, subjects, title
 from equivcheck.report.environment import environment_line, facts_rows
-from equivcheck.report.markdown import (
-    MODEL_COLUMNS,
-    PROBLEMS,
-    backends,
-    counts_line,
-    fmt,
-    is_model_checks,
-    model_rows,
-    percent,
-)
+from equivcheck.report.markdown import PROBLEMS, case_rows, counts_line, percent, run_failed
+from equivcheck.report.sections import blocks, fmt, generic_table
 
 __all__ = ["render"]
 
@@ -33,7 +26,15 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: 
 h1 { font-size: 1.5rem; margin: 0 0 .3rem; } h2 { font-size: 1.15rem; margin-top: 2rem;
      border-bottom: 1px solid var(--line); padding-bottom: .2rem; } h3 { font-size: 1rem; margin-bottom: .3rem; }
 .meta { color: #57606a; font-size: .85rem; } code, pre { font: 12px/1.4 ui-monospace, "SFMono-Regular", Menlo, monospace; }
-pre { background: #f6f8fa; padding: .5rem; overflow-x: auto; }
+pre { background: #f6f8fa; padding: .5rem; overflow-x: auto; white-space: pre-wrap; overflow-wrap: anywhere;
+      max-height: 24rem; }
+td code, li code { overflow-wrap: anywhere; white-space: pre-wrap; }
+.scroll { overflow-x: auto; max-width: 100%; }
+.overall { font-size: 1rem; padding: .2rem .9rem; }
+.subjects { margin: .3rem 0 .8rem; padding-left: 1.2rem; }
+tr.marked td { background: #fff8c5; font-weight: 600; }
+tr.first-divergence td { background: #ffebe9; font-weight: 600; }
+.identity { color: #57606a; font-size: .85rem; margin: .1rem 0 .4rem; }
 table { border-collapse: collapse; margin: .5rem 0; font-size: .85rem; }
 th, td { border: 1px solid var(--line); padding: .25rem .5rem; text-align: left; vertical-align: top; }
 th { background: #f6f8fa; }
@@ -116,30 +117,31 @@ def _problem(doc: dict[str, Any], c: dict[str, Any]) -> str:
         items.append(f"<li>right mapping: <code>{_e(c['mapping']['code']['numpy'])}</code></li>")
     pics = "".join(_figure(doc, p) for p in c.get("pictures") or [] if p.startswith("failure-"))
     cls = "problem inconclusive-case" if c["verdict"] == "inconclusive" else "problem"
-    return (f'<div class="{cls}"><h3>{_e(c.get("title"))} — {_e(backends(c))}, {_e(c.get("dtype"))}: '
-            f'<span class="verdict-{_e(c["verdict"])}">{_e(c["verdict"])}</span></h3><ul>{"".join(items)}</ul>{pics}</div>')
+    ident = " · ".join(f"{_e(label)} <b>{_e(value)}</b>" for label, value in case_identity(c))
+    return (f'<div class="{cls}"><h3><span class="badge {_e(c["verdict"])}">{_e(c["verdict"])}</span>'
+            f'{_e(case_heading(c))} — {_e(backends(c))}, {_e(c.get("dtype"))}</h3>'
+            f'<p class="identity">{ident}</p><ul>{"".join(items)}</ul>{pics}</div>')
 
 
 def _cases(doc: dict[str, Any]) -> str:
-    rows = []
-    for i, c in enumerate(doc["cases"]):
+    header, rows = case_rows(doc["cases"])
+    v = header.index("verdict")
+    body = []
+    for c, row in zip(doc["cases"], rows):
         comp = c.get("comparison") or {}
         muts = c.get("mutations") or []
         detail = ""
         if c.get("mapping") or muts:
-            code = "".join(f"<div>{_e(k)}: <code>{_e(v)}</code></div>" for k, v in (c.get("mapping") or {}).get("code", {}).items())
+            code = "".join(f"<div>{_e(k)}: <code>{_e(x)}</code></div>" for k, x in (c.get("mapping") or {}).get("code", {}).items())
             mut = "".join(f"<li>{_e(m['name'])}: {_e(m['outcome'])} (error/bound {_e(m.get('max_error_ratio'))})</li>" for m in muts)
-            detail = f"<details><summary>mapping, mutants</summary>{code}<ul>{mut}</ul></details>"
-        rows.append(
-            f"<tr><td>{i}</td><td>{_e(c.get('title'))}{detail}</td><td>{_e(backends(c))}</td><td>{_e(c.get('dtype'))}</td>"
-            f'<td class="verdict-{_e(c["verdict"])}">{_e(c["verdict"])}</td><td>{_e(comp.get("max_abs_error"))}</td>'
-            f"<td>{_e(comp.get('bound_at_worst'))}</td><td>{_e(comp.get('max_error_ratio'))}</td>"
-            f"<td>{_e(str(comp.get('worst_index', '-')))}</td>"
-            f"<td>{sum(m.get('outcome') == 'rejected' for m in muts)}/{len(muts)}</td></tr>"
-        )
-    head = "".join(f"<th>{h}</th>" for h in ("#", "conversion", "backends", "dtype", "verdict", "max abs err", "bound",
-                                              "err/bound", "worst element", "mutants rejected"))
-    return f'<table id="cases"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            detail = f"<details><summary>mapping, wrong conversions</summary>{code}<ul>{mut}</ul></details>"
+        cells = [f"<td>{_e(x)}</td>" for x in row]
+        cells[v] = f'<td class="verdict-{_e(c["verdict"])}">{_e(c["verdict"])}</td>'
+        cells.append(f"<td>{_e(str(comp.get('worst_index', '-')))}</td>")
+        cells[0] = cells[0][:-5] + detail + "</td>"
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    head = "".join(f"<th>{_e(h)}</th>" for h in (*header, "worst element"))
+    return f'<div class="scroll"><table id="cases"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _value(v: Any) -> str:
@@ -149,65 +151,75 @@ def _value(v: Any) -> str:
     return _e(v)
 
 
-def _model_checks(title: str, checks: list[dict[str, Any]]) -> str:
-    """Each whole-model check: its layer table, the first wrong layer highlighted."""
-    parts = [title]
-    for check in checks:
-        parts.append(f"<h3>{_e(check.get('source'))} → {_e(check.get('converted'))}: "
-                     f'<span class="verdict-{_e(check.get("verdict"))}">{_e(check.get("verdict"))}</span></h3>')
-        first = check.get("first_divergence")
-        if first:
-            parts.append(f"<p><b>First wrong layer:</b> {_e(first.get('headline'))}</p>")
-        head = "".join(f"<th>{_e(c)}</th>" for c in MODEL_COLUMNS)
-        marked = ' class="first-divergence fails"'
-        body = "".join(f"<tr{marked if is_first else ''}>" + "".join(f"<td>{_value(c)}</td>" for c in cells) + "</tr>"
-                       for is_first, cells in model_rows(check))
-        parts.append(f'<table class="extra model-layers"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+def _table(header: list[str], rows: list[list[Any]], marked: set[int] = frozenset(), cls: str = "extra",
+           mark: str = "marked") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join((f'<tr class="{mark}">' if i in marked else "<tr>") + "".join(f"<td>{_value(c)}</td>" for c in row)
+                   + "</tr>" for i, row in enumerate(rows))
+    return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _blocks(doc: dict[str, Any], name: str, items: list[tuple]) -> str:
+    parts = []
+    for block in items:
+        kind = block[0]
+        if kind == "heading":
+            verdict = _e(block[2])
+            parts.append(f'<h3><span class="badge {verdict}">{verdict}</span>{_e(block[1])}</h3>')
+        elif kind == "para":
+            parts.append(f"<p>{_e(block[1])}</p>")
+        elif kind == "items":
+            parts.append("<ul>" + "".join(f"<li>{_e(k)}: <b>{_e(x)}</b></li>" for k, x in block[1]) + "</ul>")
+        elif kind == "table":
+            models = name == "modelchecks" or block[1][:2] == ["source", "converted"]
+            parts.append(_table(block[1], block[2], block[3], cls="extra model-layers" if models else "extra",
+                                mark="first-divergence fails" if models else "marked"))
+        elif kind == "code":
+            parts.append(f'<p class="meta">{_e(block[1])}</p><pre><code>{_e(block[2])}</code></pre>')
+        elif kind == "figures":
+            parts += [_figure(doc, pid) for pid in block[1]]
     return "".join(parts)
 
 
-def _extra(name: str, value: Any) -> str:
-    title = f"<h2>{_e(name.replace('_', ' ').capitalize())}</h2>"
-    if is_model_checks(value):
-        return _model_checks(title, value)
+def _extra(doc: dict[str, Any], name: str, value: Any) -> str:
+    heading = f"<h2>{_e(name.replace('_', ' ').capitalize())}</h2>"
+    known = blocks(name, value)
+    if known is not None:
+        return heading + _blocks(doc, name, known)
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        keys: list[str] = []
-        for v in value:
-            keys += [k for k in v if k not in keys]
-        keys = keys[:12]
-        head = "".join(f"<th>{_e(k)}</th>" for k in keys)
-        body = "".join("<tr>" + "".join(f"<td>{_value(v.get(k))}</td>" for k in keys) + "</tr>" for v in value)
-        return f'{title}<table class="extra"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        return heading + _table(*generic_table(value))
     if isinstance(value, dict):
         body = "".join(f"<tr><th>{_e(k)}</th><td>{_value(v)}</td></tr>" for k, v in value.items())
-        return f'{title}<table class="extra">{body}</table>'
-    return f"{title}<p>{_value(value)}</p>"
+        return f'{heading}<div class="scroll"><table class="extra">{body}</table></div>'
+    return f"{heading}<p>{_value(value)}</p>"
 
 
 def render(doc: dict[str, Any]) -> str:
     """The whole report as one HTML page."""
-    run, summary = doc["run"], doc["summary"]
-    badges = "".join(f'<span class="badge {_e(v)}">{_e(n)} {_e(v)}</span>' for v, n in summary["verdicts"].items() if n)
+    run = doc["run"]
+    verdict = overall_verdict(doc)
     meta = f"run <code>{_e(run['run_id'])}</code> · {_e(run['created'])}"
     if run.get("command"):
         meta += f" · <code>{_e(run['command'])}</code>"
     if run.get("seed") is not None:
         meta += f" · seed {_e(run['seed'])}"
+    checked = "".join(f"<li>{_e(s)}</li>" for s in subjects(doc))
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; style-src \'unsafe-inline\'">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         '<link rel="icon" href="data:,">',
-        f"<title>equivcheck report {_e(run['run_id'][:12])}</title><style>{_CSS}</style></head><body>",
-        "<h1>equivcheck report</h1>",
+        f"<title>{_e(title(doc))}: {_e(verdict)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title(doc))}</h1>",
+        f'<p id="verdict"><span class="badge overall {_e(verdict)}">{_e(verdict)}</span> {_e(counts_line(doc))}</p>',
+        "<p>The run itself failed (a failing test or an error outside the checks).</p>" if run_failed(doc) else "",
+        f'<p>What was checked:</p><ul class="subjects">{checked}</ul>' if checked else "",
         f'<p class="meta">{meta}</p>',
         f'<p class="meta">{_e(environment_line(doc["environment"]))}</p>',
-        f"<p>{badges} {_e(counts_line(summary))}</p>",
-        "<h2>Conventions</h2>",
-        _matrix(doc),
-        _figure(doc, "overview"),
     ]
+    if doc["conventions"]["rows"]:
+        parts += ["<h2>Conventions</h2>", _matrix(doc), _figure(doc, "overview")]
     problems = [c for c in doc["cases"] if c.get("verdict") in PROBLEMS]
     if problems:
         parts += ["<h2>Failures</h2>", *(_problem(doc, c) for c in problems)]
@@ -218,11 +230,12 @@ def render(doc: dict[str, Any]) -> str:
         parts += ["<h2>Right and wrong conversions</h2>", *(_figure(doc, p) for p in pair_ids)]
     if doc["cases"]:
         parts += ["<h2>Cases</h2>", _cases(doc)]
-    parts += [_extra(k, v) for k, v in (doc.get("extra") or {}).items()]
+    parts += [_extra(doc, k, v) for k, v in (doc.get("extra") or {}).items()]
     facts = facts_rows(doc["environment"])
     if facts:
         rows = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in facts)
         parts += ["<h2>Machine facts (probed here)</h2>",
-                  f"<table><tr><th>backend</th><th>layer</th><th>dtype</th><th>found</th></tr>{rows}</table>"]
+                  f'<div class="scroll"><table><tr><th>backend</th><th>layer</th><th>dtype</th><th>found</th></tr>'
+                  f"{rows}</table></div>"]
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p) + "\n"

@@ -4,7 +4,8 @@ The document (schema in ``schema.json`` beside this module, ``schema_version`` "
 
 - ``run``: ``run_id``, ``created`` (ISO 8601, UTC), ``command``, ``seed``;
 - ``environment``: see :func:`equivcheck.report.environment.environment`;
-- ``summary``: counts per verdict and per mutation outcome;
+- ``summary``: counts per verdict and per mutation outcome, and ``verdict``: the whole run's
+  (the worst of its cases, explorations and model checks; ``inconclusive`` when nothing was checked);
 - ``conventions``: the matrix of :mod:`equivcheck.report.conventions`;
 - ``cases``: one record per case (:mod:`equivcheck.report.records`);
 - ``pictures`` (optional): ``{id: {"title", "caption", "png"}}``, PNG in base64, referenced
@@ -52,9 +53,11 @@ def build_document(
     environment: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     pictures: dict[str, Any] | None = None,
+    failed: bool = False,
 ) -> dict[str, Any]:
-    """The report document for already-built records."""
+    """The report document for already-built records (``failed``: the run failed for a reason of its own)."""
     from equivcheck.report.conventions import matrix
+    from equivcheck.report.describe import verdict_of
     from equivcheck.report.environment import environment as current_environment
     from equivcheck.report.records import to_jsonable
 
@@ -76,6 +79,9 @@ def build_document(
         doc["pictures"] = pictures
     if extra:
         doc["extra"] = to_jsonable(extra)
+    verdict = verdict_of([r.get("verdict", "error") for r in records], doc.get("extra"), ok=not failed)
+    doc["summary"]["verdict"] = verdict
+    doc["summary"]["ok"] = doc["summary"]["ok"] and not failed and verdict in ("pass", "skip")
     return doc
 
 

@@ -6,22 +6,25 @@ import html
 import json
 from typing import Any
 
+from equivcheck.report.describe import (
+    backends,
+    case_heading,
+    case_identity,
+    overall_verdict,
+    section_kind,
+    section_verdicts,
+    spec_text,
+    subjects,
+    title,
+)
 from equivcheck.report.environment import environment_line, facts_rows
+from equivcheck.report.sections import blocks, fmt, generic_table
 
-__all__ = ["fmt", "percent", "render"]
+__all__ = ["case_rows", "counts_line", "fmt", "percent", "render"]
 
 MARK = {"holds": "✅ holds", "fails": "❌ fails", "ambiguous": "⚠️ ambiguous", "n/a": "·"}
 VERDICT_MARK = {"pass": "✅ pass", "fail": "❌ fail", "inconclusive": "⚠️ inconclusive", "skip": "⏭ skip", "error": "💥 error"}
 PROBLEMS = ("fail", "error", "inconclusive")
-
-
-def fmt(value: Any) -> str:
-    """A number in 3 significant digits, anything else as text; ``-`` for missing."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
 
 
 def percent(value: Any) -> str:
@@ -40,72 +43,66 @@ def cell(value: Any) -> str:
     return text if len(text) <= 160 else text[:157] + "…"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    out = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return out
-
-
-def counts_line(summary: dict[str, Any]) -> str:
-    verdicts = ", ".join(f"{md(n)} {md(v)}" for v, n in summary["verdicts"].items() if n)
+def counts_line(doc: dict[str, Any]) -> str:
+    """``3 cases: 2 pass, 1 fail; …`` plus the explorations and models, never "0 cases"."""
+    summary = doc["summary"]
+    parts = []
+    if summary.get("cases"):
+        verdicts = ", ".join(f"{md(n)} {md(v)}" for v, n in summary["verdicts"].items() if n)
+        parts.append(f"{md(summary['cases'])} case{'s' * (summary['cases'] != 1)}: {verdicts}")
+    for value in (doc.get("extra") or {}).values():
+        kind = section_kind(value)
+        if kind:
+            verdicts = section_verdicts({"_": value})
+            noun = {"explorations": "exploration", "models": "convolutionalized model", "modelchecks": "model check"}[kind]
+            tally = ", ".join(f"{verdicts.count(v)} {'found' if kind == 'explorations' and v == 'pass' else v}"
+                              for v in dict.fromkeys(verdicts))
+            parts.append(f"{len(value)} {noun}{'s' * (len(value) != 1)}: {md(tally)}")
+    line = "; ".join(parts) or "nothing checked"
     mutations = ", ".join(f"{md(n)} {md(o)}" for o, n in summary["mutations"].items() if n)
-    line = f"{md(summary['cases'])} cases: {verdicts or 'none'}"
     return line + (f"; wrong conversions tried: {mutations}" if mutations else "")
 
 
-def backends(case: dict[str, Any]) -> str:
-    return f"{case.get('source_backend')} → {case.get('target_backend')}"
+def _table(header: list[str], rows: list[list[Any]], marked: set[int] = frozenset()) -> list[str]:
+    out = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for i, row in enumerate(rows):
+        cells = [cell(fmt(v) if not isinstance(v, (dict, list)) else v) for v in row]
+        if i in marked and cells:
+            cells[0] = f"**{cells[0]}**"
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
-MODEL_SCHEMA = "equivcheck.modelcheck/1"
-MODEL_COLUMNS = ("source", "converted", "kind", "dtype", "verdict", "max_error_ratio", "diagnosis", "mapping")
-
-
-def is_model_checks(value: Any) -> bool:
-    """A report section of whole-model checks (:meth:`equivcheck.modelcheck.ModelCheck.to_dict`)."""
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(v, dict) and v.get("schema") == MODEL_SCHEMA for v in value)
-
-
-def model_rows(check: dict[str, Any]) -> list[tuple[bool, list[Any]]]:
-    """``(is the first divergence, cells)`` for each paired layer of one model check."""
-    first = check.get("first_divergence") or {}
-    rows = []
-    for layer in check.get("layers") or []:
-        is_first = bool(first) and (layer.get("source"), layer.get("converted")) == (first.get("source"), first.get("converted"))
-        rows.append((is_first, [layer.get(k) if k != "max_error_ratio" else fmt(layer.get(k)) for k in MODEL_COLUMNS]))
-    return rows
-
-
-def _model_sections(name: str, checks: list[dict[str, Any]]) -> list[str]:
-    out = [f"## {md(name.replace('_', ' ').capitalize())}", ""]
-    for check in checks:
-        out += [f"### {md(check.get('source'))} → {md(check.get('converted'))}: {md(check.get('verdict'))}", ""]
-        first = check.get("first_divergence")
-        if first:
-            out += [f"**First wrong layer:** {md(first.get('headline'))}", ""]
-        rows = [[("→ " if is_first else "") + str(cells[0]), *cells[1:]] for is_first, cells in model_rows(check)]
-        out += _table(list(MODEL_COLUMNS), rows)
-        if check.get("unpaired"):
-            out += ["", f"Unpaired: {md(check['unpaired'])}"]
-        out.append("")
+def _blocks(items: list[tuple]) -> list[str]:
+    out: list[str] = []
+    for block in items:
+        kind = block[0]
+        if kind == "heading":
+            out += [f"### {VERDICT_MARK.get(block[2], '') + ' ' if block[2] in VERDICT_MARK else ''}{md(block[1])}", ""]
+        elif kind == "para":
+            out += [md(block[1]), ""]
+        elif kind == "items":
+            out += [f"- {md(label)}: {md(value)}" for label, value in block[1]] + [""]
+        elif kind == "table":
+            out += [*_table(block[1], block[2], block[3]), ""]
+        elif kind == "code":
+            fence = "````" if "```" in block[2] else "```"
+            out += [f"{md(block[1])}:", "", f"{fence}python", block[2], fence, ""]
+        elif kind == "figures":
+            out += [f"(picture in equivcheck.html: {md(pid)})" for pid in block[1]] + [""]
     return out
 
 
 def extra_section(name: str, value: Any) -> list[str]:
-    """Any JSON value as Markdown: a list of objects as a table, an object as key/value rows."""
-    if is_model_checks(value):
-        return _model_sections(name, value)
-    out = [f"## {name.replace('_', ' ').capitalize()}", ""]
+    """A section: explorations, models and model checks as their own blocks; any other JSON as a table."""
+    out = [f"## {md(name.replace('_', ' ').capitalize())}", ""]
+    known = blocks(name, value)
+    if known is not None:
+        return out + _blocks(known)
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        keys: list[str] = []
-        for v in value:
-            keys += [k for k in v if k not in keys]
-        keys = keys[:12]
-        out += _table(keys, [[fmt(v.get(k)) if not isinstance(v.get(k), (dict, list)) else v.get(k) for k in keys]
-                             for v in value])
+        out += _table(*generic_table(value))
     elif isinstance(value, dict):
-        out += _table(["key", "value"], [[k, fmt(v) if not isinstance(v, (dict, list)) else v] for k, v in value.items()])
+        out += _table(["key", "value"], [[k, v] for k, v in value.items()])
     elif isinstance(value, list):
         out += [f"- {cell(v)}" for v in value] or ["(empty)"]
     else:
@@ -115,46 +112,42 @@ def extra_section(name: str, value: Any) -> list[str]:
 
 def render(doc: dict[str, Any]) -> str:
     """The whole report as Markdown."""
-    run, summary = doc["run"], doc["summary"]
+    run = doc["run"]
+    verdict = overall_verdict(doc)
     out = [
-        "# equivcheck report",
+        f"# {md(title(doc))}",
         "",
+        f"**Verdict: {VERDICT_MARK.get(verdict, md(verdict))}** — {counts_line(doc)}",
+        "",
+    ]
+    if run_failed(doc):
+        out += ["The run itself failed (a failing test or an error outside the checks).", ""]
+    checked = subjects(doc)
+    if checked:
+        out += ["What was checked:", "", *(f"- {md(s)}" for s in checked), ""]
+    out += [
         f"Run `{md(run['run_id'])}` · {md(run['created'])}" + (f" · `{md(run['command'])}`" if run.get("command") else "")
-        + (f" · seed {run['seed']}" if run.get("seed") is not None else ""),
+        + (f" · seed {md(run['seed'])}" if run.get("seed") is not None else ""),
         "",
         f"Environment: {md(environment_line(doc['environment']))}",
-        "",
-        f"**{'OK' if summary['ok'] else 'PROBLEMS'}** — {counts_line(summary)}",
-        "",
-        "## Conventions",
         "",
     ]
     conv = doc["conventions"]
     if conv["rows"]:
         rows = [[r["conversion"], VERDICT_MARK.get(r["verdict"], r["verdict"]), r["cases"],
                  *(MARK[r["cells"][c]["state"]] for c in conv["columns"])] for r in conv["rows"]]
-        out += _table(["conversion", "verdict", "cases", *conv["columns"]], rows)
+        out += ["## Conventions", "", *_table(["conversion", "verdict", "cases", *conv["columns"]], rows)]
         out += ["", "✅ holds: every wrong conversion breaking it was rejected · ❌ fails · "
                 "⚠️ ambiguous: a wrong conversion could not be told apart on this data · · not checked", ""]
-    else:
-        out += ["No cases.", ""]
     problems = [c for c in doc["cases"] if c.get("verdict") in PROBLEMS]
     if problems:
         out += ["## Failures", ""]
         for c in problems:
             out += _problem(c)
     if doc["cases"]:
-        out += ["## Cases", ""]
-        rows = []
-        for i, c in enumerate(doc["cases"]):
-            comp = c.get("comparison") or {}
-            muts = c.get("mutations") or []
-            rows.append([i, c.get("title"), backends(c), c.get("dtype"), VERDICT_MARK.get(c["verdict"], c["verdict"]),
-                         fmt(comp.get("max_abs_error")), fmt(comp.get("bound_at_worst")), fmt(comp.get("max_error_ratio")),
-                         f"{sum(m.get('outcome') == 'rejected' for m in muts)}/{len(muts)}"])
-        out += _table(["#", "conversion", "backends", "dtype", "verdict", "max abs err", "bound", "err/bound",
-                       "mutants rejected"], rows)
-        out.append("")
+        header, rows = case_rows(doc["cases"])
+        out += ["## Cases", "", *_table(header, [[VERDICT_MARK.get(v, v) if h == "verdict" else v
+                                                  for h, v in zip(header, row)] for row in rows]), ""]
     for name, value in (doc.get("extra") or {}).items():
         out += extra_section(name, value)
     facts = facts_rows(doc["environment"])
@@ -163,9 +156,32 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def run_failed(doc: dict[str, Any]) -> bool:
+    """Whether the run failed for a reason of its own while every check it recorded passed."""
+    found = [c.get("verdict") for c in doc["cases"]] + section_verdicts(doc.get("extra"))
+    return not doc["summary"].get("ok", True) and bool(found) and not any(v in PROBLEMS for v in found)
+
+
+def case_rows(cases: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The cases table: who (test, converter where known), what (specs with shapes), where, and the numbers."""
+    who = [k for k in ("test", "converter") if any(c.get(k) for c in cases)]
+    header = [*who, "source", "target", "backends", "dtype", "verdict", "max abs err", "bound", "err/bound",
+              "wrong conversions rejected"]
+    rows = []
+    for c in cases:
+        comp = c.get("comparison") or {}
+        muts = c.get("mutations") or []
+        rows.append([*(c.get(k) or "-" for k in who), spec_text(c.get("source")), spec_text(c.get("target")),
+                     backends(c), c.get("dtype"), c["verdict"], comp.get("max_abs_error"), comp.get("bound_at_worst"),
+                     comp.get("max_error_ratio"), f"{sum(m.get('outcome') == 'rejected' for m in muts)}/{len(muts)}"])
+    return header, rows
+
+
 def _problem(c: dict[str, Any]) -> list[str]:
     comp = c.get("comparison") or {}
-    out = [f"### {md(c.get('title'))} — {md(backends(c))}, {md(c.get('dtype'))}: {md(c['verdict'])}", ""]
+    out = [f"### {VERDICT_MARK.get(c['verdict'], md(c['verdict']))} {md(case_heading(c))} — {md(backends(c))}, "
+           f"{md(c.get('dtype'))}", ""]
+    out += [f"- {md(label)}: {md(value)}" for label, value in case_identity(c) if label in ("conventions", "notes")]
     if c.get("reason"):
         out.append(f"- reason: {md(c['reason'])}")
     if comp:
