@@ -230,11 +230,13 @@ def _explore_side(preset: str | None, obj: str | None, role: str, flag: str, obj
     if preset and obj:
         raise UsageError(f"{flag} and {obj_flag} both name the {role}: give one")
     if not preset and not obj:
-        raise UsageError(f"the {role} is missing: pass {flag} PRESET:LAYER or {obj_flag} MODULE:ATTR")
+        raise UsageError(f"the {role} is missing: pass {flag} PRESET:LAYER, or {obj_flag} MODULE:ATTR or MODEL.onnx[:NODE] or MODEL.tflite")
     if obj:
         from equivcheck.explore.objects import load_object
+        from equivcheck.explore.runtimes import split_model_path
 
-        return load_object(obj)
+        # MODEL.onnx[:NODE] / MODEL.tflite go to explore as the path; anything else is MODULE:ATTR
+        return obj if split_model_path(obj) else load_object(obj)
     return preset
 
 

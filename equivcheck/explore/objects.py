@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from equivcheck.errors import SpecError
+from equivcheck.explore.runtimes import runtime_side
 from equivcheck.explore.sides import (
     BlackBox,
     CallableSide,
@@ -257,11 +258,15 @@ def is_preset_name(text: str) -> bool:
 
 
 def make_side(obj: Any, shape: Shape, backend: str | None = None) -> Side:
-    """A :class:`Side` for a preset name, spec, backend layer, torch/Keras layer, BlackBox or callable."""
+    """A :class:`Side` for a preset name, spec, backend layer, torch/Keras layer, BlackBox, callable, or an
+    ONNX/TFLite model (see :mod:`equivcheck.explore.runtimes`)."""
     from equivcheck.backends.base import Layer
 
     if isinstance(obj, Side):
         return obj
+    runtime = runtime_side(obj, shape)  # .onnx/.tflite paths, bytes, ModelProto, InferenceSession, (model, NODE)
+    if runtime is not None:
+        return runtime
     if isinstance(obj, str):
         if is_preset_name(obj):
             return spec_side(preset_spec(obj, shape), backend)
@@ -287,5 +292,6 @@ def make_side(obj: Any, shape: Shape, backend: str | None = None) -> Side:
         return CallableSide(BlackBox.from_callable(obj), shape)
     raise SpecError(
         f"layer of type={type(obj).__name__} is not supported: expected a preset name ('keras:dense'), a spec, "
-        "a torch nn.Module, a Keras layer or model, or a callable fn(x, kernel, bias) with kernel_shape"
+        "a torch nn.Module, a Keras layer or model, an ONNX model or path (with a NODE), TFLite bytes or path, "
+        "or a callable fn(x, kernel, bias) with kernel_shape"
     )
