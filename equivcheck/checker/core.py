@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from equivcheck.checker.arguments import _build, _split_args
-from equivcheck.checker.messages import callable_name, failure_message, identify_conventions
+from equivcheck.checker.messages import converter_code, failure_message, identify_conventions
 from equivcheck.checker.options import Options, derive_seed, resolve_backend
 from equivcheck.errors import (
     CheckSkipped,
@@ -26,6 +26,23 @@ from equivcheck.verify import Case, input_spec
 
 
 # -- one check ---------------------------------------------------------------------------
+class _Raised(Exception):
+    """An exception raised by the user's converter itself (its ``__cause__``), told apart from equivcheck's own."""
+
+
+class _Guarded:
+    """The user's converter, its exceptions wrapped in :class:`_Raised`."""
+
+    def __init__(self, convert: Callable) -> None:
+        self.convert = convert
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self.convert(*args)
+        except Exception as exc:
+            raise _Raised(str(exc)) from exc
+
+
 def check_conversion(
     convert: Callable,
     source: LayerSpec,
@@ -233,13 +250,14 @@ class Checker:
         allowed = self.options.backends
         (sb, snote), (tb, tnote) = (resolve_backend(s, dtype, allowed) for s in (source, target))
         try:
-            case = check_conversion(convert, source, target, source_backend=sb, target_backend=tb, dtype=dtype, seed=seed)
-        except EquivcheckError:
-            raise
-        except Exception as exc:  # the converter's own error: a recorded case, never a lost one
+            case = check_conversion(_Guarded(convert), source, target, source_backend=sb, target_backend=tb,
+                                    dtype=dtype, seed=seed)
+        except _Raised as exc:  # the converter's own error: a recorded case, never a lost one
             case = Case(source, target, sb, tb, dtype, "error", seed=seed,
-                        reason=f"the converter raised {framework_message(exc)}")
-        record = CheckRecord(case, test=self.test, converter=callable_name(convert)[0],
+                        reason=f"the converter raised {framework_message(exc.__cause__ or exc)}")
+        except EquivcheckError as exc:  # what it returned was refused, or the layers could not run: recorded too
+            case = Case(source, target, sb, tb, dtype, "error", seed=seed, reason=str(exc))
+        record = CheckRecord(case, test=self.test, converter=converter_code(convert)[0],
                              notes=[n for n in (snote, tnote) if n])
         if case.verdict != "skip":
             record.identify = lambda: identify_conventions(convert, source, target).summary()
@@ -252,7 +270,7 @@ class Checker:
 
         __tracebackhide__ = True
         before = len(self.records)
-        name = callable_name(convert)[0]
+        name = converter_code(convert)[0]
 
         def run(example: tuple[LayerSpec, LayerSpec, str, int]) -> None:
             __tracebackhide__ = True
@@ -264,7 +282,7 @@ class Checker:
             record = self._run(generic if pairs else convert, src, dst, dtype, data_seed)
             record.converter = name
             if record.failed:
-                call = f"lambda k, b: {name.split('.')[0]}(source, target, k, b)" if pairs else None
+                call = "lambda k, b: {}(source, target, k, b)" if pairs else None
                 raise ConversionCheckFailed(failure_message(record, convert, call=call), record)
 
         limit = max_examples or self.options.max_examples
@@ -274,10 +292,11 @@ class Checker:
                           suppress_health_check=list(HealthCheck))(hypothesis_seed(seed)(given(strategy)(run)))
         try:
             search()
-        except ConversionCheckFailed:
-            # Keep only the shrunk case, which hypothesis replays last.
+        except ConversionCheckFailed as exc:
+            # Keep only the shrunk case, which hypothesis replays last; raise it afresh, without
+            # hypothesis' frames and its "Failing test case: run(example=...)" note.
             self.records[before:] = self.records[-1:]
-            raise
+            raise ConversionCheckFailed(str(exc), exc.record) from None
         return self._done([r.case for r in self.records[before:]])
 
     def _done(self, cases: list[Case]) -> list[Case]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,24 +60,64 @@ def identify_conventions(convert: Callable, source: LayerSpec, target: LayerSpec
     return identify(source, target, got, got_bias, source_kernel=kernel, source_bias=bias)
 
 
-def callable_name(convert: Callable) -> tuple[str, str]:
-    """(display name, import line) of a converter."""
-    name = getattr(convert, "__qualname__", None) or getattr(convert, "__name__", None) or type(convert).__name__
-    if "<locals>" in name:  # a function defined inside a test: its plain name
-        return getattr(convert, "__name__", name), f"# define {getattr(convert, '__name__', name)} as in your test"
+def _expression(text: str) -> bool:
+    try:
+        ast.parse(text, mode="eval")
+    except SyntaxError:
+        return False
+    return True
+
+
+def _where(convert: Any) -> str:
+    code = getattr(convert, "__code__", None)
+    return f" ({Path(code.co_filename).name}:{code.co_firstlineno})" if code is not None else ""
+
+
+def converter_code(convert: Callable) -> tuple[str, list[str], str]:
+    """(display name, setup lines, call expression) of a converter: how the summary names it and the reproducer gets it.
+
+    The name is the qualified name (``Conv.convert``; a function defined in a test by its own name, a lambda
+    by where it is); a ``functools.partial`` shows its function and arguments (``scale(factor=2)``). The
+    setup lines and the expression are valid Python: an import where the converter can be imported, else
+    a comment saying what to define.
+    """
+    if isinstance(convert, functools.partial):
+        name, setup, call = converter_code(convert.func)
+        args = [repr(a) for a in convert.args] + [f"{k}={v!r}" for k, v in convert.keywords.items()]
+        expression = f"functools.partial({', '.join([call, *args])})"
+        shown = f"{name}({', '.join(args)})"
+        if call != "converter" and _expression(expression):
+            return shown, ["import functools", *setup], expression
+        return shown, [f"# define converter as in your test: a functools.partial of {name}{_where(convert.func)}"], "converter"
+    qualname = getattr(convert, "__qualname__", None)
+    if not isinstance(qualname, str):  # an object with __call__
+        kind = type(convert).__qualname__
+        return kind, [f"# define converter as in your test: a {kind} instance"], "converter"
     module = getattr(convert, "__module__", None)
-    if module and "<" not in name and module != "__main__":
-        return name, f"from {module} import {name.split('.')[0]}"
-    return name, f"# define {name} as in your test"
+    if inspect.ismethod(convert) and not inspect.isclass(convert.__self__):
+        return qualname, [f"# define converter as in your test: the bound method {qualname}"], "converter"
+    if "<lambda>" in qualname:
+        name = f"<lambda>{_where(convert)}"
+        return name, [f"# define converter as in your test: the lambda{_where(convert)}"], "converter"
+    if "<locals>" in qualname:  # a function defined inside a test: its plain name
+        name = getattr(convert, "__name__", qualname)
+        return name, [f"# define {name} as in your test{_where(convert)}"], name
+    name = qualname
+    if not module or not all(part.isidentifier() for part in name.split(".")):
+        return name, [f"# define converter as in your test: {name}{_where(convert)}"], "converter"
+    if module == "__main__":
+        return name, [f"# define {name.split('.')[0]} as in your script"], name
+    return name, [f"from {module} import {name.split('.')[0]}"], name
 
 
 def failure_message(record: CheckRecord, convert: Callable, *, call: str | None = None) -> str:
     """The assertion message: the case, what went wrong, the conventions found and a reproducer.
 
-    ``call`` is the converter expression of the reproducer (default: ``convert``'s name).
+    ``call`` is the converter expression of the reproducer, given the expression of ``convert``
+    (default: that expression itself).
     """
     c = record.case
-    name, import_line = callable_name(convert)
+    name, setup, expression = converter_code(convert)
     lines = [
         f"{name} does not convert {c.title()} correctly ({c.verdict})",
         f"  source     {c.source.describe()}",
@@ -89,11 +133,11 @@ def failure_message(record: CheckRecord, convert: Callable, *, call: str | None 
         "  reproduce:",
         "    import equivcheck as ec",
         "    from equivcheck.checker import check_conversion",
-        f"    {import_line}",
+        *(f"    {line}" for line in setup),
         f"    source = {spec_code(c.source)}",
         f"    target = {spec_code(c.target)}",
-        f"    case = check_conversion({call or name.split('.')[0]}, source, target, source_backend={c.source_backend!r}, "
-        f"target_backend={c.target_backend!r}, dtype={c.dtype!r}, seed={c.seed})",
+        f"    case = check_conversion({call.format(expression) if call else expression}, source, target, "
+        f"source_backend={c.source_backend!r}, target_backend={c.target_backend!r}, dtype={c.dtype!r}, seed={c.seed})",
         "    print(case.verdict, case.reason)",
     ]
     return "\n".join(lines)
