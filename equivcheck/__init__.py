@@ -33,7 +33,8 @@ __version__ = "0.1.0"
 
 # Imported on first use: they pull in more of the package (and a framework only when given a model).
 _LAZY = {"convolutionalize": "equivcheck.models", "verify_model": "equivcheck.models",
-         "check_models": "equivcheck.modelcheck", "ModelCheck": "equivcheck.modelcheck"}
+         "check_models": "equivcheck.modelcheck", "ModelCheck": "equivcheck.modelcheck",
+         "check_converter": "equivcheck.checker", "check_model_converter": "equivcheck.modelcheck"}
 
 __all__ = [
     "PRESETS",
@@ -59,6 +60,8 @@ __all__ = [
     "VerificationError",
     "build",
     "canonical",
+    "check_converter",
+    "check_model_converter",
     "check_models",
     "convert",
     "convolutionalize",

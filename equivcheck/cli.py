@@ -371,12 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUT")
     p.add_argument("--force", action="store_true")
 
-    p = add("verify-model", cmd_verify_model, "check a convolutionalized model against the original")
-    p.add_argument("original", metavar="ORIGINAL")
-    p.add_argument("converted", metavar="CONVERTED")
-    p.add_argument("--size", type=_ints, help="larger input size to check sliding-window equivalence at")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--report", metavar="DIR")
+    p = add("verify-model", cmd_verify_model, "check a convolutionalized model against its source model")
+    p.add_argument("original", metavar="SOURCE", help="the classifier model file (.keras, or a torch state dict)")
+    p.add_argument("converted", metavar="CONVERTED", help="its convolutionalized version")
+    p.add_argument("--size", type=_ints, help="larger input size H,W to check sliding-window equivalence at "
+                   "(default: the training size + the total stride: a 2x2 output map)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--report", metavar="DIR", help="write equivcheck.json/.md/.html to DIR")
 
     text = "check a converted model against its source layer by layer: the first wrong layer, its mistake and the fix"
     p = add("check-models", cmd_check_models, text)

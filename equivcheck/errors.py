@@ -76,6 +76,19 @@ class ConversionCheckFailed(EquivcheckError, AssertionError):
         self.case = getattr(record, "case", None)
 
 
+#: The release that removes the spellings :func:`renamed` still accepts.
+RENAMED_UNTIL = "0.3"
+
+
+def renamed(old: str, new: str, value: Any, *, stacklevel: int = 3) -> Any:
+    """``value`` given under a keyword's old name: warn once per call site and hand it on."""
+    import warnings
+
+    warnings.warn(f"{old}= is deprecated: use {new}= ({old}= is removed in equivcheck {RENAMED_UNTIL})",
+                  DeprecationWarning, stacklevel=stacklevel)
+    return value
+
+
 def framework_message(exc: BaseException) -> str:
     """The line of a framework's error that says what failed (Keras wraps TF's under a generic first line)."""
     lines = [re.sub(r"\x1b\[[0-9;]*m|\{\{function_node [^}]*\}\}", "", line).strip() for line in str(exc).splitlines()]

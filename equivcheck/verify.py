@@ -23,7 +23,7 @@ from equivcheck.backends.numpy import forward as np_forward
 from equivcheck.backends.probe import Facts, probe
 from equivcheck.compare import Comparison, compare
 from equivcheck.data import detection_batch, sample_inputs, sample_weights
-from equivcheck.errors import EquivcheckError, SpecError, VerificationError
+from equivcheck.errors import EquivcheckError, SpecError, VerificationError, renamed
 from equivcheck.mapping import Mapping
 from equivcheck.memory import require_memory
 from equivcheck.plan import plan
@@ -169,15 +169,20 @@ def verify_pair(
     converter: Converter | None = None,
     seed: int = 0,
     batch: int | None = None,
-    mutations: bool = True,
+    mutants: bool = True,
     tf32: bool = False,
     data: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None,
+    mutations: bool | None = None,
 ) -> Case:
     """Check one conversion on one backend pair; never raises for a failed check, only for bad arguments.
 
+    ``mutants``: also check that each plausible wrong conversion (:mod:`equivcheck.mutations`)
+    is rejected on the same data (``mutations=`` is its deprecated name).
     ``data`` = ``(kernel, bias, x)`` replaces the drawn data: source weights in ``dtype`` and an
     input batch ``(batch, channels, *spatial)`` (see :func:`equivcheck.data.sample_inputs`).
     """
+    if mutations is not None:
+        mutants = renamed("mutations", "mutants", mutations)
     np_dtype(dtype)  # an unknown dtype is an error, not a skip
     case = Case(source, target, source_backend, target_backend, dtype, "error", seed=seed)
     for role, name, spec in (("source", source_backend, source), ("target", target_backend, target)):
@@ -246,7 +251,7 @@ def verify_pair(
             case.diagnosis = _diagnose(source, target, kernel, bias, new_kernel, new_bias)
     else:
         case.verdict = "pass"
-    if mutations and mapping is not None:
+    if mutants and mapping is not None:
         _check_mutants(case, mapping, kernel, bias, new_bias, x, tgt_adapt, judge)
     return case
 
@@ -327,16 +332,19 @@ def verify(
     converter: Converter | None = None,
     seed: int = 0,
     batch: int | None = None,
-    mutations: bool = True,
+    mutants: bool = True,
+    mutations: bool | None = None,
 ) -> list[Case]:
     """Check a conversion on every ordered pair of ``backends`` (or the given pairs) and dtype."""
+    if mutations is not None:
+        mutants = renamed("mutations", "mutants", mutations)
     pairs = [p if isinstance(p, tuple) else None for p in backends]
     if any(p is None for p in pairs):
         names = list(backends)
         pairs = [(a, b) for a in names for b in names]
     return [
         verify_pair(source, target, source_backend=a, target_backend=b, dtype=dt, converter=converter,
-                    seed=seed, batch=batch, mutations=mutations)
+                    seed=seed, batch=batch, mutants=mutants)
         for dt in dtypes
         for a, b in pairs
     ]

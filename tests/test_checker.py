@@ -242,3 +242,52 @@ def test_a_converter_that_raises_is_a_recorded_error_case():
     assert info.value.case.verdict == "error" and checker.records[-1].case.verdict == "error"
     assert checker.records[-1].summary()["verdict"] == "error"
     assert checker.records[-1].report_record()["reason"].startswith("the converter raised KeyError")
+
+
+@pytest.mark.parametrize(("source", "module", "dtype", "native_dtype"), [
+    ("torch:dense", "torch", "bfloat16", "torch.bfloat16"),
+    ("torch:dense", "torch", "float32", "torch.float32"),
+    ("keras:dense", "tensorflow", "bfloat16", "<dtype: 'bfloat16'>"),
+    ("caffe:dense", None, "float16", "float16"),
+])
+def test_native_converters_receive_the_source_frameworks_own_tensors(source, module, dtype, native_dtype):
+    if module:
+        pytest.importorskip(module, reason=f"{module} is not installed")
+    seen = []
+
+    def convert(kernel, bias):
+        seen.append((type(kernel).__module__.split(".")[0], str(kernel.dtype), type(bias).__module__.split(".")[0]))
+        k = kernel.float().numpy() if hasattr(kernel, "float") else np.asarray(kernel, np.float32)
+        b = bias.float().numpy() if hasattr(bias, "float") else np.asarray(bias, np.float32)
+        return ec.convert(src, dst, k, b)
+
+    shape = dict(channels=3, spatial=(4, 5), units=6)
+    src, dst = ec.spec(source, **shape), ec.spec("torch:conv", **shape)
+    cases = Checker().check_converter(convert, source, "torch:conv", **shape, dtypes=dtype, native=True)
+    assert [c.verdict for c in cases] == ["pass"]
+    expected_module = {"torch": "torch", "tensorflow": "tensorflow", None: "numpy"}[module]
+    assert seen and all(s == (expected_module, native_dtype, expected_module) for s in seen), seen
+    plain = []
+    Checker().check_converter(lambda k, b: (plain.append(type(k)), ec.convert(src, dst, k, b))[1], source, "torch:conv",
+                              **shape, dtypes=dtype)
+    assert plain and all(t is np.ndarray for t in plain)
+
+
+def test_old_spellings_still_work_with_a_deprecation_note():
+    with pytest.warns(DeprecationWarning, match=r"mutations= is deprecated: use mutants="):
+        case = ec.verify_pair(SRC, DST, mutations=False)
+    assert case.verdict == "pass" and case.mutations == []
+    assert ec.verify_pair(SRC, DST).mutations, "mutants=True is the default"
+    with (pytest.warns(DeprecationWarning, match=r"original= is deprecated: use source="),
+          pytest.raises(ec.HeadError, match=r"neither a Keras model nor a torch\.nn\.Module")):
+        ec.verify_model(original=object(), converted=object())
+    with pytest.raises(ec.HeadError, match="converted is missing"):
+        ec.verify_model(object())
+
+
+def test_check_converter_outside_pytest_is_the_fixtures_method():
+    src, dst = ec.spec("keras:dense", **SHAPE), ec.spec("torch:conv", **SHAPE)
+    assert [c.verdict for c in ec.check_converter(lambda k, b: ec.convert(src, dst, k, b), "keras:dense", "torch:conv",
+                                                  **SHAPE)] == ["pass"]
+    with pytest.raises(ConversionCheckFailed, match=r"wrong flatten order"):
+        ec.check_converter(lambda k, b: (k.T.reshape(dst.kernel_shape), b), "keras:dense", "torch:conv", **SHAPE)

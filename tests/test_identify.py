@@ -63,5 +63,5 @@ def test_the_checker_and_verify_use_it():
 
     flip = next(m for m in mutants(SRC, DST) if m.name == "wrong flatten order")
     assert identify_conventions(lambda k, b: (flip.mapping.apply(k), b), SRC, DST).differences == ("wrong flatten order",)
-    case = ec.verify_pair(SRC, DST, converter=lambda k, b: (flip.mapping.apply(k), b), mutations=False)
+    case = ec.verify_pair(SRC, DST, converter=lambda k, b: (flip.mapping.apply(k), b), mutants=False)
     assert case.verdict == "fail" and case.diagnosis["mutant"] == "wrong flatten order"

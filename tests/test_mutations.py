@@ -114,7 +114,7 @@ def test_a_failed_conversion_is_diagnosed_from_its_kernel_on_any_data():
     def no_flip(k, b):
         return k.T.reshape(250, 48, 5, 5), b
 
-    case = verify_pair(src, dst, converter=no_flip, data=(kernel, bias, x), mutations=False)
+    case = verify_pair(src, dst, converter=no_flip, data=(kernel, bias, x), mutants=False)
     assert case.verdict == "fail"
     assert case.diagnosis == {"mutant": "missing flip", "convention": "flip",
                               "description": "kernel flipped 180° in space relative to the right conversion",
@@ -125,7 +125,7 @@ def test_a_failed_conversion_is_diagnosed_from_its_kernel_on_any_data():
     def no_flip_and_bias_lost(k, b):
         return k.T.reshape(250, 48, 5, 5), np.zeros_like(b)
 
-    case = verify_pair(src, dst, converter=no_flip_and_bias_lost, data=(kernel, bias, x), mutations=False)
+    case = verify_pair(src, dst, converter=no_flip_and_bias_lost, data=(kernel, bias, x), mutants=False)
     assert case.verdict == "fail" and case.diagnosis is None  # two mistakes: not exactly the mutant
     assert "diagnosis" not in case.to_dict()
 

@@ -15,6 +15,9 @@ the case, the conventions the converter actually follows and code that reproduce
 Usable without pytest; importing this module imports no deep-learning framework.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 from equivcheck.checker.core import Checker, CheckRecord, check_conversion
 from equivcheck.checker.messages import Conventions, failure_message, identify_conventions, spec_code, summary_table
 from equivcheck.checker.options import (
@@ -26,6 +29,15 @@ from equivcheck.checker.options import (
     resolve_backend,
 )
 from equivcheck.errors import CheckSkipped, ConversionCheckFailed
+from equivcheck.specs import LayerSpec
+from equivcheck.verify import Case
+
+
+def check_converter(convert: Callable, source: str | LayerSpec, target: str | LayerSpec, **options: Any) -> list[Case]:
+    """:meth:`Checker.check_converter` outside pytest (the fixture's method of the same name): the cases,
+    or :class:`ConversionCheckFailed` on a failure."""
+    __tracebackhide__ = True
+    return Checker().check_converter(convert, source, target, **options)
 
 __all__ = [
     "PRESET_BACKENDS",
@@ -36,6 +48,7 @@ __all__ = [
     "ConversionCheckFailed",
     "Options",
     "check_conversion",
+    "check_converter",
     "derive_seed",
     "failure_message",
     "identify_conventions",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,19 @@ class _Guarded:
             return self.convert(*args)
         except Exception as exc:
             raise _Raised(str(exc)) from exc
+
+
+def native_inputs(convert: Callable, backend: str, dtype: str) -> Callable:
+    """``convert`` handed ``backend``'s own tensors in ``dtype`` instead of numpy arrays."""
+    from equivcheck import backends as registry
+
+    framework = registry.get(backend)
+
+    @functools.wraps(convert)
+    def native(kernel: Any, bias: Any) -> Any:
+        return convert(framework.tensor(kernel, dtype), None if bias is None else framework.tensor(bias, dtype))
+
+    return native
 
 
 def check_conversion(
@@ -155,6 +169,7 @@ class Checker:
         dtypes: Sequence[str] | str | None = None,
         max_examples: int | None = None,
         seed: int | None = None,
+        native: bool = False,
     ) -> list[Case]:
         """Check ``convert(kernel, bias) -> (kernel, bias)`` from ``source`` to ``target``.
 
@@ -163,6 +178,11 @@ class Checker:
         tuple argument with a range per axis, or any hypothesis strategy, makes this a search
         over shapes with ``max_examples`` examples. Raises :class:`ConversionCheckFailed` on a
         failure (the shrunk case) and :class:`CheckSkipped` when nothing could run.
+
+        ``convert`` receives numpy arrays in the case's dtype (bfloat16 as ``ml_dtypes.bfloat16``);
+        with ``native=True``, the source framework's own tensors in its own dtype (``torch.Tensor``,
+        ``tf.Tensor``, ``jax.Array``; numpy for the reference, scipy, ONNX Runtime and TFLite). It
+        may return numpy arrays or any framework's tensors.
         """
         __tracebackhide__ = True  # pytest shows the message, not this frame
         if not callable(convert):
@@ -178,7 +198,7 @@ class Checker:
             plan(src, dst)  # a pair that no conversion can make equivalent is an error, not a failure
             cases = []
             for dtype in names:
-                record = self._run(convert, src, dst, dtype, derive_seed(run_seed, dtype))
+                record = self._run(convert, src, dst, dtype, derive_seed(run_seed, dtype), native=native)
                 cases.append(record.case)
                 if record.failed:
                     raise ConversionCheckFailed(failure_message(record, convert), record)
@@ -197,7 +217,7 @@ class Checker:
                 reject()
             return src, dst, draw(st.sampled_from(names)), draw(st.integers(0, 2**32 - 1))
 
-        return self._search(convert, st.composite(example)(), max_examples, run_seed, pairs=False)
+        return self._search(convert, st.composite(example)(), max_examples, run_seed, pairs=False, native=native)
 
     # -- a generic converter over generated pairs -----------------------------------------
     def check_pairs(
@@ -207,6 +227,7 @@ class Checker:
         dtypes: Sequence[str] | str | None = None,
         max_examples: int | None = None,
         seed: int | None = None,
+        native: bool = False,
         **pair_options: Any,
     ) -> list[Case]:
         """Check ``convert(source, target, kernel, bias) -> (kernel, bias)`` on generated spec pairs.
@@ -225,7 +246,7 @@ class Checker:
         names = self._dtypes(dtypes)
         strategy = st.tuples(pairs, st.sampled_from(names), st.integers(0, 2**32 - 1)).map(
             lambda t: (t[0][0], t[0][1], t[1], t[2]))
-        return self._search(convert, strategy, max_examples, self._seed(seed), pairs=True)
+        return self._search(convert, strategy, max_examples, self._seed(seed), pairs=True, native=native)
 
     # -- internals -------------------------------------------------------------------------
     def check_model_converter(self, convert: Callable[[Any], Any], source: Any, **options: Any) -> Any:
@@ -246,9 +267,12 @@ class Checker:
             np_dtype(d)
         return names
 
-    def _run(self, convert: Callable, source: LayerSpec, target: LayerSpec, dtype: str, seed: int) -> CheckRecord:
+    def _run(self, convert: Callable, source: LayerSpec, target: LayerSpec, dtype: str, seed: int, *,
+             native: bool = False) -> CheckRecord:
         allowed = self.options.backends
         (sb, snote), (tb, tnote) = (resolve_backend(s, dtype, allowed) for s in (source, target))
+        if native:
+            convert = native_inputs(convert, sb, dtype)
         try:
             case = check_conversion(_Guarded(convert), source, target, source_backend=sb, target_backend=tb,
                                     dtype=dtype, seed=seed)
@@ -264,7 +288,8 @@ class Checker:
         self.records.append(record)
         return record
 
-    def _search(self, convert: Callable, strategy: Any, max_examples: int | None, seed: int, *, pairs: bool) -> list[Case]:
+    def _search(self, convert: Callable, strategy: Any, max_examples: int | None, seed: int, *, pairs: bool,
+                native: bool = False) -> list[Case]:
         from hypothesis import HealthCheck, Phase, given, settings
         from hypothesis import seed as hypothesis_seed
 
@@ -279,7 +304,7 @@ class Checker:
             def generic(k: Any, b: Any) -> Any:
                 return convert(src, dst, k, b)
 
-            record = self._run(generic if pairs else convert, src, dst, dtype, data_seed)
+            record = self._run(generic if pairs else convert, src, dst, dtype, data_seed, native=native)
             record.converter = name
             if record.failed:
                 call = "lambda k, b: {}(source, target, k, b)" if pairs else None

@@ -54,15 +54,22 @@ def split(model: Any, input_shape: tuple[int, ...] | None = None) -> Any:
     return _framework(model).split(model, input_shape)
 
 
-def verify_model(original: Any, converted: Any, *, input_shape: tuple[int, ...] | None = None,
+def verify_model(source: Any = None, converted: Any = None, *, input_shape: tuple[int, ...] | None = None,
                  larger: tuple[int, ...] | None = None, crops: int | None = 4, seed: int = 0,
-                 batch: int = 1) -> ModelVerification:
-    """Check ``converted`` against ``original``: at the training size, and position by position above it.
+                 batch: int = 1, original: Any = None) -> ModelVerification:
+    """Check ``converted`` against ``source``: at the training size, and position by position above it.
 
     ``larger`` is the spatial size of the larger input (default: training size + the total
     stride, giving a 2×2 output map); ``crops`` caps how many positions are also checked
-    against the original model on the input crop (``None``: all).
+    against the source model on the input crop (``None``: all). ``original=`` is the
+    deprecated name of ``source``.
     """
+    from equivcheck.errors import renamed
     from equivcheck.models.sliding import verify_split
 
-    return verify_split(split(original, input_shape), converted, larger=larger, crops=crops, seed=seed, batch=batch)
+    if original is not None:
+        source = renamed("original", "source", original)
+    for name, model in (("source", source), ("converted", converted)):
+        if model is None:
+            raise HeadError(f"{name} is missing: expected verify_model(source, converted), two models")
+    return verify_split(split(source, input_shape), converted, larger=larger, crops=crops, seed=seed, batch=batch)

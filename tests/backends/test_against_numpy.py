@@ -89,5 +89,5 @@ def test_backend_matches_numpy(backend, kind, data_format, dtype):
     source, (layer, kwargs) = KINDS[kind]
     target = preset_spec(backend, layer, data_format=data_format, **kwargs)
     mutations = dtype in ("float32", "bfloat16")  # bfloat16: the loosest bound must still reject wrong conversions
-    case = verify_pair(source, target, source_backend="numpy", target_backend=backend, dtype=dtype, mutations=mutations)
+    case = verify_pair(source, target, source_backend="numpy", target_backend=backend, dtype=dtype, mutants=mutations)
     assert_verdict(case, ("numpy", backend), mutations=mutations)

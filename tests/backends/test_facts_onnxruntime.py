@@ -214,6 +214,6 @@ def test_verify_onnx_dense_to_torch_conv():
         return kernel.reshape(dst.kernel_shape), bias  # (in, out) read as (out, in)
 
     case = verify_pair(src, dst, source_backend="onnxruntime", target_backend="torch", converter=forgot_transpose,
-                       mutations=False)
+                       mutants=False)
     assert case.verdict == "fail", case.reason
     assert case.diagnosis and case.diagnosis["mutant"] == "dense kernel not transposed", case.diagnosis
