@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,7 +118,7 @@ class ArrayLoader(SafetensorLoader):
 
 
 def ported(layer: keras.layers.Layer, tensors: dict[str, np.ndarray | None],
-           port: types.FunctionType) -> tuple[np.ndarray, np.ndarray | None]:
+           port: Callable[[Any, SafetensorLoader], None]) -> tuple[np.ndarray, np.ndarray | None]:
     """Run one of keras-hub's per-layer ports into ``layer`` (a model with just that layer); its weights after."""
     port(types.SimpleNamespace(get_layer=lambda name: layer), ArrayLoader(tensors))
     return np.asarray(layer.kernel), None if layer.bias is None else np.asarray(layer.bias)
