@@ -1,6 +1,7 @@
 """The command line: plan, convert, presets, backends; one-line errors with exit 2."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -189,3 +190,16 @@ def test_a_negative_seed_is_one_line(capsys, command):
     code, _, err = run(capsys, command, "--from", "keras:dense", "--to", "torch:conv", "--channels", "2", "--spatial", "3,3",
                        "--units", "2", "--seed=-1")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "non-negative integer seed" in err
+
+
+def test_tensorflow_start_up_lines_are_not_printed_and_the_users_setting_is_kept():
+    pytest.importorskip("tensorflow", reason="TensorFlow's start-up log is what is checked")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    run = subprocess.run([sys.executable, "-m", "equivcheck", "verify", "--from", "keras:dense", "--to", "tf:dense",
+                          *SMALL], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "", f"equivcheck printed to stderr: {run.stderr[:500]}"
+    code = ("import os; from equivcheck.backends._tensorflow import import_tensorflow; import_tensorflow(); "
+            "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.strip() == "None", "the user's environment is left as it was"

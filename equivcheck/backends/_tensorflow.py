@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import re
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from equivcheck.errors import BackendUnavailable
@@ -15,15 +19,55 @@ def installed(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-def import_tensorflow() -> Any:
-    """``tensorflow``, imported on first use with its C++ start-up log quietened."""
-    first = "tensorflow" not in sys.modules
-    if first:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow
+# What TensorFlow's C++ side prints while it loads, whatever TF_CPP_MIN_LOG_LEVEL says (TF 2.21 logs
+# the oneDNN note through absl before absl is initialised, once per shared library).
+_STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|This TensorFlow binary is "
+    r"optimized|rebuild TensorFlow with the appropriate compiler flags|Unable to register cu(DNN|FFT|BLAS) factory|"
+    r"TF-TRT Warning|computation placer already registered|Could not find cuda drivers|cuda_dnn|cuda_fft|cuda_blas")
 
-    if first:  # ours to quieten: retracing warnings from the probes' many small layers are noise
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Hold back what C code writes to stderr; afterwards replay every line that is not start-up noise."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (an embedded interpreter): nothing to hold back
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if line.strip() and not _STARTUP_NOISE.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+
+
+def import_tensorflow() -> Any:
+    """``tensorflow``, imported on first use with its start-up log quietened.
+
+    Only equivcheck's own first import is quietened: a user who imported TensorFlow already keeps
+    their settings, and ``TF_CPP_MIN_LOG_LEVEL`` is restored afterwards.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    before = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        with _quiet_stderr():
+            import tensorflow
+    finally:
+        if before is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    # Ours to quieten: retracing warnings from the probes' many small layers are noise.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     return tensorflow
 
 
