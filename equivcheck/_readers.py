@@ -18,6 +18,7 @@ import math
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,7 @@ def open_index(p: Path) -> Iterator[Index]:
     except EquivcheckError:
         raise
     except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, RecursionError,
-            zipfile.BadZipFile, NotImplementedError, RuntimeError, SystemError, struct.error) as exc:
+            zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, SystemError, struct.error) as exc:
         raise corrupt(where, exc) from None
 
 

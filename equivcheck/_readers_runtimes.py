@@ -80,7 +80,7 @@ def onnx_index(p: Path, where: str) -> Iterator[Index]:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except DecodeError as exc:
-        raise FileFormatError(f"input={where} is not a readable ONNX model ({type(exc).__name__})") from None
+        raise FileFormatError(f"input={where} is not a readable ONNX model: truncated or corrupt (protobuf {type(exc).__name__})") from None
     graph = model.graph
     _check_onnx_ops(model, where)
     _check_dag([(n.name or n.op_type, list(n.input), list(n.output)) for n in graph.node], where)

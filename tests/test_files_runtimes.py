@@ -45,10 +45,9 @@ def onnx_file(path: Path, nodes=None, initializers=None, opsets=None, functions=
 
 def external(name: str, array: np.ndarray, location: str, offset: int = 0, length: int | None = None):
     """An initializer whose data the model says lives in ``location``."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
-    t = helper.make_tensor(name, TensorProto.FLOAT, array.shape, vals=[])
-    t.data_location = TensorProto.EXTERNAL
+    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape, data_location=TensorProto.EXTERNAL)
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes if length is None else length))):
         entry = t.external_data.add()
         entry.key, entry.value = key, value

@@ -7,6 +7,7 @@ of valid files to the loaders.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -151,6 +152,15 @@ def test_forged_npz_members_are_refused(tmp_path, capsys, name, payload, match):
     refused(capsys, tmp_path, forged_npz(tmp_path, name, payload), match)
 
 
+def test_corrupt_deflate_stream_in_npz_is_one_line(tmp_path, capsys):
+    src = tmp_path / "w.npz"
+    np.savez_compressed(src, kernel=KERNEL, bias=BIAS)
+    data = bytearray(src.read_bytes())
+    data[80] ^= 0x20  # inside kernel.npy's deflate stream: zlib fails while inflating (was a zlib.error traceback)
+    src.write_bytes(bytes(data))
+    refused(capsys, tmp_path, src, r"is not a readable weight file: truncated or corrupt \(error: Error -3 while decompressing")
+
+
 def test_raw_pickle_says_pickled_code_refused(tmp_path, capsys):
     src = tmp_path / "w.npz"
     src.write_bytes(pickle.dumps({"kernel": KERNEL}))
@@ -224,6 +234,220 @@ def test_bfloat16_pt_converts_to_pt_and_safetensors_but_not_npz(tmp_path, capsys
         assert np.array_equal(back["bias"].astype(np.float32), torch.from_numpy(BIAS).bfloat16().float().numpy())
 
 
+def test_bfloat16_safetensors_converts_to_safetensors_and_pt(tmp_path, capsys, torch):
+    safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors writes the source")
+    src = tmp_path / "bf16.safetensors"
+    safetensors_torch.save_file({"kernel": torch.from_numpy(KERNEL).bfloat16(), "bias": torch.from_numpy(BIAS).bfloat16()}, src)
+    assert files.load_arrays(src)["kernel"].dtype.name == "bfloat16"
+    for out in ("out.safetensors", "out.pt"):
+        code, err = convert(capsys, src, tmp_path / out)
+        back = files.load_arrays(tmp_path / out)
+        assert code == 0 and back["kernel"].dtype.name == "bfloat16", err
+        want = torch.from_numpy(KERNEL).bfloat16().float().numpy().reshape(4, 5, 3, 6).transpose(3, 2, 0, 1)
+        assert np.array_equal(back["kernel"].astype(np.float32), want)
+
+
+def test_npz_of_4_mb_inflating_to_4_gib_is_stopped_before_inflating(tmp_path, small_budget):
+    """A hand-made deflate stream: 4096 copies of one flushed block of 1 MiB of zeros after the .npy header."""
+    import time
+    import zlib
+
+    header = npy_header((1 << 15, 1 << 15))  # float32: 4 GiB
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = packer.compress(header) + packer.flush(zlib.Z_FULL_FLUSH)
+    block = packer.compress(bytes(1 << 20)) + packer.flush(zlib.Z_FULL_FLUSH)  # self-contained after a full flush
+    stream = head + block * 4096 + packer.flush()
+    info = zipfile.ZipInfo("kernel.npy")
+    info.compress_type = zipfile.ZIP_DEFLATED
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w") as z, z.open(info, "w", force_zip64=True) as fh:
+        fh._compressor = type("Raw", (), {"compress": lambda self, data: b"", "flush": lambda self: stream})()
+        fh.write(header)
+        fh._file_size = len(header) + (1 << 32)  # what the zip declares: the header and 4 GiB of data
+    assert path.stat().st_size < 5 << 20
+    with zipfile.ZipFile(path) as z, z.open("kernel.npy") as member:
+        assert z.getinfo("kernel.npy").file_size == len(header) + (1 << 32)
+        assert member.read(len(header)) == header and member.read(3 << 20) == bytes(3 << 20)  # a real bomb: it inflates
+    start = time.perf_counter()
+    with pytest.raises(EquivcheckError, match=r"reading .* needs about 4\.0 GiB") as info_:
+        files.load_arrays(path)
+    assert "\n" not in str(info_.value) and time.perf_counter() - start < 2  # not inflated: 4 GiB takes far longer
+
+
+# -- ONNX --------------------------------------------------------------------------------------------
+def onnx_hostile(tmp_path, kind: str) -> Path:
+    pytest.importorskip("onnx", reason="onnx writes .onnx files")
+    from onnx import helper, numpy_helper
+
+    from tests.test_files_runtimes import onnx_file
+
+    path = tmp_path / "m.onnx"
+    flat, gemm = helper.make_node("Flatten", ["x"], ["f"], name="flat"), helper.make_node("Gemm", ["f", "W", "b"], ["y"], name="fc")
+    if kind in ("random bytes", "truncated"):
+        data = np.random.default_rng(3).bytes(300) if kind == "random bytes" else onnx_file(path).read_bytes()[:-700]
+        path.write_bytes(data)
+        return path
+    if kind == "cycle":
+        return onnx_file(path, [helper.make_node("Relu", ["y"], ["r"], name="loop"), helper.make_node("Add", ["x", "r"], ["f"], name="add"),
+                                helper.make_node("Gemm", ["f", "W", "b"], ["y"], name="fc")])
+    if kind == "unknown op":
+        return onnx_file(path, [flat, helper.make_node("RunShell", ["f"], ["g"], name="evil"), gemm])
+    if kind == "undeclared domain":
+        return onnx_file(path, [flat, helper.make_node("Gemm", ["f", "W", "b"], ["y"], name="fc", domain="com.evil")])
+    if kind == "huge dims":
+        t = numpy_helper.from_array(KERNEL, "W")
+        t.dims[:] = [1 << 20, 1 << 20]
+        return onnx_file(path, initializers=[t, numpy_helper.from_array(BIAS, "b")])
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("random bytes", r"is not a readable ONNX model: truncated or corrupt \(protobuf DecodeError\)"),
+    ("truncated", r"is not a readable ONNX model: truncated or corrupt"),
+    ("cycle", r"has a cycle in its graph \(node '.*' depends on its own output\)"),
+    ("unknown op", r"node 'evil' has op_type='RunShell', which is not an ONNX operator: refused"),
+    ("undeclared domain", r"node 'fc' uses domain='com.evil', which the model does not import"),
+    ("huge dims", r"initializer 'W' .* declares shape=\(1048576, 1048576\) .* \(4398046511104 bytes\) but holds 1440"),
+])
+def test_hostile_onnx_is_refused(tmp_path, capsys, kind, match):
+    refused(capsys, tmp_path, onnx_hostile(tmp_path, kind), match, "--from", "onnx:dense")
+
+
+@pytest.fixture()
+def opened(monkeypatch) -> list[str]:
+    """Every path opened with open() while the test runs."""
+    import builtins
+
+    seen: list[str] = []
+    real = builtins.open
+
+    def spy(file, *args, **kwargs):
+        seen.append(os.path.realpath(file) if isinstance(file, (str, os.PathLike)) else repr(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    return seen
+
+
+@pytest.mark.parametrize("location, match", [
+    ("/etc/passwd", "expected a relative file name inside the model's folder"),
+    ("../secret.bin", "expected a relative file name inside the model's folder"),
+    ("link.bin", "which resolves outside the model's folder: refused"),
+    ("missing.bin", "which does not exist or is not a file"),
+    ("sub", "which does not exist or is not a file"),
+    ("inside.bin?len", r"declared shape=\(60, 6\) dtype=float32 needs 1440 bytes, the entry says 4398046511104"),
+])
+def test_onnx_external_data_outside_the_folder_is_never_opened(tmp_path, capsys, opened, location, match):
+    from tests.test_files_runtimes import external, onnx_file
+
+    pytest.importorskip("onnx", reason="onnx")
+    from onnx import numpy_helper
+
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (tmp_path / "secret.bin").write_bytes(KERNEL.tobytes())
+    (folder / "link.bin").symlink_to(tmp_path / "secret.bin")
+    (folder / "inside.bin").write_bytes(KERNEL.tobytes())
+    weight = external("W", KERNEL, location.removesuffix("?len"), length=(1 << 42) if location.endswith("?len") else None)
+    src = onnx_file(folder / "m.onnx", initializers=[weight, numpy_helper.from_array(BIAS, "b")])
+    before = snapshot(folder)
+    opened.clear()
+    code, err = convert(capsys, src, folder / "out.npz", "--from", "onnx:dense")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and re.search(match, err), err
+    assert snapshot(folder) == before
+    assert not [p for p in opened if not p.startswith(str(folder.resolve()))], opened  # neither secret.bin nor /etc/passwd
+
+
+def test_onnx_external_data_is_checked_against_the_guard_before_reading(tmp_path, capsys, small_budget):
+    from tests.test_files_runtimes import external, onnx_file
+
+    pytest.importorskip("onnx", reason="onnx")
+    big = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (4096, 4096), (0, 0))  # 64 MiB declared
+    with open(tmp_path / "big.bin", "wb") as fh:
+        fh.truncate(big.nbytes)  # a sparse file: nothing on disk
+    src = onnx_file(tmp_path / "m.onnx", initializers=[external("W", big, "big.bin")])
+    with pytest.raises(EquivcheckError, match=r"needs about 0\.1 GiB, more than half") as info:
+        files.load_arrays(src)
+    assert "\n" not in str(info.value)
+
+
+# -- TFLite ------------------------------------------------------------------------------------------
+def tflite_hostile(tmp_path, kind: str) -> Path:
+    from tests.test_files_runtimes import tflite_bytes
+
+    fc = [("x", [1, 60], 0, 0), ("W", [6, 60], 0, 1), ("b", [6], 0, 2), ("y", [1, 6], 0, 0)]
+    buffers = [b"", KERNEL.tobytes(), BIAS.tobytes()]
+    data = {
+        "random bytes": lambda: np.random.default_rng(4).bytes(400),
+        "truncated": lambda: tflite_bytes()[:300],
+        "cycle": lambda: tflite_bytes([*fc, ("r", [1, 6], 0, 0)], [(0, [0, 1, 2], [3]), (1, [3], [0])], (9, 19), buffers),
+        "unknown op": lambda: tflite_bytes(fc, [(0, [0, 1, 2], [3])], (999,), buffers),
+        "opcode index": lambda: tflite_bytes(fc, [(5, [0, 1, 2], [3])], (9,), buffers),
+        "huge dims": lambda: tflite_bytes([fc[0], ("W", [60000, 60000], 0, 1), *fc[2:]], [(0, [0, 1, 2], [3])], (9,), buffers),
+        "buffer past the end": lambda: tflite_bytes(fc, [(0, [0, 1, 2], [3])], (9,), [b"", b"", BIAS.tobytes()],
+                                                    buffer_at=(1, 1 << 40, 1440)),
+        "external buffer": lambda: tflite_bytes(fc, [(0, [0, 1, 2], [3])], (9,), buffers, external_buffer=1),
+    }[kind]()
+    path = tmp_path / "m.tflite"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("random bytes", r"is not a TFLite model \(no TFL3 identifier at byte 4\)"),
+    ("truncated", r"is not a readable weight file: truncated or corrupt \(IndexError: flatbuffer"),
+    ("cycle", r"has a cycle in its graph"),
+    ("unknown op", r"uses builtin operator code=999, which is not a TFLite operator: refused"),
+    ("opcode index", r"has an operator with opcode_index=5: the model lists 1"),
+    ("huge dims", r"tensor 'W' .* declares shape=\(60000, 60000\) .* \(14400000000 bytes\) but its buffer holds 1440"),
+    ("buffer past the end", r"buffer 1 of tensor 'W' .* lies at bytes 1099511627776\.\.1099511629216: past the file's"),
+    ("external buffer", r"tensor 'W' .* keeps its data in an external buffer: refused"),
+])
+def test_hostile_tflite_is_refused(tmp_path, capsys, kind, match):
+    refused(capsys, tmp_path, tflite_hostile(tmp_path, kind), match, "--from", "tflite:dense")
+
+
+# -- .keras --------------------------------------------------------------------------------------------
+def keras_archive(tmp_path, build, name="model.weights.h5", declared: int | None = None) -> Path:
+    """A .keras zip whose weights file ``build`` fills (h5py); ``declared`` forges the member's inflated size."""
+    h5 = h5_file(tmp_path, build)
+    path = tmp_path / "m.keras"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("config.json", '{"class_name": "Sequential"}')
+        z.write(h5, name)
+        size = struct.pack("<I", z.getinfo(name).file_size)
+    h5.unlink()
+    if declared is not None:  # the local header and the central directory both carry the inflated size
+        data = path.read_bytes()
+        assert data.count(size) == 2
+        path.write_bytes(data.replace(size, struct.pack("<I", declared)))
+    return path
+
+
+def keras_dense(f, h5py):
+    f["layers/dense/vars/0"], f["layers/dense/vars/1"] = KERNEL, BIAS
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("external link", r"links 'layers/dense/vars/0' to another file \('/etc/passwd'\): external links refused"),
+    ("external storage", "keeps its data in an external file: refused"),
+    ("no weights", r"holds no model\.weights\.h5: expected a \.keras file saved by Keras 3"),
+    ("inflates past the guard", r"reading .*m\.keras' needs about 3\.9 GiB"),
+])
+def test_hostile_keras_archive_is_refused(tmp_path, capsys, small_budget, kind, match):
+    def link(f, h5py):
+        f["layers/dense/vars/0"] = h5py.ExternalLink("/etc/passwd", "/kernel")
+
+    def storage(f, h5py):
+        external_storage(f, h5py)
+        f["layers/dense/vars/0"] = f["kernel"]
+
+    build = {"external link": link, "external storage": storage}.get(kind, keras_dense)
+    src = keras_archive(tmp_path, build, name="weights.bin" if kind == "no weights" else "model.weights.h5",
+                        declared=0xFA000000 if kind == "inflates past the guard" else None)
+    refused(capsys, tmp_path, src, match, "--from", "keras:dense")
+
+
 # -- outputs ------------------------------------------------------------------------------------------
 @pytest.fixture()
 def weights(tmp_path) -> Path:
@@ -294,9 +518,27 @@ def valid_file(kind: str, folder: Path) -> Path:
     elif kind == "pt":
         torch = pytest.importorskip("torch", reason="torch")
         torch.save({"weight": torch.from_numpy(KERNEL), "bias": torch.from_numpy(BIAS)}, path)
+    elif kind == "keras":
+        keras_archive(folder, keras_dense).rename(path)
+    elif kind == "onnx":
+        from onnx import numpy_helper
+
+        from tests.test_files_runtimes import onnx_file
+
+        onnx_file(path, initializers=[numpy_helper.from_array(KERNEL, "W"), numpy_helper.from_array(BIAS, "b")])
+    elif kind == "tflite":
+        from tests.test_files_runtimes import tflite_bytes
+
+        path.write_bytes(tflite_bytes(*tflite_parts(60)))
     else:
         files.save_arrays(path, {"kernel": KERNEL, "bias": BIAS})
     return path
+
+
+def tflite_parts(rows: int) -> tuple:
+    """A FULLY_CONNECTED model's tensors, ops, codes and buffers, its weight declared with ``rows`` rows."""
+    tensors = [("x", [1, 6], 0, 0), ("W", [rows, 6], 0, 1), ("b", [6], 0, 2), ("y", [1, 6], 0, 0)]
+    return tensors, [(0, [0, 1, 2], [3])], (9,), [b"", KERNEL.tobytes(), BIAS.tobytes()]
 
 
 def redeclared(path: Path, kind: str) -> bytes:
@@ -304,6 +546,24 @@ def redeclared(path: Path, kind: str) -> bytes:
     data = path.read_bytes()
     if kind == "h5":  # the dataspace's dims, same length in place
         return data.replace(struct.pack("<QQ", 60, 6), struct.pack("<QQ", 1 << 40, 6))
+    if kind == "onnx":
+        import onnx
+
+        model = onnx.load_from_string(data)
+        model.graph.initializer[0].dims[:] = [60000, 60000]
+        return model.SerializeToString()
+    if kind == "tflite":
+        from tests.test_files_runtimes import tflite_bytes
+
+        return tflite_bytes(*tflite_parts(1 << 28))
+    if kind == "keras":  # its weights file re-declared as above, zipped again
+        with tempfile.TemporaryDirectory() as folder:
+            weights = redeclared(h5_file(Path(folder), keras_dense), "h5")
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as z:
+            z.writestr("config.json", "{}")
+            z.writestr("model.weights.h5", weights)
+        return out.getvalue()
     if kind == "safetensors":
         n = struct.unpack("<Q", data[:8])[0]
         header = data[8 : 8 + n].replace(b"[60,6]", b"[60000000,60000000]")
@@ -330,20 +590,28 @@ def damage(path: Path, kind: str, how: str, where: float, bit: int) -> bytes:
     return data[:i] + bytes([data[i] ^ (1 << bit)]) + data[i + 1 :]
 
 
-@settings(max_examples=24, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(["npz", "safetensors", "h5", "pt"]), st.sampled_from(["truncate", "flip", "flip", "redeclare"]),
+@settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])  # examples: the profile's
+@given(st.sampled_from(["npz", "safetensors", "h5", "pt", "keras", "onnx", "tflite"]),
+       st.sampled_from(["truncate", "flip", "flip", "redeclare"]),
        st.floats(0, 1), st.integers(0, 7))
 def test_damaged_files_give_an_equivcheck_error_or_arrays(kind, how, where, bit):
+    """load_arrays gives arrays within the guard or one line; convert exits 0 or 2 with one line and no stray file."""
     with tempfile.TemporaryDirectory() as folder:
         path = valid_file(kind, Path(folder))
         path.write_bytes(damage(path, kind, how, where, bit))
         saved = memory.physical_memory
         memory.physical_memory = lambda: 64 << 20  # a 32 MiB guard: a huge re-declared array must not get through
         try:
-            arrays = files.load_arrays(path)
-        except EquivcheckError as exc:
-            assert "\n" not in str(exc)
-        else:
-            assert all(isinstance(a, np.ndarray) and a.nbytes <= 32 << 20 for a in arrays.values())
+            try:
+                arrays = files.load_arrays(path)
+            except EquivcheckError as exc:
+                assert "\n" not in str(exc)
+            else:
+                assert all(isinstance(a, np.ndarray) and a.nbytes <= 32 << 20 for a in arrays.values())
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = main(["convert", *FLAGS, str(path), str(Path(folder) / "out.npz")])
         finally:
             memory.physical_memory = saved
+        assert (code, err.getvalue().count("\n")) in ((0, 0), (2, 1)) and "Traceback" not in err.getvalue(), err.getvalue()
+        assert sorted(p.name for p in Path(folder).iterdir()) == sorted([path.name, *(["out.npz"] if code == 0 else [])])
