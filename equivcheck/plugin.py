@@ -77,6 +77,8 @@ def _check_report_folder(folder: str, args: tuple[str, ...]) -> None:
     if path.exists() and not path.is_dir():
         raise pytest.UsageError(f"--equivcheck-report={folder}: is a file, expected a folder to write the report into")
     parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise pytest.UsageError(f"--equivcheck-report={folder}: {parent} is a file, so no folder can be made under it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise pytest.UsageError(f"--equivcheck-report={folder}: {parent} is not writable")
 
@@ -114,6 +116,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--equivcheck-max-examples={values['max_examples']}: expected a positive integer")
     if values["seed"] < 0:
         raise pytest.UsageError(f"--equivcheck-seed={values['seed']}: expected a non-negative integer")
+    if values["report"] is not None and not values["report"].strip():
+        raise pytest.UsageError(f"--equivcheck-report={values['report']}: expected a folder, e.g. --equivcheck-report=reports")
     if values["report"] and workerinput is None:
         _check_report_folder(values["report"], tuple(map(str, config.invocation_params.args)))
     config.stash[_STATE] = state = _State(values)
@@ -223,14 +227,15 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if hasattr(config, "workeroutput"):
         return
     state = config.stash[_STATE]
-    if not state.rows and not state.report_problem:
+    if not state.rows and not state.report_problem and not state.report_paths:
         return
-    from equivcheck.checker import summary_table
-
     terminalreporter.section("equivcheck")
-    for line in summary_table(sorted(state.rows, key=lambda r: (r["test"], r["index"]))):
-        terminalreporter.write_line(line)
-    terminalreporter.write_line(f"seed {state.values['seed']} (rerun with --equivcheck-seed {state.values['seed']})")
+    if state.rows:
+        from equivcheck.checker import summary_table
+
+        for line in summary_table(sorted(state.rows, key=lambda r: (r["test"], r["index"]))):
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(f"seed {state.values['seed']} (rerun with --equivcheck-seed {state.values['seed']})")
     if state.report_paths:
         terminalreporter.write_line(f"report: {', '.join(state.report_paths)}")
     if state.report_problem:

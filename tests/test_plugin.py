@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -202,3 +203,125 @@ def test_a_crashed_xdist_worker_loses_no_finished_check(pytester: pytest.Pyteste
     doc = json.loads((pytester.path / "out" / "equivcheck.json").read_text())
     assert [c["verdict"] for c in doc["cases"]] == ["fail"], "the finished check's record reached the controller"
     assert doc["summary"]["ok"] is False
+
+
+LOST_CASES = '''
+import functools
+import numpy as np
+
+SHAPE = dict(source="onnx:dense", target="caffe:conv", channels=8, spatial=(5, 6), units=3)
+
+class Conv:
+    @staticmethod
+    def broken(k, b):
+        raise KeyError("fc1.weight")
+
+def scaled(k, b, *, factor, flip=False):
+    k = k.reshape(3, 8, 5, 6) * factor
+    return (k[:, :, ::-1, ::-1].copy() if flip else k), b
+
+def test_raises(equivcheck):
+    equivcheck.check_converter(Conv.broken, **SHAPE)
+
+def test_one_array(equivcheck):
+    equivcheck.check_converter(lambda k, b: k, **SHAPE)
+
+def test_partial_good(equivcheck):
+    equivcheck.check_converter(functools.partial(scaled, factor=1), **SHAPE)
+
+def test_partial_bad(equivcheck):
+    equivcheck.check_converter(functools.partial(scaled, factor=1, flip=True), **SHAPE)
+
+def test_search(equivcheck):
+    equivcheck.check_converter(lambda k, b: (k[::-1].copy(), b), source="onnx:dense", target="tflite:dense",
+                               channels=(1, 6), spatial=((1, 4), (1, 4)), units=(1, 3))
+
+def test_fails_after_its_check(equivcheck):
+    equivcheck.check_converter(functools.partial(scaled, factor=1), **SHAPE)
+    raise RuntimeError("something else went wrong")
+'''
+
+
+def _reproducers(out: str) -> dict[str, str]:
+    """Each failing test's reproducer, dedented, by test name."""
+    found = {}
+    for block in out.split("\n____")[1:]:
+        test = block.split(" ", 2)[1]
+        if "reproduce:" in block:
+            lines = block.split("reproduce:\n")[1].splitlines()
+            code = [line[1:] for line in lines if line.startswith("E           ")]
+            found[test] = textwrap.dedent("\n".join(code))
+    return found
+
+
+def test_the_plugin_loses_no_case_and_shows_no_machinery(pytester: pytest.Pytester):
+    import ast
+    import re
+
+    pytester.makepyfile(test_lost=LOST_CASES)
+    result = _subprocess(pytester, "--equivcheck-report=out", "--equivcheck-backends=numpy", "--equivcheck-seed=5")
+    result.assert_outcomes(passed=1, failed=5)
+    out = result.stdout.str()
+    doc = json.loads((pytester.path / "out" / "equivcheck.json").read_text())
+    cases = {c["test"].split("::")[1]: c for c in doc["cases"]}
+    assert sorted(cases) == ["test_fails_after_its_check", "test_one_array", "test_partial_bad", "test_partial_good",
+                             "test_raises", "test_search"]
+    assert cases["test_raises"]["verdict"] == "error"
+    assert cases["test_raises"]["reason"] == "the converter raised KeyError: 'fc1.weight'"
+    assert cases["test_one_array"]["verdict"] == "error" and "expected a (kernel, bias) tuple" in cases["test_one_array"]["reason"]
+    assert cases["test_search"]["verdict"] == "fail" and cases["test_fails_after_its_check"]["verdict"] == "pass"
+    assert cases["test_partial_bad"]["converter"] == "scaled(factor=1, flip=True)"
+    assert doc["summary"]["ok"] is False
+
+    summary = _section(out)
+    row = {re.split(r"\s{2,}", r)[1]: r for r in summary[1:] if "→" in r}
+    assert "1 error" in row["Conv.broken"] and "1 fail" in row["scaled(factor=1, flip=True)"]
+    assert "2 pass" in row["scaled(factor=1)"]  # grouped by the partial's function and arguments, not "partial"
+    assert any("onnx:dense → tflite:dense" in r and "1 fail" in r and "<lambda> (test_lost.py:" in r for r in summary)
+    assert summary[-1] == "report: out/equivcheck.json, out/equivcheck.md, out/equivcheck.html"
+
+    assert "equivcheck/checker" not in out and "equivcheck/plugin" not in out  # no frame of equivcheck's own
+    assert "Failing test case" not in out and "run(example=" not in out and "DenseSpec(" not in out
+    reproducers = _reproducers(out)
+    assert set(reproducers) == {"test_raises", "test_one_array", "test_partial_bad", "test_search"}
+    for code in reproducers.values():
+        ast.parse(code)  # valid Python, every one
+    assert "functools.partial(scaled, factor=1, flip=True)" in reproducers["test_partial_bad"]
+    assert "check_conversion(Conv.broken," in reproducers["test_raises"]
+    rerun = subprocess.run([sys.executable, "-c", reproducers["test_partial_bad"]], cwd=pytester.path,
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0 and rerun.stdout.startswith("fail "), rerun.stderr[-500:]
+
+
+def test_the_report_is_written_whatever_happened(pytester: pytest.Pytester):
+    pytester.makepyfile(test_fine="def test_fine():\n    pass\n", test_broken="import not_a_module_anywhere\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--equivcheck-report=out")
+    assert result.ret == pytest.ExitCode.INTERRUPTED  # the collection error stops the session
+    doc = json.loads((pytester.path / "out" / "equivcheck.json").read_text())
+    assert doc["cases"] == [] and doc["summary"]["ok"] is False
+    assert "report: out/equivcheck.json" in result.stdout.str()
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ("", "--equivcheck-report=: expected a folder"),
+    ("afile/sub", "afile is a file, so no folder can be made under it"),
+    ("afile", "is a file, expected a folder"),
+])
+def test_a_report_destination_that_cannot_be_written_is_refused_before_tests_run(pytester: pytest.Pytester, value, words):
+    pytester.makepyfile("def test_it():\n    open('ran', 'w').close()\n")
+    (pytester.path / "afile").write_text("x")
+    result = pytester.runpytest("-p", "no:cacheprovider", f"--equivcheck-report={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and words in result.stderr.str()
+    assert not (pytester.path / "ran").exists() and (pytester.path / "afile").read_text() == "x"
+
+
+def test_an_unwritable_report_folder_is_refused(pytester: pytest.Pytester, monkeypatch):
+    import os
+
+    pytester.makepyfile("def test_it():\n    open('ran', 'w').close()\n")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if "locked" in str(p) else real(p, mode, **kw))
+    (pytester.path / "locked").mkdir()  # as root every folder is writable, so the refusal is simulated
+    result = pytester.runpytest("-p", "no:cacheprovider", "--equivcheck-report=locked/reports")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "locked is not writable" in result.stderr.str()
+    assert not (pytester.path / "ran").exists() and not (pytester.path / "locked" / "reports").exists()
