@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test examples bench lint clean
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2
 
+# Real third-party converters checked with equivcheck (examples/README.md); --no-deps keeps the pinned frameworks.
+EXAMPLES_STAMP := $(VENV)/.examples-installed
+$(EXAMPLES_STAMP): $(STAMP) .ci/examples-requirements.txt
+	$(PY) -m pip install -q --no-deps -c .ci/constraints.txt -r .ci/examples-requirements.txt
+	touch $(EXAMPLES_STAMP)
+
+examples: $(EXAMPLES_STAMP)
+	$(PY) -m pytest examples
+
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check equivcheck tests benchmarks
+	$(VENV)/bin/ruff check equivcheck tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
