@@ -7,6 +7,7 @@ against the same facts, and the onnx preset against the ONNX operator shapes.
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -217,3 +218,28 @@ def test_verify_onnx_dense_to_torch_conv():
                        mutants=False)
     assert case.verdict == "fail", case.reason
     assert case.diagnosis and case.diagnosis["mutant"] == "dense kernel not transposed", case.diagnosis
+
+
+@pytest.mark.parametrize(("source", "target", "framework"), [
+    ("onnx:dense", "keras:dense", "keras"),
+    ("onnx:dense", "torch:conv", "torch"),
+    ("onnx:conv", "keras:conv", "keras"),
+    ("onnx:conv_transpose", "torch:conv_transpose", "torch"),
+])
+def test_an_onnx_layer_is_the_real_source_of_an_onnx2torch_style_check(source, target, framework):
+    """The onnx2torch case end to end: ONNX Runtime runs the source, the target framework its layer."""
+    pytest.importorskip(framework, reason=f"{framework} is not installed")
+    from equivcheck.checker import Checker
+
+    shape = dict(channels=3, spatial=(5, 6), units=4, **({} if source.endswith("dense") else dict(kernel_size=(3, 3))))
+    src, dst = ec.spec(source, **shape), ec.spec(target, **shape)
+    checker = Checker()
+    cases = checker.check_converter(lambda k, b: ec.convert(src, dst, k, b), source, target, **shape)
+    backend = {"keras": "keras", "torch": "torch"}[framework]
+    assert [(c.source_backend, c.target_backend, c.verdict) for c in cases] == [("onnxruntime", backend, "pass")]
+    if source == "onnx:dense":  # Gemm transB=1 read as if transB=0: the classic wrong transpose
+        as_io = src.replace(kernel_layout="IO")
+        wrong = ec.plan(as_io, dst)
+        side = " (source)" if target.endswith("dense") else ""
+        with pytest.raises(ec.ConversionCheckFailed, match=rf"except: dense kernel not transposed{re.escape(side)}"):
+            checker.check_converter(lambda k, b: (wrong.apply(k.reshape(as_io.kernel_shape)), b), source, target, **shape)
