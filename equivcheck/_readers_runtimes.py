@@ -93,23 +93,29 @@ def onnx_index(p: Path, where: str) -> Iterator[Index]:
         name = s.values.name
         index[name] = Entry(name, tuple(int(d) for d in s.dims), "sparse", lambda: np.empty(0),
                             "a sparse initializer is not a plain array: store it dense")
+    adds: dict[str, list[Any]] = {}  # value name -> the Add nodes reading it
+    for n in graph.node:
+        if n.op_type == "Add" and len(n.input) == 2:
+            for x in set(n.input):
+                adds.setdefault(x, []).append(n)
     found = []
     for n in graph.node:
-        bias_at = _ONNX_LINEAR.get(n.op_type) if n.domain in ("", "ai.onnx") else None
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        bias_at = _ONNX_LINEAR.get(n.op_type)
         if n.op_type in _ONNX_LINEAR and len(n.input) > 1 and n.input[1] in index:
             bias = n.input[bias_at] if bias_at is not None and len(n.input) > bias_at and n.input[bias_at] else None
-            if n.op_type == "MatMul":
-                bias = _matmul_bias(graph, n.output[0], index)
+            if n.op_type == "MatMul" and n.output:
+                bias = _matmul_bias(adds.get(n.output[0], []), n.output[0], index)
             index.linear[n.input[1]] = bias if bias in index else None
             found.append((n.op_type, n.name, n.input[1]))
     index.why = _linear_summary(found, index)
     yield index
 
 
-def _matmul_bias(graph: Any, output: str, index: Index) -> str | None:
+def _matmul_bias(adds: list[Any], output: str, index: Index) -> str | None:
     """A MatMul's bias: the stored operand of the one Add that reads its output."""
-    adds = [n for n in graph.node if n.op_type == "Add" and output in n.input]
-    if len(adds) == 1 and len(adds[0].input) == 2:
+    if len(adds) == 1:
         other = [x for x in adds[0].input if x != output]
         return other[0] if other and other[0] in index else None
     return None
@@ -312,26 +318,20 @@ def _tflite(fb: _Flat, where: str) -> Index:
         entry = _tflite_entry(fb, t, names[i], buffers, where)
         if entry is not None:
             index[names[i]] = entry
+    # a float16 model's weights: a DEQUANTIZE op makes the float32 tensor from the stored one
+    stored = {outs[0]: ins[0] for code, ins, outs in ops if code == _TFLITE_DEQUANTIZE and len(outs) == 1 and ins and ins[0] >= 0}
     found = []
     for code, ins, outs in ops:
         if code not in _TFLITE_LINEAR:
             continue
         w_at, b_at = _TFLITE_WEIGHT_BIAS.get(code, (1, 2))
-        w = _dequantized(ins[w_at], ops) if len(ins) > w_at and ins[w_at] >= 0 else -1
+        w = stored.get(ins[w_at], ins[w_at]) if len(ins) > w_at and ins[w_at] >= 0 else -1
         if w >= 0 and names[w] in index:
-            b = _dequantized(ins[b_at], ops) if len(ins) > b_at and ins[b_at] >= 0 else -1
+            b = stored.get(ins[b_at], ins[b_at]) if len(ins) > b_at and ins[b_at] >= 0 else -1
             index.linear[names[w]] = names[b] if b >= 0 and names[b] in index else None
             found.append((_TFLITE_LINEAR[code], names[outs[0]] if outs and outs[0] >= 0 else "?", names[w]))
     index.why = _linear_summary(found, index)
     return index
-
-
-def _dequantized(t: int, ops: list[tuple[int, list[int], list[int]]]) -> int:
-    """The stored tensor behind ``t`` where a DEQUANTIZE op makes it (a float16 model's weights)."""
-    for code, ins, outs in ops:
-        if code == _TFLITE_DEQUANTIZE and outs == [t] and ins and ins[0] >= 0:
-            return ins[0]
-    return t
 
 
 def _tflite_entry(fb: _Flat, t: int, name: str, buffers: list[int], where: str) -> Entry | None:

@@ -313,6 +313,27 @@ def test_hostile_onnx_is_refused(tmp_path, capsys, kind, match):
     refused(capsys, tmp_path, onnx_hostile(tmp_path, kind), match, "--from", "onnx:dense")
 
 
+def test_onnx_with_many_linear_nodes_is_indexed_in_linear_time(tmp_path, capsys):
+    """10 000 MatMul nodes, each with its Add: finding each one's bias must not scan the graph again (was quadratic)."""
+    import time
+
+    pytest.importorskip("onnx", reason="onnx")
+    from onnx import helper, numpy_helper
+
+    from tests.test_files_runtimes import onnx_file
+
+    n = 10_000
+    nodes = [helper.make_node("Flatten", ["x"], ["h0"], name="flat")]
+    for i in range(n):
+        nodes += [helper.make_node("MatMul", [f"h{i}", "W"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", "b"], [f"h{i + 1}"])]
+    nodes[-1].output[0] = "y"
+    src = onnx_file(tmp_path / "m.onnx", nodes, [numpy_helper.from_array(KERNEL, "W"), numpy_helper.from_array(BIAS, "b")])
+    start = time.perf_counter()
+    code, err = convert(capsys, src, tmp_path / "out.npz")  # one weight, shared: it is the kernel
+    assert code == 0 and time.perf_counter() - start < 10, err
+    assert np.array_equal(files.load_arrays(tmp_path / "out.npz")["bias"], BIAS)
+
+
 @pytest.fixture()
 def opened(monkeypatch) -> list[str]:
     """Every path opened with open() while the test runs."""
