@@ -249,15 +249,48 @@ class KerasAdapter(Adapter):
         if len(model.inputs) != 1 or len(model.outputs) != 1:
             raise ModelError(f"{role} Keras model {model.name!r} has {len(model.inputs)} inputs and "
                              f"{len(model.outputs)} outputs: expected one of each")
-        for layer in model.layers:
-            if isinstance(layer, keras.Model):
-                raise ModelError(f"{role} Keras model {model.name!r} nests model {layer.name!r}: flatten it into one "
-                                 "functional model (nested models are not traced)")
+        self._inputs: dict[int, Any] = {}  # layer id -> its input in the traced graph, where not layer.input
+        if any(isinstance(layer, keras.Model) for layer in model.layers):
+            self.model = model = self._flatten(model)
         self.data_format = next((layer.get_config()["data_format"] for layer in model.layers
                                  if layer.get_config().get("data_format") in (CHANNELS_FIRST, CHANNELS_LAST)),
                                 keras.config.image_data_format())
         self._linear = [(layer, *found) for layer in model.layers if (found := self._config(layer)) is not None]
         self._capture = None
+
+    def _flatten(self, model: Any) -> Any:
+        """A model nesting models (keras-hub's backbone + head) as one functional chain sharing its layers.
+
+        Only a chain of single-input layers can be re-traced this way; the chain is checked to
+        compute what the model does before it stands in for it.
+        """
+        keras = self._keras
+
+        def leaves(m: Any) -> Any:
+            for layer in m.layers:
+                if isinstance(layer, keras.Model):
+                    yield from leaves(layer)
+                elif not isinstance(layer, keras.layers.InputLayer):
+                    yield layer
+
+        inner = next(layer.name for layer in model.layers if isinstance(layer, keras.Model))
+        refuse = (f"{self.role} Keras model {model.name!r} nests model {inner!r} and is not a chain of single-input "
+                  "layers: flatten it into one functional model")
+        x = y = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype)
+        try:
+            for layer in leaves(model):
+                self._inputs[id(layer)] = y
+                y = layer(y)
+            flat = keras.Model(x, y, name=model.name)
+            probe = np.random.default_rng(0).standard_normal((1, *flat.inputs[0].shape[1:])).astype(np.float32)
+            same = np.allclose(np.asarray(flat(probe, training=False)), np.asarray(model(probe, training=False)),
+                               rtol=1e-5, atol=1e-6)
+        except Exception as exc:
+            raise ModelError(f"{refuse} ({_first_line(exc)})") from None
+        if not same:
+            raise ModelError(f"{refuse} (its layers in order do not compute what it does)")
+        self.notes.append(f"{self.role} nests model {inner!r}: traced as one chain of its {len(flat.layers) - 1} layers")
+        return flat
 
     def input_shape(self) -> tuple[int, ...] | None:
         shape = tuple(self.model.inputs[0].shape[1:])
@@ -311,7 +344,7 @@ class KerasAdapter(Adapter):
         outputs = []
         for layer, kind, _ in self._linear:
             try:
-                tensor = layer.input
+                tensor = self._inputs[id(layer)] if id(layer) in self._inputs else layer.input  # noqa: SIM401 - .input raises for a re-traced layer
             except (AttributeError, ValueError) as exc:
                 raise ModelError(f"{self.role} layer {layer.name!r} is used more than once or has several inputs: "
                                  f"{exc}") from None

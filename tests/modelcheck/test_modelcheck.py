@@ -246,3 +246,22 @@ def test_the_report_has_a_per_model_section_with_the_first_wrong_layer_marked(mc
     assert "| → classifier.0 | fc1 | dense | float32 | fail |" in text
     page = (tmp_path / "equivcheck.html").read_text()
     assert page.count('class="first-divergence fails"') == 1 and "fc1" in page
+
+
+def test_a_keras_model_nesting_a_backbone_is_traced_as_one_chain(mc, vgg, keras):
+    """keras-hub's shape: a classifier wrapping a backbone model; the layers inside are paired as if flat."""
+    flat = M.to_keras(vgg)
+    cut = next(i for i, layer in enumerate(flat.layers) if type(layer).__name__ == "Flatten")
+    backbone = keras.Sequential(flat.layers[1:cut], name="backbone")
+    nested = keras.Sequential([keras.Input(flat.inputs[0].shape[1:]), backbone, *flat.layers[cut:]], name="classifier")
+    result = mc.check_models(vgg, nested, input_shape=M.SHAPE)
+    assert result.verdict == "pass", result.render()
+    assert [r.converted for r in result.layers] == ["conv1", "conv2", "fc1", "fc2"]
+    assert any("nests model 'backbone'" in n for n in result.notes)
+
+    inp = keras.Input((4,))
+    two = keras.Model(inp, keras.layers.Add()([keras.layers.Dense(4)(inp), inp]), name="two_branches")
+    outer = keras.Sequential([keras.Input((4,)), two, keras.layers.Dense(2)], name="outer")
+    with pytest.raises(EquivcheckError, match=r"nests model 'two_branches' and is not a chain") as err:
+        mc.check_models(outer, outer)
+    assert "\n" not in str(err.value)
