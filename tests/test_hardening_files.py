@@ -359,6 +359,7 @@ def opened(monkeypatch) -> list[str]:
     ("inside.bin?len", r"declared shape=\(60, 6\) dtype=float32 needs 1440 bytes, the entry says 4398046511104"),
 ])
 def test_onnx_external_data_outside_the_folder_is_never_opened(tmp_path, capsys, opened, location, match):
+    import equivcheck._readers_runtimes  # noqa: F401  (imported before the spy counts opens)
     from tests.test_files_runtimes import external, onnx_file
 
     pytest.importorskip("onnx", reason="onnx")
@@ -376,6 +377,7 @@ def test_onnx_external_data_outside_the_folder_is_never_opened(tmp_path, capsys,
     code, err = convert(capsys, src, folder / "out.npz", "--from", "onnx:dense")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and re.search(match, err), err
     assert snapshot(folder) == before
+    assert str((folder / "m.onnx").resolve()) in opened  # the spy sees the reader's opens
     assert not [p for p in opened if not p.startswith(str(folder.resolve()))], opened  # neither secret.bin nor /etc/passwd
 
 
@@ -515,9 +517,18 @@ def test_two_racing_writers_one_wins(tmp_path, weights):
     assert np.array_equal(files.load_arrays(tmp_path / "out.npz")["bias"], BIAS)
 
 
+def onnx_outside(tmp_path) -> Path:
+    pytest.importorskip("onnx", reason="onnx")
+    from tests.test_files_runtimes import external, onnx_file
+
+    return onnx_file(tmp_path / "m.onnx", initializers=[external("kernel", KERNEL, "/etc/passwd")])
+
+
 @pytest.mark.parametrize("name, build", [
     ("external storage", lambda tmp: h5_file(tmp, external_storage)),
     ("zip bomb", lambda tmp: forged_npz(tmp, "kernel.npy", npy_header((1 << 20, 1 << 20)) + bytes(64))),
+    ("onnx data outside", lambda tmp: onnx_outside(tmp)),
+    ("tflite truncated", lambda tmp: tflite_hostile(tmp, "truncated")),
 ])
 def test_cli_subprocess_refuses_hostile_files(tmp_path, name, build):
     src = build(tmp_path)
