@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print docs/presets.md")
 
     p = add("backends", cmd_backends, "list the backends and whether their framework is installed")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--facts", action="store_true",
                    help="probe each layer kind in each dtype on this machine: runs or not, roundings, accumulation")
     p.add_argument("--backends", default=None, help="comma-separated backends to list (default: all)")
@@ -344,14 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "always runs on its own preset's framework, e.g. keras -> torch)")
     p.add_argument("--dtype", default="float32", help="comma-separated: float64,float32,float16,bfloat16 (default: float32)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the weights and inputs (default: 0)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--report", metavar="DIR", help="write equivcheck.json/.md/.html to DIR")
 
     p = add("explore", cmd_explore, "discover the weight mapping between two black-box layers")
     _spec_flags(p, required=False)
     p.add_argument("--source", dest="source_obj", metavar="MODULE:ATTR", help="a layer or callable to probe")
     p.add_argument("--target", dest="target_obj", metavar="MODULE:ATTR", help="a layer or callable to probe")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--report", metavar="DIR", help="write equivcheck.json/.md/.html to DIR")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--backend", help="run preset sides on this backend (default: the preset's own framework)")
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("convolutionalize", cmd_convolutionalize, "turn a classifier's Flatten+Dense head into convs (file to file)")
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
 
     p = add("verify-model", cmd_verify_model, "check a convolutionalized model against its source model")
     p.add_argument("original", metavar="SOURCE", help="the classifier model file (.keras, or a torch state dict)")
