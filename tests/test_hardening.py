@@ -5,10 +5,12 @@ API: an EquivcheckError subclass. CLI: exit 2, one line on stderr, no traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
 import string
+import sys
 
 import numpy as np
 import pytest
@@ -61,7 +63,42 @@ API_CASES = {
     "structured array applied": (lambda: ec.plan(SRC, DST).apply(np.zeros((60, 6), [("a", "f4")])), "dtype=[('a', '<f4')]"),
     "text array applied": (lambda: ec.plan(SRC, DST).apply(np.full((60, 6), "x")), "array dtype=<U1"),
     "dates applied": (lambda: ec.plan(SRC, DST).apply(np.zeros((60, 6), "M8[s]")), "array dtype=datetime64[s]"),
+    "bytes applied": (lambda: ec.plan(SRC, DST).apply(np.zeros((60, 6), "S4")), "array dtype=|S4"),
+    "a list applied": (lambda: ec.plan(SRC, DST).apply(GOOD.tolist()), "type=builtins.list is not supported"),
+    "out of another dtype": (lambda: ec.plan(SRC, DST).apply(GOOD, out=np.empty(DST.kernel_shape, np.float64)), "dtype=float64"),
+    "out of another shape": (lambda: ec.plan(SRC, DST).apply(GOOD, out=np.empty((6, 60), np.float32)), "expected shape=(6, 3, 4, 5)"),
+    "out overlapping the input": (lambda: ec.plan(SRC, DST).apply(GOOD, out=GOOD.reshape(DST.kernel_shape)), "out overlaps the input"),
+    "read-only out": (lambda: ec.plan(SRC, DST).apply(GOOD, out=_read_only(np.empty(DST.kernel_shape, np.float32))),
+                      "not a writeable C-contiguous"),
+    "strided out": (lambda: ec.plan(SRC, DST).apply(GOOD, out=np.empty((6, 3, 4, 10), np.float32)[..., ::2]),
+                    "not a writeable C-contiguous"),
+    "out as a list": (lambda: ec.plan(SRC, DST).apply(GOOD, out=[0] * 360), "out= takes a numpy array"),
+    "converter returning an object bias": (
+        lambda: ec.verify_pair(SRC, DST, converter=lambda k, b: (ec.convert(SRC, DST, k)[0], np.empty(6, object))),
+        "converter's bias dtype=object",
+    ),
+    "converter returning a complex bias": (
+        lambda: ec.verify_pair(SRC, DST, converter=lambda k, b: (ec.convert(SRC, DST, k)[0], b.astype(np.complex64))),
+        "converter's bias dtype=complex64",
+    ),
+    "converter returning a text kernel": (
+        lambda: ec.verify_pair(SRC, DST, converter=lambda k, b: (np.full(DST.kernel_shape, "w"), b)), "converter's kernel dtype=<U1",
+    ),
+    "converter returning a ragged bias": (
+        lambda: ec.verify_pair(SRC, DST, converter=lambda k, b: (ec.convert(SRC, DST, k)[0], [[1.0], [1.0, 2.0]])),
+        "bias that is not an array",
+    ),
+    "converter returning no kernel": (lambda: ec.verify_pair(SRC, DST, converter=lambda k, b: (None, b)), "kernel of shape=None"),
+    "mapping from a dict with an unknown op": (
+        lambda: ec.Mapping.from_dict({"in_shape": [2], "ops": [{"op": "rotate"}]}), "op='rotate' is not one of",
+    ),
+    "mapping from a dict missing a field": (lambda: ec.Mapping.from_dict({"ops": []}), "missing or mistypes a field"),
 }
+
+
+def _read_only(a):
+    a.flags.writeable = False
+    return a
 
 
 @pytest.mark.parametrize("name", API_CASES)
@@ -100,6 +137,42 @@ for mapping in (m, m.inverse()):
     assert done.stdout.count("array dtype=object is not a real numeric type") == 2
 
 
+@pytest.mark.parametrize("direction", ["dense->conv", "conv->dense"])
+@pytest.mark.parametrize("dtype", ["V8", "complex64", "complex128", "f4,f4", "U2", "S8", "m8[s]", "M8[D]"])
+def test_big_arrays_of_no_real_numbers_never_reach_the_compiled_kernel(dtype, direction):
+    m = ec.plan(ec.spec("keras:dense", **BIG), ec.spec("torch:conv", **BIG))
+    m = m if direction == "dense->conv" else m.inverse()
+    x = np.zeros(m.in_shape, dtype)
+    assert x.nbytes > 1 << 22  # the size that takes the compiled path
+    with pytest.raises(ec.MappingError, match=re.escape(f"array dtype={str(np.dtype(dtype))[:60]} is not a real numeric")) as info:
+        m.apply(x)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("direction", ["dense->conv", "conv->dense"])
+def test_big_complex_torch_tensors_are_refused(direction):
+    torch = pytest.importorskip("torch", reason="torch tensors")
+    m = ec.plan(ec.spec("keras:dense", **BIG), ec.spec("torch:conv", **BIG))
+    m = m if direction == "dense->conv" else m.inverse()
+    with pytest.raises(ec.MappingError, match=re.escape("array dtype=torch.complex64 is not a real numeric")):
+        m.apply(torch.zeros(m.in_shape, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("direction", ["dense->conv", "conv->dense"])
+@pytest.mark.parametrize("dtype", ["float32", ">f4", "float16", "int8", "bool", "bfloat16"])
+def test_big_real_arrays_of_every_item_size_round_trip(dtype, direction):
+    import ml_dtypes
+
+    m = ec.plan(ec.spec("keras:dense", **BIG), ec.spec("torch:conv", **BIG))
+    m = m if direction == "dense->conv" else m.inverse()
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    x = (np.arange(np.prod(m.in_shape)) % 97).reshape(m.in_shape).astype(dt)
+    y = m.apply(x)
+    assert y.dtype == x.dtype and y.flags.c_contiguous
+    assert np.array_equal(m.inverse().apply(y), x)
+    assert np.array_equal(y, m.apply(x.copy(order="F")))  # the compiled path agrees with the general one
+
+
 def test_compiled_kernel_takes_only_plain_integer_buffers():
     fast = pytest.importorskip("equivcheck._fastcopy", reason="the compiled kernel was not built")
     rows = np.arange(3, dtype=np.int64)
@@ -131,6 +204,29 @@ print("exit", p.exitcode)
 """
     done = run_python(code, timeout=40)
     assert done.returncode == 0 and done.stdout.strip() == "exit 0", done.stderr[-500:]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("direction", ["dense->conv", "conv->dense"])
+def test_a_reshape_only_mapping_returns_a_new_array_unless_out_is_given(kind, direction):
+    m = ec.plan(ec.spec("torch:dense", **SMALL), ec.spec("torch:conv", **SMALL))
+    m = m if direction == "dense->conv" else m.inverse()
+    assert m.is_reshape
+    x = np.arange(360, dtype=np.float32).reshape(m.in_shape)
+    if kind == "torch":
+        torch = pytest.importorskip("torch", reason="torch tensors")
+        x = torch.from_numpy(x)
+        y = m.apply(x)
+        assert y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        with pytest.raises(ec.MappingError, match="out= takes a numpy array for a numpy input"):
+            m.apply(x, out=np.empty(m.out_shape, np.float32))
+    else:
+        y = m.apply(x)
+        assert not np.shares_memory(x, y)
+        out = np.empty(m.out_shape, np.float32)
+        assert m.apply(x, out=out) is out and np.array_equal(out, y)  # written where asked
+    y += 1
+    assert float(x.sum()) == sum(range(360))  # the caller's array is untouched
 
 
 def test_results_never_alias_the_inputs():
@@ -289,6 +385,72 @@ def test_wrong_output_suffix(tmp_path, capsys, weights):
     assert code == 2 and "expected .npz or .npy" in err and not (tmp_path / "out.csv").exists()
 
 
+# -- strict flags: each a usage error, one line, exit 2, nothing written --------------------------
+PLAN = ["plan", "--from", "keras:dense", "--to", "torch:conv", *SMALL_FLAGS]
+CONV_PLAN = ["plan", "--from", "torch:conv", "--to", "keras:conv", "--channels", "4", "--spatial", "4,5", "--units", "6"]
+DENSE_PLAN = ["plan", "--from", "keras:dense", "--to", "torch:dense", *SMALL_FLAGS]
+DEPTHWISE_PLAN = ["plan", "--from", "keras:depthwise", "--to", "torch:depthwise", "--channels", "3", "--spatial", "4,5"]
+CLI_CASES = {
+    "spatial 4,x": ([*PLAN, "--spatial", "4,x"], "'4,x' is not a comma-separated list of integers"),
+    "spatial 4,,5": ([*PLAN, "--spatial", "4,,5"], "'4,,5' is not a comma-separated list"),
+    "spatial trailing comma": ([*PLAN, "--spatial", "4,"], "'4,' is not a comma-separated list"),
+    "spatial leading comma": ([*PLAN, "--spatial", ",4"], "',4' is not a comma-separated list"),
+    "spatial a float": ([*PLAN, "--spatial", "4.5"], "'4.5' is not a comma-separated list"),
+    "spatial in e-notation": ([*PLAN, "--spatial", "1e2"], "'1e2' is not a comma-separated list"),
+    "spatial negative": ([*PLAN, "--spatial=-4"], "'-4' is not a comma-separated list"),
+    "spatial empty": ([*PLAN, "--spatial="], "'' is not a comma-separated list"),
+    "kernel size with a letter": ([*CONV_PLAN, "--kernel-size", "2,a"], "'2,a' is not a comma-separated list"),
+    "stride with a semicolon": ([*CONV_PLAN, "--stride", "2;2"], "'2;2' is not a comma-separated list"),
+    "dilation empty": ([*CONV_PLAN, "--dilation="], "'' is not a comma-separated list"),
+    "padding with a hole": ([*CONV_PLAN, "--padding", "1,,1"], "'1,,1' is not a comma-separated list"),
+    "padding misspelt": ([*CONV_PLAN, "--padding", "sam"], "'sam' is not a comma-separated list"),
+    "channels a float": ([*PLAN, "--channels", "3.0"], "invalid int value: '3.0'"),
+    "units in hex": ([*PLAN, "--units", "0x10"], "invalid int value: '0x10'"),
+    "groups a word": ([*CONV_PLAN, "--groups", "two"], "invalid int value: 'two'"),
+    "multiplier a float": ([*DEPTHWISE_PLAN, "--multiplier", "1.5"], "invalid int value: '1.5'"),
+    "negative seed": (["verify", "--from", "keras:dense", "--to", "torch:conv", *SMALL_FLAGS, "--seed=-1"],
+                      "'-1' is not a non-negative integer seed"),
+    "float seed": (["verify", "--from", "keras:dense", "--to", "torch:conv", *SMALL_FLAGS, "--seed", "1.5"],
+                   "'1.5' is not a non-negative integer seed"),
+    "zero channels": ([*PLAN, "--channels", "0"], "channels=0"),
+    "zero units": ([*PLAN, "--units", "0"], "units=0"),
+    "zero stride": ([*CONV_PLAN, "--stride", "0", "--kernel-size", "2"], "stride"),
+    "multiplier on a conv target": ([*PLAN, "--multiplier", "2"], "multiplier does not apply to keras:dense -> torch:conv"),
+    "kernel size on dense->dense": ([*DENSE_PLAN, "--kernel-size", "2"], "kernel_size does not apply to keras:dense -> torch:dense"),
+    "stride on dense->dense": ([*DENSE_PLAN, "--stride", "2"], "stride does not apply to keras:dense -> torch:dense"),
+    "dilation on dense->dense": ([*DENSE_PLAN, "--dilation", "2"], "dilation does not apply"),
+    "padding on dense->dense": ([*DENSE_PLAN, "--padding", "same"], "padding does not apply"),
+    "groups on dense->dense": ([*DENSE_PLAN, "--groups", "1"], "groups does not apply"),
+    "output padding on dense->dense": ([*DENSE_PLAN, "--output-padding", "1"], "output_padding does not apply"),
+    "output padding on a conv": ([*PLAN, "--output-padding", "1"], "output_padding does not apply to keras:dense -> torch:conv"),
+    "groups on depthwise": ([*DEPTHWISE_PLAN, "--groups", "3"], "groups does not apply to keras:depthwise -> torch:depthwise"),
+    "zero multiplier": ([*DEPTHWISE_PLAN, "--multiplier", "0"], "out_channels=0"),
+    "units no multiple of depthwise channels": ([*DEPTHWISE_PLAN, "--units", "7"], "units=7 is not a multiple of channels=3"),
+    "explore past the spec limit": (["explore", "--from", "keras:dense", "--to", "torch:conv", "--channels", "65536",
+                                     "--spatial", "1024,1024", "--units", "4"], "more than the limit of 17179869184"),
+    "verify past the memory": (["verify", "--from", "caffe:dense", "--to", "caffe:conv", "--channels", "2048",
+                                "--spatial", "64,64", "--units", "512"], "more than half of this machine"),
+    "convert a missing file": (["convert", "--from", "keras:dense", "--to", "torch:conv", *SMALL_FLAGS, "missing.npz",
+                                "out.npz"], "missing.npz"),
+    "report of a missing file": (["report", "missing.json"], "does not exist"),
+    "unknown command": (["nonsense"], "invalid choice: 'nonsense'"),
+}
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_cli_bad_flags_are_one_line(tmp_path, monkeypatch, capsys, name):
+    argv, words = CLI_CASES[name]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("untouched")
+    before = snapshot(tmp_path)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    assert err.startswith("equivcheck: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert words in err, err
+    assert snapshot(tmp_path) == before
+
+
 # -- fuzzing the CLI ----------------------------------------------------------------------------
 FLAGS = ["--from", "--to", "--channels", "--spatial", "--units", "--kernel-size", "--stride", "--dilation",
          "--padding", "--groups", "--multiplier", "--no-bias", "--json", "--dtype", "--backends", "--seed"]
@@ -375,3 +537,42 @@ def test_verify_model_refuses_the_same_file_twice_before_loading_it(tmp_path, ca
     path.write_bytes(b"not even read")
     assert main(["verify-model", str(path), str(tmp_path / "." / "m.keras")]) == 2
     assert "are the same file" in capsys.readouterr().err
+
+
+# -- reports without jsonschema ------------------------------------------------------------------
+EVIL = '<meta http-equiv="refresh" content="0;url=https://x.invalid"><script>alert(1)</script><img src=x onerror=alert(1)>'
+LIVE = ('<meta http-equiv="refresh"', "<script>", "<img src=x")
+
+
+def _poison(value, keys=False):
+    """Every string in a report document (and, with ``keys``, every key) replaced by ``EVIL``."""
+    if isinstance(value, dict):
+        return {(EVIL + k if keys else k): v if k in ("schema_version", "state", "columns") else _poison(v, keys)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_poison(v, keys) for v in value]
+    return EVIL if isinstance(value, str) else value
+
+
+@pytest.mark.parametrize("where", ["every value", "the extra sections' keys"])
+def test_every_report_field_is_escaped_without_jsonschema(tmp_path, capsys, monkeypatch, where):
+    from equivcheck.report import write_report
+
+    src, dst = ec.spec("caffe:dense", **SMALL), ec.spec("caffe:conv", **SMALL)  # numpy-run presets
+    flipped = ec.verify_pair(src, dst, converter=lambda k, b: (ec.convert(src, ec.spec("theano:conv", **SMALL), k)[0], b))
+    assert flipped.verdict == "fail"
+    write_report(tmp_path, [ec.verify_pair(src, dst), flipped], seed=0, command="pytest",
+                 extra={"pytest checks": [{"test": "t::a", "converter": "f", "verdict": "pass"}], "notes": {"a": "b"}})
+    path = tmp_path / "equivcheck.json"
+    doc = json.loads(path.read_text())
+    if where == "every value":
+        doc = _poison(doc)
+    else:
+        doc["extra"] = _poison(doc["extra"], keys=True)
+    path.write_text(json.dumps(doc))
+    monkeypatch.setitem(sys.modules, "jsonschema", None)  # a base install: no validation at all
+    assert main(["report", str(path)]) == 0, capsys.readouterr().err
+    for name in ("equivcheck.md", "equivcheck.html"):
+        text = (tmp_path / name).read_text()
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text, name  # the hostile text is there, inert
+        assert not [live for live in LIVE if live in text], name
