@@ -320,13 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = add("convert", cmd_convert, "convert the weights in a .npz/.npy file (written atomically)")
+    formats = ".npz/.npy/.safetensors/.pt/.h5/.keras/.onnx/.tflite"
+    p = add("convert", cmd_convert, f"convert the weights in a {formats} file (written atomically)")
     _spec_flags(p)
-    p.add_argument("input", metavar="IN")
-    p.add_argument("output", metavar="OUT")
+    p.add_argument("input", metavar="IN", help=f"weights to read: {formats} (models are read, never run)")
+    p.add_argument("output", metavar="OUT", help="where to write the converted weights: .npz, .npy (no bias), .safetensors or .pt/.pth")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
-    p.add_argument("--kernel-key", default=None, help="name of the kernel array in IN (default: guessed)")
-    p.add_argument("--bias-key", default=None, help="name of the bias array in IN (default: guessed)")
+    p.add_argument("--kernel-key", default=None, help="name of the kernel array in IN (default: guessed; in .onnx/.tflite/.keras: the one linear node's weight)")
+    p.add_argument("--bias-key", default=None, help="name of the bias array in IN (default: guessed; in .onnx/.tflite/.keras: the one linear node's bias)")
 
     p = add("presets", cmd_presets, "list the presets and their layers")
     p.add_argument("--markdown", action="store_true", help="print docs/presets.md")
