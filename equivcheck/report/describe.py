@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MODEL_SCHEMA", "case_heading", "case_identity", "is_model_checks", "overall_verdict", "shape",
-           "spec_text", "subjects", "title"]
+__all__ = ["MODEL_SCHEMA", "case_heading", "case_identity", "is_model_checks", "overall_verdict", "section_kind",
+           "section_title", "shape", "spec_text", "subjects", "title", "verdict_of"]
 
 MODEL_SCHEMA = "equivcheck.modelcheck/1"
 _RANK = {"skip": 0, "pass": 1, "inconclusive": 2, "fail": 3, "error": 4}
@@ -86,6 +86,14 @@ def _is_model_verifications(value: Any) -> bool:
         isinstance(v, dict) and "checks" in v and "model" in v for v in value)
 
 
+_SECTION_TITLES = {"modelchecks": "Model checks", "models": "Convolutionalized models", "explorations": "Explorations"}
+
+
+def section_title(name: str, value: Any) -> str:
+    """A section's heading: what it holds where known, else its key made readable."""
+    return _SECTION_TITLES.get(section_kind(value), name.replace("_", " ").capitalize())
+
+
 def section_kind(value: Any) -> str:
     """``"modelchecks"``, ``"explorations"``, ``"models"`` (verify-model) or ``""`` for any other section."""
     if is_model_checks(value):
@@ -150,8 +158,8 @@ def subjects(doc: dict[str, Any]) -> list[str]:
         for item in value if kind else ():
             if kind == "explorations":
                 s, t = item["source"], item.get("target") or {}
-                out.append(f"{s.get('layer')} (kernel {shape(s.get('kernel_shape'))}) → "
-                           f"{t.get('layer')} (kernel {shape(t.get('kernel_shape'))})")
+                out.append(f"{s.get('layer')}, kernel {shape(s.get('kernel_shape'))} → "
+                           f"{t.get('layer')}, kernel {shape(t.get('kernel_shape'))}")
             elif kind == "models":
                 out.append(f"{item.get('framework')} model {item.get('model')} (input {shape(item.get('input_shape'))}) "
                            f"→ its convolutionalized version (input {shape(item.get('larger_shape'))})")

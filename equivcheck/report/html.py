@@ -11,7 +11,15 @@ import re
 from html import escape
 from typing import Any
 
-from equivcheck.report.describe import backends, case_heading, case_identity, overall_verdict, subjects, title
+from equivcheck.report.describe import (
+    backends,
+    case_heading,
+    case_identity,
+    overall_verdict,
+    section_title,
+    subjects,
+    title,
+)
 from equivcheck.report.environment import environment_line, facts_rows
 from equivcheck.report.markdown import PROBLEMS, case_rows, counts_line, percent, run_failed
 from equivcheck.report.sections import blocks, fmt, generic_table
@@ -168,6 +176,8 @@ def _blocks(doc: dict[str, Any], name: str, items: list[tuple]) -> str:
             parts.append(f'<h3><span class="badge {verdict}">{verdict}</span>{_e(block[1])}</h3>')
         elif kind == "para":
             parts.append(f"<p>{_e(block[1])}</p>")
+        elif kind == "lead":
+            parts.append(f"<p><b>{_e(block[1])}:</b> {_e(block[2])}</p>")
         elif kind == "items":
             parts.append("<ul>" + "".join(f"<li>{_e(k)}: <b>{_e(x)}</b></li>" for k, x in block[1]) + "</ul>")
         elif kind == "table":
@@ -182,7 +192,7 @@ def _blocks(doc: dict[str, Any], name: str, items: list[tuple]) -> str:
 
 
 def _extra(doc: dict[str, Any], name: str, value: Any) -> str:
-    heading = f"<h2>{_e(name.replace('_', ' ').capitalize())}</h2>"
+    heading = f"<h2>{_e(section_title(name, value))}</h2>"
     known = blocks(name, value)
     if known is not None:
         return heading + _blocks(doc, name, known)

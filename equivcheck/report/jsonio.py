@@ -1,6 +1,6 @@
 """``equivcheck.json``: build, serialise, load and validate the versioned report document.
 
-The document (schema in ``schema.json`` beside this module, ``schema_version`` "1.0"):
+The document (schema in ``schema.json`` beside this module, ``schema_version`` "1.1"):
 
 - ``run``: ``run_id``, ``created`` (ISO 8601, UTC), ``command``, ``seed``;
 - ``environment``: see :func:`equivcheck.report.environment.environment`;
@@ -27,7 +27,7 @@ from equivcheck.errors import FileFormatError
 
 __all__ = ["SCHEMA_VERSION", "build_document", "dumps", "load", "schema", "summary", "validate"]
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 VERDICTS = ("pass", "fail", "inconclusive", "skip", "error")
 OUTCOMES = ("rejected", "not rejected", "ambiguous")
 

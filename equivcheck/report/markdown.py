@@ -12,6 +12,7 @@ from equivcheck.report.describe import (
     case_identity,
     overall_verdict,
     section_kind,
+    section_title,
     section_verdicts,
     spec_text,
     subjects,
@@ -67,7 +68,7 @@ def _table(header: list[str], rows: list[list[Any]], marked: set[int] = frozense
     out = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     for i, row in enumerate(rows):
         cells = [cell(fmt(v) if not isinstance(v, (dict, list)) else v) for v in row]
-        if i in marked and cells:
+        if i in marked and cells and not cells[0].startswith("→"):  # an arrow marks a row already
             cells[0] = f"**{cells[0]}**"
         out.append("| " + " | ".join(cells) + " |")
     return out
@@ -81,6 +82,8 @@ def _blocks(items: list[tuple]) -> list[str]:
             out += [f"### {VERDICT_MARK.get(block[2], '') + ' ' if block[2] in VERDICT_MARK else ''}{md(block[1])}", ""]
         elif kind == "para":
             out += [md(block[1]), ""]
+        elif kind == "lead":
+            out += [f"**{md(block[1])}:** {md(block[2])}", ""]
         elif kind == "items":
             out += [f"- {md(label)}: {md(value)}" for label, value in block[1]] + [""]
         elif kind == "table":
@@ -95,7 +98,7 @@ def _blocks(items: list[tuple]) -> list[str]:
 
 def extra_section(name: str, value: Any) -> list[str]:
     """A section: explorations, models and model checks as their own blocks; any other JSON as a table."""
-    out = [f"## {md(name.replace('_', ' ').capitalize())}", ""]
+    out = [f"## {md(section_title(name, value))}", ""]
     known = blocks(name, value)
     if known is not None:
         return out + _blocks(known)

@@ -1,6 +1,7 @@
 """The report's extra sections as neutral blocks, which :mod:`markdown` and :mod:`html` each render.
 
-A block is a tuple: ``("heading", text, verdict)``, ``("para", text)``, ``("items", [(label,
+A block is a tuple: ``("heading", text, verdict)``, ``("para", text)``, ``("lead", label, text)``
+(a paragraph led by a bold label), ``("items", [(label,
 value), ...])``, ``("table", header, rows, marked_rows)``, ``("code", label, text)`` or
 ``("figures", [picture ids])``. Text is plain (each renderer escapes it).
 """
@@ -40,7 +41,14 @@ def generic_table(value: list[dict[str, Any]]) -> tuple[list[str], list[list[Any
     if "index" in keys and len({str(v.get("index")) for v in value}) == 1:
         keys.remove("index")
     keys = keys[:12]
-    return keys, [[v.get(k) for k in keys] for v in value]
+    return keys, [[_joined(v.get(k)) for k in keys] for v in value]
+
+
+def _joined(value: Any) -> Any:
+    """A list of strings (notes) as one line; anything else as it is."""
+    if isinstance(value, list) and all(isinstance(x, str) for x in value):
+        return "; ".join(value)
+    return value
 
 
 def blocks(name: str, value: Any) -> list[Block] | None:
@@ -113,7 +121,7 @@ def _positions(positions: Any) -> str:
 
 
 def _model_verification(m: dict[str, Any]) -> list[Block]:
-    out: list[Block] = [("heading", f"{m.get('framework')} model {m.get('model')} ({m.get('dtype')}): {m.get('verdict')}",
+    out: list[Block] = [("heading", f"{m.get('framework')} model {m.get('model')} ({m.get('dtype')})",
                          m.get("verdict"))]
     out.append(("items", [("input", shape(m.get("input_shape"))), ("larger input", shape(m.get("larger_shape"))),
                           ("total stride", shape(m.get("total_stride"))),
@@ -147,7 +155,7 @@ def is_first(check: dict[str, Any], layer: dict[str, Any]) -> bool:
 
 
 def _model_check(check: dict[str, Any]) -> list[Block]:
-    out: list[Block] = [("heading", f"{check.get('source')} → {check.get('converted')}: {check.get('verdict')}",
+    out: list[Block] = [("heading", f"{check.get('source')} → {check.get('converted')}",
                          check.get("verdict"))]
     items = [("input", shape(check.get("input_shape"))), ("dtypes", ", ".join(map(str, check.get("dtypes") or [])))]
     for dtype, e2e in (check.get("end_to_end") or {}).items():
@@ -157,9 +165,9 @@ def _model_check(check: dict[str, Any]) -> list[Block]:
                           f"(tolerance {fmt(e2e.get('tolerance'))})"))
     first = check.get("first_divergence")
     if first:
-        items.insert(0, ("first wrong layer", str(first.get("headline"))))
+        out.append(("lead", "First wrong layer", str(first.get("headline"))))
     elif check.get("reason"):
-        items.insert(0, ("reason", str(check["reason"])))
+        out.append(("lead", "Reason", str(check["reason"])))
     notes = [str(n) for n in check.get("notes") or [] if str(n).strip()]
     if notes:
         items.append(("notes", "; ".join(notes)))

@@ -1,37 +1,12 @@
 """The HTML report in a real headless Chromium: the matrix and every picture render, the console stays clean."""
 
 import json
-import shutil
 from pathlib import Path
-
-import pytest
 
 from equivcheck.files import atomic_path
 
 SCREENSHOT = Path(__file__).resolve().parents[2] / "reports" / "screenshot.png"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync")
 IMAGES = "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    chromedriver = shutil.which("chromedriver")
-    if not (chromium and chromedriver):
-        pytest.skip("headless Chromium not found: apt-get install chromium chromium-driver to run the browser check")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed: pip install 'equivcheck[dev]'")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (*FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    driver.set_window_size(1280, 900)
-    yield driver
-    driver.quit()
 
 
 def _severe(driver):

@@ -42,7 +42,7 @@ def test_real_output_matches_the_json_schema(doc):
 
 
 def test_document_records_the_run_environment_and_every_case(doc, cases):
-    assert doc["schema_version"] == "1.0"
+    assert doc["schema_version"] == "1.1"
     assert re.fullmatch(r"[0-9a-f]{32}", doc["run"]["run_id"])
     assert doc["run"]["seed"] == 0 and doc["run"]["command"] == "pytest"
     assert doc["environment"]["seed"] == 0 and doc["environment"]["numpy"]
