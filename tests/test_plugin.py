@@ -325,3 +325,19 @@ def test_an_unwritable_report_folder_is_refused(pytester: pytest.Pytester, monke
     result = pytester.runpytest("-p", "no:cacheprovider", "--equivcheck-report=locked/reports")
     assert result.ret == pytest.ExitCode.USAGE_ERROR and "locked is not writable" in result.stderr.str()
     assert not (pytester.path / "ran").exists() and not (pytester.path / "locked" / "reports").exists()
+
+
+def test_a_partial_keeps_its_name_with_native_inputs():
+    import functools
+
+    import equivcheck as ec
+    from equivcheck.checker import Checker, Options
+
+    src, dst = (ec.spec(name, channels=2, spatial=(3,), units=2) for name in ("caffe:dense", "caffe:conv"))
+
+    def scaled(k, b, *, factor):
+        return ec.plan(src, dst).apply(k) * factor, b
+
+    checker = Checker(Options(seed=1))
+    checker.check_converter(functools.partial(scaled, factor=1), src, dst, native=True)
+    assert [r.converter for r in checker.records] == ["scaled(factor=1)"]

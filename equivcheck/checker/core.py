@@ -271,6 +271,7 @@ class Checker:
              native: bool = False) -> CheckRecord:
         allowed = self.options.backends
         (sb, snote), (tb, tnote) = (resolve_backend(s, dtype, allowed) for s in (source, target))
+        name = converter_code(convert)[0]  # before any wrapping: a partial keeps its function and arguments
         if native:
             convert = native_inputs(convert, sb, dtype)
         try:
@@ -281,7 +282,7 @@ class Checker:
                         reason=f"the converter raised {framework_message(exc.__cause__ or exc)}")
         except EquivcheckError as exc:  # what it returned was refused, or the layers could not run: recorded too
             case = Case(source, target, sb, tb, dtype, "error", seed=seed, reason=str(exc))
-        record = CheckRecord(case, test=self.test, converter=converter_code(convert)[0],
+        record = CheckRecord(case, test=self.test, converter=name,
                              notes=[n for n in (snote, tnote) if n])
         if case.verdict != "skip":
             record.identify = lambda: identify_conventions(convert, source, target).summary()
