@@ -246,6 +246,8 @@ def test_tflite_dense(keras, convert, tmp_path):
     (tmp_path / "fc.tflite").write_bytes(convert(keras.Input((3, 4, 2)), L.Flatten(), L.Dense(5)))
     r = explore(str(tmp_path / "fc.tflite"), "torch:conv")
     assert r.found and r.mapping.equivalent(_plan("tflite:dense", "torch:conv", channels=2, spatial=(3, 4), units=5))
+    done = _cli("--source", "fc.tflite", "--to", "torch:conv", cwd=tmp_path)
+    assert done.returncode == 0 and r.code["numpy"] in done.stdout, done.stderr
 
 
 @pytest.mark.parametrize("family", ["conv", "depthwise", "conv_transpose"])
@@ -284,3 +286,17 @@ def test_tflite_bad_models(keras, convert):
         explore(two[:8] + b"\xff" * 64, "keras:dense")
     with pytest.raises(SpecError, match="0 linear ops"):
         explore(convert(keras.Input((6,)), L.ReLU()), "keras:dense")
+
+
+def test_tflite_model_fixed_to_one_sample_runs_sample_by_sample(tf, monkeypatch):
+    from equivcheck.explore import runtimes
+
+    w, b = tf.constant(_random(6, 4)), tf.constant(_random(4))
+    fn = tf.function(lambda x: tf.matmul(tf.reshape(x, [1, 6]), w) + b,
+                     input_signature=[tf.TensorSpec([1, 2, 3], tf.float32)])
+    model = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn).convert()
+    batches, run = [], runtimes.TfliteSide._run
+    monkeypatch.setattr(runtimes.TfliteSide, "_run", lambda self, m, x, n: batches.append(n) or run(self, m, x, n))
+    r = explore(model, "keras:dense")  # the (2, 3) map, flattened channels last as Keras does: (in, out) is w.T
+    assert r.found and r.code["numpy"] == "w.T"
+    assert batches[0] > 1 and 1 in batches  # the batch failed on the fixed Reshape; one sample at a time did not
