@@ -26,6 +26,7 @@ from equivcheck.modelcheck.judge import canonical_output, diagnose_pair, judge, 
 from equivcheck.modelcheck.layers import Layout, Linear, spec_of
 from equivcheck.modelcheck.pairing import pair_layers
 from equivcheck.modelcheck.result import LayerRow, ModelCheck, Unpaired
+from equivcheck.serialize import spec_to_dict
 from equivcheck.specs import CHANNELS_LAST, DenseSpec, LayerSpec
 
 __all__ = ["DEFAULT_BATCH", "boundary_tolerance", "check_models", "end_to_end_tolerance"]
@@ -198,6 +199,7 @@ def _check_pair(s: Linear, c: Linear, src: Adapter, dst: Adapter, dtype: str, fa
     except EquivcheckError as exc:
         row.diagnosis = str(exc)
         return row
+    row.source_spec, row.converted_spec = spec_to_dict(s_spec), spec_to_dict(c_spec)
     try:
         from equivcheck.plan import plan
 
@@ -232,6 +234,9 @@ def _check_pair(s: Linear, c: Linear, src: Adapter, dst: Adapter, dtype: str, fa
         row.mistake = found["mistake"]
         row.diagnosis = f"{found['mistake']}: {found['detail']}" if found["detail"] else found["mistake"]
         row.mapping = found.get("code") or row.mapping
+        from equivcheck.report.readout import kernel_readout  # a picture's data: numpy only, bounded in size
+
+        row.readout = kernel_readout(s_spec, c_spec, s.kernel, c.kernel)
         if not row.boundary_ok and not failed_before:
             row.notes.append(f"input: {row.boundary}")
         return row

@@ -31,6 +31,9 @@ class LayerRow:
     mistake: str = ""  # the short name of the mistake
     mapping: str = ""  # the right mapping of the source kernel, as numpy code
     notes: list[str] = field(default_factory=list)
+    source_spec: dict[str, Any] | None = None  # the two layers as specs (serialize.spec_to_dict), for the report
+    converted_spec: dict[str, Any] | None = None
+    readout: dict[str, Any] | None = None  # a failing pair: where its kernel's weights come from (report picture)
 
     @property
     def max_error(self) -> float | None:
@@ -63,6 +66,8 @@ class LayerRow:
             "comparison": None if comp is None else comp.to_dict(),
             "boundary": self.boundary, "boundary_ok": self.boundary_ok,
             "mistake": self.mistake, "diagnosis": self.diagnosis, "mapping": self.mapping, "notes": list(self.notes),
+            **{k: v for k, v in (("source_spec", self.source_spec), ("converted_spec", self.converted_spec),
+                                 ("readout", self.readout)) if v is not None},
         }
 
 

@@ -265,3 +265,16 @@ def test_a_keras_model_nesting_a_backbone_is_traced_as_one_chain(mc, vgg, keras)
     with pytest.raises(EquivcheckError, match=r"nests model 'two_branches' and is not a chain") as err:
         mc.check_models(outer, outer)
     assert "\n" not in str(err.value)
+
+
+def test_the_first_wrong_layer_carries_its_specs_and_readout_for_the_report_picture(mc, vgg, tmp_path):
+    from equivcheck.report import write_report
+
+    result = mc.check_models(vgg, M.to_keras(vgg, flatten="wrong"), input_shape=M.SHAPE)
+    rows = result.to_dict()["layers"]
+    first = next(r for r in rows if r["verdict"] == "fail")
+    assert first["source_spec"]["kind"] == "dense" and first["converted_spec"]["kind"] == "dense"
+    assert first["readout"]["position"] and "readout" not in rows[0], "only a failing pair is read out"
+    write_report(tmp_path, [], extra={"model checks": [result.to_dict()]})
+    page = (tmp_path / "equivcheck.html").read_text()
+    assert "data:image/png;base64," in page.split('class="first-divergence fails"', 1)[1]
