@@ -90,7 +90,7 @@ def _read(path: str) -> bytes:
 def _spatial(label: str, shape: Shape, declared: tuple[int | None, ...]) -> tuple[int, ...]:
     """The map's spatial size: as declared, else ``spatial=``; a given ``spatial`` must agree with a declared one."""
     if all(d is not None for d in declared):
-        spatial = tuple(int(d) for d in declared)  # type: ignore[arg-type]
+        spatial = tuple(int(d) for d in declared)
         if shape.spatial is not None and tuple(shape.spatial) != spatial:
             raise SpecError(f"{label}: spatial={tuple(shape.spatial)} but the model declares a map of {spatial}")
         return spatial
@@ -169,7 +169,7 @@ class OnnxSide(Side):
                                 "expected (batch, features) times a 2-D weight")
             if dims is not None and dims[1] not in (None, features):
                 raise SpecError(f"{label} reads {dims[1]} features but its weight of shape={ws} takes {features}")
-            geometry, rank0 = _dense(label, shape, features, units, has_bias, _flatten_source(graph, picked.input[0]))
+            geometry, rank0 = _dense(label, shape, features, units, has_bias, _flatten_source(graph, picked.input[0], features))
             kind, x_dims = "dense", (features,)
         else:
             geometry, rank0 = _onnx_conv(label, picked, ws, dims, shape, has_bias), False
@@ -265,15 +265,15 @@ def _dims(graph: Any, name: str) -> tuple[int | None, ...] | None:
     return None
 
 
-def _flatten_source(graph: Any, name: str) -> tuple[int, tuple[int, ...]] | None:
-    """(channels, spatial) of the known map a Flatten (axis 1) or Reshape turned into ``name``."""
+def _flatten_source(graph: Any, name: str, features: int) -> tuple[int, tuple[int, ...]] | None:
+    """(channels, spatial) of the known map a Flatten (axis 1) or Reshape turned into ``name``'s ``features``."""
     producer = next((n for n in graph.node if name in n.output), None)
     if producer is None or producer.op_type not in ("Flatten", "Reshape") or _attr(producer, "axis", 1) != 1:
         return None
     dims = _dims(graph, producer.input[0])
-    if not dims or len(dims) < 3 or None in dims[1:]:
+    if not dims or len(dims) < 3 or None in dims[1:] or math.prod(dims[1:]) != features:
         return None
-    return int(dims[1]), tuple(int(d) for d in dims[2:])  # type: ignore[arg-type]
+    return int(dims[1]), tuple(int(d) for d in dims[2:])
 
 
 def _onnx_conv(label: str, node: Any, ws: tuple[int, ...], dims: tuple[int | None, ...] | None, shape: Shape,
@@ -401,7 +401,7 @@ class TfliteSide(Side):
         if len(dims) > 1 and None in dims:
             raise SpecError(f"{label} reads a map of open shape {dims} into FULLY_CONNECTED: expected a fixed map")
         # plain features (flattened before the model: channels last, as TensorFlow does), or the model's own map
-        known = (int(dims[-1]), tuple(int(d) for d in dims[:-1])) if len(dims) > 1 else None  # type: ignore[arg-type]
+        known = (int(dims[-1]), tuple(int(d) for d in dims[:-1])) if len(dims) > 1 else None
         if known and (shape.channels not in (None, known[0]) or shape.spatial not in (None, known[1])):
             raise SpecError(f"{label} reads a map of {known[1]} × {known[0]} channels (NHWC): channels={shape.channels}, "
                             f"spatial={shape.spatial} do not match it")
