@@ -73,6 +73,10 @@ def adapter_for(model: Any, role: str) -> Adapter:
         return TorchAdapter(model, role)
     if keras is not None and isinstance(model, keras.Model):
         return KerasAdapter(model, role)
+    from equivcheck.modelcheck.onnx_adapter import OnnxAdapter, is_onnx
+
+    if is_onnx(model):
+        return OnnxAdapter(model, role)
     raise ModelError(f"{role}={type(model).__name__} is neither a torch.nn.Module nor a Keras 3 model: "
                      "pass a model object (files load with equivcheck.modelcheck.commands.load_model)")
 
