@@ -112,6 +112,33 @@ def test_transb_flipped_without_transposing_is_named(ec, onnx, vgg, vgg_path):
     assert [r.verdict for r in result.layers] == ["pass", "pass", "fail"]
 
 
+def test_fixed_batch_export_runs_at_the_check_batch(ec, torch, vgg, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(vgg, (torch.randn(1, *SHAPE[1:]),), str(tmp_path / "b1.onnx"), dynamo=False)  # batch 1, fixed
+    result = ec.check_models(vgg, str(tmp_path / "b1.onnx"), input_shape=SHAPE)
+    assert result.verdict == "pass", result.render()
+
+
+def test_gemm_alpha_beta_folded_into_kernel_and_bias(ec, onnx, torch):
+    from onnx import helper, numpy_helper
+    from torch import nn
+
+    torch.manual_seed(2)
+    linear = nn.Linear(6, 4).eval()
+    w, b = linear.weight.detach().numpy(), linear.bias.detach().numpy()
+    node = helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="gemm", alpha=0.5, beta=2.0, transB=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, ["N", 6])],
+                              [helper.make_tensor_value_info("y", 1, None)],
+                              initializer=[numpy_helper.from_array(w * 2, "w"), numpy_helper.from_array(b / 2, "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = ec.check_models(linear, model, input_shape=(2, 6))
+    assert result.verdict == "pass", result.render()
+    halved = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    next(a for a in halved.graph.node[0].attribute if a.name == "alpha").f = 0.25
+    assert ec.check_models(linear, halved, input_shape=(2, 6)).first_divergence.converted == "gemm"
+
+
 def _convs_2d(nn):
     return nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=(1, 2), dilation=(1, 2)), nn.ReLU(),
                          nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 4, 1, groups=2),
