@@ -26,15 +26,23 @@ class _Parser(argparse.ArgumentParser):
 
 def _ints(text: str) -> tuple[int, ...]:
     """``"7,7"`` or ``"7x7"``: non-negative integers, nothing else (``"4,x"`` and ``"4,,5"`` are refused)."""
-    if not re.fullmatch(r"\s*\d+(\s*[,x]\s*\d+)*\s*", text):
+    if not re.fullmatch(r"\s*[0-9]+(\s*[,x]\s*[0-9]+)*\s*", text):  # [0-9]: no other script's digits
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 7,7")
     return tuple(int(p) for p in re.split(r"[,x]", text))
 
 
 def _seed(text: str) -> int:
     """A non-negative integer seed."""
-    if not re.fullmatch(r"\s*\d+\s*", text):
+    if not re.fullmatch(r"[0-9]+", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer seed, e.g. 0")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    """An integer in plain ASCII digits (``int`` would take ``1_000``, `` 3`` and other scripts' digits);
+    its range is the spec's to check, which names the field."""
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}")
     return int(text)
 
 
@@ -46,17 +54,17 @@ def _spec_flags(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     """The two layers and one set of shape flags; each layer takes the flags that apply to it."""
     p.add_argument("--from", dest="source", required=required, metavar="PRESET:LAYER", help="source layer, e.g. keras:dense")
     p.add_argument("--to", dest="target", required=required, metavar="PRESET:LAYER", help="target layer, e.g. torch:conv")
-    p.add_argument("--channels", type=int, metavar="C", help="channels of the feature map the layers read")
+    p.add_argument("--channels", type=_count, metavar="C", help="channels of the feature map the layers read")
     p.add_argument("--spatial", type=_ints, metavar="H,W", help="spatial size of that map, e.g. 7,7")
-    p.add_argument("--units", type=int, metavar="N", help="output width: dense units or conv out channels")
+    p.add_argument("--units", type=_count, metavar="N", help="output width: dense units or conv out channels")
     p.add_argument("--kernel-size", type=_ints, metavar="KH,KW",
                    help="conv kernel size; one number for every axis (default: the whole map)")
     p.add_argument("--stride", type=_ints, metavar="S", help="conv stride, one number or one per axis (default: 1)")
     p.add_argument("--dilation", type=_ints, metavar="D", help="conv dilation (default: 1)")
     p.add_argument("--padding", type=_padding, metavar="valid|same|P,P", help="conv padding (default: valid)")
     p.add_argument("--output-padding", type=_ints, metavar="P", help="transposed conv output padding (default: 0)")
-    p.add_argument("--groups", type=int, help="conv groups (default: 1)")
-    p.add_argument("--multiplier", type=int, help="depthwise channel multiplier (default: units / channels, else 1)")
+    p.add_argument("--groups", type=_count, help="conv groups (default: 1)")
+    p.add_argument("--multiplier", type=_count, help="depthwise channel multiplier (default: units / channels, else 1)")
     p.add_argument("--no-bias", action="store_true", help="layers without a bias")
 
 

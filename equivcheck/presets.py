@@ -13,7 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from equivcheck.errors import SpecError
-from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, Shape, spatial_letters
+from equivcheck.specs import (
+    CHANNELS_FIRST,
+    CHANNELS_LAST,
+    ConvSpec,
+    DenseSpec,
+    LayerSpec,
+    Shape,
+    _positive,  # the one integer validator
+    spatial_letters,
+)
 
 __all__ = ["LAYERS", "LAYER_KEYWORDS", "PRESETS", "Preset", "backend_of", "build", "build_pair", "presets_markdown", "spec"]
 
@@ -168,7 +177,7 @@ def spec(
         if multiplier is None:
             if units is None:
                 multiplier = 1
-            elif isinstance(units, int) and units % channels == 0:
+            elif isinstance(units, int) and _positive("channels", channels) and units % channels == 0:
                 multiplier = units // channels
             else:
                 raise SpecError(f"units={units} is not a multiple of channels={channels}: a depthwise conv outputs channels × multiplier")

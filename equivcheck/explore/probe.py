@@ -39,6 +39,7 @@ from equivcheck.errors import NotAPermutation, ProbeFailure, SpecError
 from equivcheck.explore.atoms import line_atoms, mapping_from_lines, stored_index
 from equivcheck.explore.sides import Side
 from equivcheck.mapping import Mapping
+from equivcheck.memory import require_memory
 from equivcheck.specs import ConvSpec
 
 __all__ = ["Probed", "probe_side"]
@@ -259,7 +260,9 @@ def _line_elements(geo: ConvSpec, base: tuple[tuple[int, ...], tuple[int, ...]] 
 # -- running index-coded probes ------------------------------------------------------------
 def _batch(side: Side, elements: list[_Element]) -> np.ndarray:
     geo = side.geometry
-    x = np.zeros((1 + len(elements), geo.in_channels, *geo.spatial), dtype=side.np_dtype)
+    shape = (1 + len(elements), geo.in_channels, *geo.spatial)
+    require_memory(f"a probe batch of shape {shape}", 2 * math.prod(shape) * side.np_dtype.itemsize)  # in and out
+    x = np.zeros(shape, dtype=side.np_dtype)
     for b, e in enumerate(elements, 1):
         x[(b, e.ci, *e.q)] = 1
     return x

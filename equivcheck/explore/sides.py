@@ -24,6 +24,7 @@ import numpy as np
 
 from equivcheck._arrays import aligned_empty, to_numpy
 from equivcheck.errors import EquivcheckError, ProbeError, SpecError, framework_message
+from equivcheck.memory import require_memory
 from equivcheck.presets import backend_of, build
 from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, DATA_FORMATS, ConvSpec, DenseSpec, LayerSpec, Shape
 
@@ -275,6 +276,9 @@ def spec_side(spec: LayerSpec, backend: str | None) -> LayerSide:
 
     name = _backend_for(spec, backend)
     b = backends.get(name)
+    # The layer, its kernel-sized scratch and a few probe batches in and out, before anything is built.
+    require_memory(f"exploring {spec.describe()}", 8 * (3 * math.prod(spec.kernel_shape)
+                                                       + 4 * math.prod(spec.input_shape) + 4 * math.prod(spec.output_shape)))
     supports64 = probe(b, spec, "float64").runs
     dtype = _probe_dtype(math.prod(spec.kernel_shape), supports64)
     facts = probe(b, spec, dtype)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from equivcheck.compare import Comparison
+from equivcheck.memory import require_memory
 from equivcheck.models.head import HeadError, Propagated
 
 __all__ = ["Check", "ModelVerification", "verify_split"]
@@ -208,7 +209,10 @@ def verify_split(sp: Any, converted: Any, *, larger: tuple[int, ...] | None = No
         big = big * len(train)
     if len(big) != len(train) or any(b < t for b, t in zip(big, train)):
         raise HeadError(f"larger={big} must have {len(train)} sizes, each at least the training size {train}")
-    X = rng.standard_normal((batch, *_with_spatial(sp.input_shape, axes, big))).astype(dt)
+    big_shape = (batch, *_with_spatial(sp.input_shape, axes, big))
+    # The larger input in float64 and dt, its features, the windows cut from them and the outputs: a few copies.
+    require_memory(f"verify-model at larger={big}", 8 * 8 * math.prod(big_shape))
+    X = rng.standard_normal(big_shape).astype(dt)
     F = sp.body_features(X)
     probe = tuple(t + k for t, k in zip(train, product))
     grown = F.shape[2:] if probe == big else sp.body_features(

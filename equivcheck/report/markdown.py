@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from typing import Any
 
 from equivcheck.report.describe import (
@@ -33,10 +34,25 @@ def percent(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.3g}%"
 
 
+_MARKUP = re.compile(r"([\\`\[\]])")  # what could start a link, an image or a code span
+
+
 def md(value: Any) -> str:
-    """A value as inline Markdown text: no raw HTML (``<``, ``>``, ``&`` escaped), one line."""
+    """A value as inline Markdown text, one line: no raw HTML (``<``, ``>``, ``&`` escaped), no link,
+    image or code span (``[``, ``]``, a backtick and a backslash escaped)."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    return html.escape(text, quote=False).replace("\n", " ")
+    return _MARKUP.sub(r"\\\1", html.escape(text, quote=False)).replace("\n", " ")
+
+
+def code(value: Any) -> str:
+    """A value as an inline code span, fenced by more backticks than any run inside; text holding
+    ``<`` or ``&`` is plain escaped text instead (a renderer may still read HTML near a span)."""
+    text = (value if isinstance(value, str) else json.dumps(value, default=str)).replace("\n", " ")
+    if "<" in text or "&" in text:
+        return md(text)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def cell(value: Any) -> str:
@@ -129,7 +145,7 @@ def render(doc: dict[str, Any]) -> str:
     if checked:
         out += ["What was checked:", "", *(f"- {md(s)}" for s in checked), ""]
     out += [
-        f"Run `{md(run['run_id'])}` · {md(run['created'])}" + (f" · `{md(run['command'])}`" if run.get("command") else "")
+        f"Run {code(run['run_id'])} · {md(run['created'])}" + (f" · {code(run['command'])}" if run.get("command") else "")
         + (f" · seed {md(run['seed'])}" if run.get("seed") is not None else ""),
         "",
         f"Environment: {md(environment_line(doc['environment']))}",
