@@ -433,6 +433,15 @@ CLI_CASES = {
     "convert a missing file": (["convert", "--from", "keras:dense", "--to", "torch:conv", *SMALL_FLAGS, "missing.npz",
                                 "out.npz"], "missing.npz"),
     "report of a missing file": (["report", "missing.json"], "does not exist"),
+    "depthwise with zero channels": ([*DEPTHWISE_PLAN[:-4], "--channels", "0", "--spatial", "4,5", "--units", "6"],
+                                     "channels=0 must be a positive integer"),
+    "channels in another script's digits": ([*PLAN, "--channels", "\uff13"], "invalid int value"),
+    "channels with an underscore": ([*PLAN, "--channels", "1_0"], "invalid int value: '1_0'"),
+    "spatial in another script's digits": ([*PLAN, "--spatial", "\uff14,\uff15"], "is not a comma-separated list"),
+    "explore past the memory": (["explore", "--from", "keras:dense", "--to", "torch:conv", "--channels", "4096",
+                                 "--spatial", "64,64", "--units", "1024"], "more than half of this machine"),
+    "explore a huge map to one unit": (["explore", "--from", "keras:dense", "--to", "torch:conv", "--channels", "100000",
+                                        "--spatial", "100,100", "--units", "1"], "more than half of this machine"),
     "unknown command": (["nonsense"], "invalid choice: 'nonsense'"),
 }
 
@@ -576,3 +585,26 @@ def test_every_report_field_is_escaped_without_jsonschema(tmp_path, capsys, monk
         text = (tmp_path / name).read_text()
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text, name  # the hostile text is there, inert
         assert not [live for live in LIVE if live in text], name
+
+
+@pytest.mark.parametrize("damage", ["a case without its verdict", "a summary that is a list", "cases that are a number"])
+def test_a_report_of_the_wrong_shape_is_one_line_without_jsonschema(tmp_path, capsys, monkeypatch, damage):
+    from equivcheck.report import write_report
+
+    src, dst = ec.spec("caffe:dense", **SMALL), ec.spec("caffe:conv", **SMALL)
+    write_report(tmp_path, [ec.verify_pair(src, dst)], seed=0, command="verify")
+    path = tmp_path / "equivcheck.json"
+    doc = json.loads(path.read_text())
+    if damage == "a case without its verdict":
+        del doc["cases"][0]["verdict"]
+    elif damage == "a summary that is a list":
+        doc["summary"] = []
+    else:
+        doc["cases"] = 7
+    path.write_text(json.dumps(doc))
+    monkeypatch.setitem(sys.modules, "jsonschema", None)
+    before = snapshot(tmp_path)
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert snapshot(tmp_path) == before

@@ -138,4 +138,9 @@ def rebuild(json_path: str | os.PathLike[str], out_dir: str | os.PathLike[str] |
     """Render ``equivcheck.md`` and ``equivcheck.html`` again from an ``equivcheck.json`` alone."""
     doc = load(json_path)
     folder = _folder(out_dir if out_dir is not None else Path(json_path).parent)
-    return _write_all(folder, render(doc))
+    try:
+        pages = render(doc)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:  # valid JSON, not our shape
+        raise FileFormatError(f"report={str(json_path)!r} does not hold what equivcheck writes "
+                              f"({type(exc).__name__}: {str(exc)[:80]}): rebuild only an equivcheck.json") from None
+    return _write_all(folder, pages)

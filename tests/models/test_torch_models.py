@@ -156,3 +156,10 @@ def test_vgg16_layout_matches_torchvision_keys(torch, vgg):
         "classifier.0.weight", "classifier.3.weight", "classifier.6.weight"]
     assert sum(k.startswith("features") for k in keys) == 13 and model.input_shape == (3, 224, 224)
     assert tuple(model.classifier[0].weight.shape) == (8, 512 * 7 * 7)
+
+
+def test_a_larger_size_past_the_memory_guard_is_one_line_before_allocating(torch):
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 4))
+    fcn = ec.convolutionalize(model, input_shape=(2, 8, 8))
+    with pytest.raises(ec.SpecError, match=r"verify-model at larger=\(100000, 100000\) needs about .* more than half"):
+        ec.verify_model(model, fcn, input_shape=(2, 8, 8), larger=(100000, 100000))
