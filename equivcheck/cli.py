@@ -358,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("explore", cmd_explore, "discover the weight mapping between two black-box layers")
     _spec_flags(p, required=False)
-    p.add_argument("--source", dest="source_obj", metavar="MODULE:ATTR", help="a layer or callable to probe")
-    p.add_argument("--target", dest="target_obj", metavar="MODULE:ATTR", help="a layer or callable to probe")
+    objects = "a layer or callable to probe (MODULE:ATTR), or an exported model: MODEL.onnx[:NODE] or MODEL.tflite"
+    p.add_argument("--source", dest="source_obj", metavar="OBJECT", help=objects)
+    p.add_argument("--target", dest="target_obj", metavar="OBJECT", help=objects)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--report", metavar="DIR", help="write equivcheck.json/.md/.html to DIR")
     p.add_argument("--seed", type=_seed, default=0)

@@ -159,7 +159,10 @@ def explore(
     framework's backend, or on ``backend=``), a spec, a backend layer, a torch ``nn.Module``
     (``nn.Linear``, ``nn.Conv2d``, ``nn.Sequential(nn.Flatten(), nn.Linear(...))``), a Keras
     layer or model, a :class:`BlackBox`, a callable ``fn(x, kernel, bias)`` carrying
-    ``kernel_shape``, or ``"module:attr"`` naming one. Shape keywords fill in what a layer does
+    ``kernel_shape``, or ``"module:attr"`` naming one; an exported model: an ONNX ``ModelProto``,
+    ``.onnx`` path or ``InferenceSession`` (one linear node, or ``(model, "NODE")`` /
+    ``"model.onnx:NODE"``), TFLite bytes or a ``.tflite`` path (:mod:`equivcheck.explore.runtimes`).
+    Shape keywords fill in what a layer does
     not carry (a torch ``Linear`` does not know the map it reads: ``channels=512,
     spatial=(7, 7)``). ``probe`` picks the strategy: ``"auto"``, ``"lines"`` or ``"selectors"``.
     Never raises because no mapping exists: the result says ``found=False`` and why.

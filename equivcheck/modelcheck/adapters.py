@@ -77,7 +77,8 @@ def adapter_for(model: Any, role: str) -> Adapter:
 
     if is_onnx(model):
         return OnnxAdapter(model, role)
-    raise ModelError(f"{role}={type(model).__name__} is neither a torch.nn.Module nor a Keras 3 model: "
+    raise ModelError(f"{role}={type(model).__name__} is not a torch.nn.Module, a Keras 3 model or an ONNX model "
+                     "(ModelProto, .onnx path, InferenceSession): "
                      "pass a model object (files load with equivcheck.modelcheck.commands.load_model)")
 
 

@@ -109,7 +109,7 @@ def _inputs(shape: tuple[int, ...], src: Adapter, dst: Adapter, dtype: str, seed
 # -- one pair --------------------------------------------------------------------------------
 def _native_flatten(layer: Linear) -> str:
     letters = layer.layout.canonical_letters if layer.layout is not None else ""
-    return letters if layer.framework == "torch" else letters[1:] + letters[:1]
+    return letters if layer.framework in ("torch", "onnxruntime") else letters[1:] + letters[:1]  # NCHW flattens CHW
 
 
 def _bring(s: Linear, c: Linear) -> tuple[np.ndarray, np.ndarray]:
@@ -275,6 +275,9 @@ def _cast(adapter: Adapter, model: Any, dtype: str, role: str) -> Adapter:
 
         adapter.close()
         return adapter_for(copy.deepcopy(model).to(getattr(torch, dtype)), role)
+    if adapter.framework == "onnxruntime":
+        raise ModelError(f"the {role} ONNX model {adapter.name!r} computes in {adapter.dtype}: dtypes={dtype!r} needs "
+                         f"a model exported in {dtype} (ONNX models are checked in their own dtype)")
     raise ModelError(f"the {role} Keras model {adapter.name!r} computes in {adapter.dtype}: dtypes={dtype!r} needs a "
                      f"model built in {dtype} (Keras models are checked in their own dtype)")
 

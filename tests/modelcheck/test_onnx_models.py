@@ -217,7 +217,7 @@ def test_bad_input_is_one_line(ec, onnx, vgg, vgg_path, tmp_path):
         assert "\n" not in str(err.value)
         return str(err.value)
 
-    assert "neither" in one_line(lambda: ec.check_models(vgg, object(), input_shape=SHAPE))
+    assert "is not a torch.nn.Module" in one_line(lambda: ec.check_models(vgg, object(), input_shape=SHAPE))
     missing = str(tmp_path / "missing.onnx")
     assert "not found" in one_line(lambda: ec.check_models(vgg, missing, input_shape=SHAPE))
     junk = tmp_path / "junk.onnx"
