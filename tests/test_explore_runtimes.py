@@ -289,7 +289,7 @@ def test_tflite_bad_models(keras, convert):
 
 
 def test_tflite_model_fixed_to_one_sample_runs_sample_by_sample(tf, monkeypatch):
-    from equivcheck.explore import runtimes
+    from equivcheck.explore import runtimes_tflite as runtimes
 
     w, b = tf.constant(_random(6, 4)), tf.constant(_random(4))
     fn = tf.function(lambda x: tf.matmul(tf.reshape(x, [1, 6]), w) + b,
