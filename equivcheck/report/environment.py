@@ -77,10 +77,24 @@ def _jax_precision(jax: Any) -> dict[str, Any]:
     return out
 
 
+def _onnxruntime_settings(ort: Any) -> dict[str, Any]:
+    from equivcheck.backends.onnxruntime import PROVIDER
+
+    out: dict[str, Any] = {"execution_provider": PROVIDER}
+    with contextlib.suppress(Exception):
+        out["available_providers"] = ", ".join(ort.get_available_providers())
+    return out
+
+
+def _tflite_settings(_: Any) -> dict[str, Any]:
+    return {"delegate": "XNNPACK (the interpreter's default CPU delegate)", "num_threads": 1}
+
+
 def _precision() -> dict[str, Any]:
-    """Precision settings of the frameworks already imported, keyed by framework."""
+    """Precision and execution settings of the frameworks already imported, keyed by framework."""
     out: dict[str, Any] = {}
-    readers = (("torch", _torch_precision), ("tensorflow", _tf_precision), ("jax", _jax_precision))
+    readers = (("torch", _torch_precision), ("tensorflow", _tf_precision), ("jax", _jax_precision),
+               ("onnxruntime", _onnxruntime_settings), ("ai_edge_litert", _tflite_settings))
     for name, read in readers:
         module = sys.modules.get(name)
         if module is not None:

@@ -42,3 +42,12 @@ def test_environment_reads_torch_precision_once_torch_is_imported():
     assert env["frameworks"]["torch"]["imported"] is True
     assert env["precision"]["torch"]["float32_matmul_precision"] == "high"
     assert isinstance(env["precision"]["torch"]["cuda_matmul_allow_tf32"], bool)
+
+
+def test_environment_names_onnxruntimes_execution_provider_once_it_runs():
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime not installed: pip install 'equivcheck[onnx]'")
+    env = _probe("import onnxruntime")["env"]
+    assert env["frameworks"]["onnxruntime"]["version"]
+    assert env["precision"]["onnxruntime"]["execution_provider"] == "CPUExecutionProvider"
+    assert "CPUExecutionProvider" in env["precision"]["onnxruntime"]["available_providers"]
