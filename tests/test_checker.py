@@ -291,3 +291,20 @@ def test_check_converter_outside_pytest_is_the_fixtures_method():
                                                   **SHAPE)] == ["pass"]
     with pytest.raises(ConversionCheckFailed, match=r"wrong flatten order"):
         ec.check_converter(lambda k, b: (k.T.reshape(dst.kernel_shape), b), "keras:dense", "torch:conv", **SHAPE)
+
+
+def test_source_and_target_options_set_spec_fields_fixed_or_searched():
+    shape = dict(channels=3, spatial=(4, 5), units=6)
+
+    def convert_from(flatten):
+        src, dst = ec.spec("keras:dense", **shape, flatten=flatten), ec.spec("torch:conv", **shape)
+        return lambda k, b: ec.convert(src, dst, k, b)
+
+    checker = Checker()
+    cases = checker.check_converter(convert_from("CHW"), "keras:dense", "torch:conv", **shape,
+                                    source_options={"flatten": "CHW"})
+    assert [c.verdict for c in cases] == ["pass"] and cases[0].source.flatten == "CHW"
+    with pytest.raises(ConversionCheckFailed, match="wrong flatten order"):
+        checker.check_converter(convert_from("HWC"), "keras:dense", "torch:conv", **shape,
+                                source_options={"flatten": ["HWC", "CHW"]}, max_examples=10)
+    assert {r.case.source.flatten for r in checker.records} >= {"CHW"}

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.checker.arguments import _build, _split_args
+from equivcheck.checker.arguments import _build, _is_strategy, _split_args
 from equivcheck.checker.messages import converter_code, failure_message, identify_conventions
 from equivcheck.checker.options import Options, derive_seed, resolve_backend
 from equivcheck.errors import (
@@ -42,6 +42,13 @@ class _Guarded:
             return self.convert(*args)
         except Exception as exc:
             raise _Raised(str(exc)) from exc
+
+
+def _side(args: dict[str, Any], role: str) -> dict[str, Any]:
+    """The shape arguments plus ``role``'s own spec options (keys ``"source:flatten"`` → ``flatten``)."""
+    prefix = f"{role}:"
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in args.items()
+            if ":" not in k or k.startswith(prefix)}
 
 
 def native_inputs(convert: Callable, backend: str, dtype: str) -> Callable:
@@ -170,8 +177,14 @@ class Checker:
         max_examples: int | None = None,
         seed: int | None = None,
         native: bool = False,
+        source_options: dict[str, Any] | None = None,
+        target_options: dict[str, Any] | None = None,
     ) -> list[Case]:
         """Check ``convert(kernel, bias) -> (kernel, bias)`` from ``source`` to ``target``.
+
+        ``source_options``/``target_options`` set one layer's spec fields beyond its preset
+        (``{"flatten": "HWC", "kernel_layout": "OI"}``); a value given as a list, or a strategy,
+        is searched over like a shape range.
 
         ``source``/``target``: ``"PRESET:LAYER"`` names (or specs). Shape arguments are those of
         :func:`equivcheck.spec`; an int argument given as ``(low, high)`` or a ``range``, a
@@ -191,10 +204,18 @@ class Checker:
                     dilation=dilation, padding=padding, groups=groups, multiplier=multiplier,
                     output_padding=output_padding, bias=bias)
         fixed, varying = _split_args(args)
+        sides = {"source": dict(source_options or {}), "target": dict(target_options or {})}
+        for role, options in sides.items():
+            for key, value in options.items():
+                if isinstance(value, list):
+                    from hypothesis import strategies as st
+
+                    value = st.sampled_from(value)
+                (varying if _is_strategy(value) else fixed)[f"{role}:{key}"] = value
         names = self._dtypes(dtypes)
         run_seed = self._seed(seed)
         if not varying:
-            src, dst = _build(source, fixed, "source"), _build(target, fixed, "target")
+            src, dst = _build(source, _side(fixed, "source"), "source"), _build(target, _side(fixed, "target"), "target")
             plan(src, dst)  # a pair that no conversion can make equivalent is an error, not a failure
             cases = []
             for dtype in names:
@@ -209,7 +230,7 @@ class Checker:
         def example(draw: Any) -> tuple[LayerSpec, LayerSpec, str, int]:
             shape = {**fixed, **{k: draw(v) for k, v in varying.items()}}
             try:
-                src, dst = _build(source, shape, "source"), _build(target, shape, "target")
+                src, dst = _build(source, _side(shape, "source"), "source"), _build(target, _side(shape, "target"), "target")
                 plan(src, dst)
             except EquivcheckError:
                 from hypothesis import reject
