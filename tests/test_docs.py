@@ -34,7 +34,7 @@ DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL = {"bash", "console", "sh", "shell"}
 FENCE = re.compile(r"^```\s*([\w-]*)\s*$")
 MARK = re.compile(r"^<!--\s*(not run|exit|slow)\s*:?\s*(.*?)\s*-->$")
-NAMESPACE = "equivcheck_docs"   # the examples' module name, so their warnings can be told apart
+NAMESPACE = "equivcheck_docs"   # the examples' module name
 
 # Examples that fail because of the code, not the docs: "FILE:first code line" -> reason.
 XFAIL: dict[str, str] = {}
@@ -120,7 +120,9 @@ def in_folder(folder: Path):
     os.chdir(folder)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("error", category=DeprecationWarning, module=rf"{NAMESPACE}|equivcheck")
+            # equivcheck's renamed keywords (the warning points at the example) and its own deprecations
+            warnings.filterwarnings("error", r"\w+= is deprecated", DeprecationWarning)
+            warnings.filterwarnings("error", category=DeprecationWarning, module=r"equivcheck(\.|\Z)")
             yield
     finally:
         os.chdir(cwd)
@@ -146,8 +148,8 @@ class Outcomes:
 class DocRun:
     """One Markdown file's examples run in order, each once, in one namespace and one folder."""
 
-    def __init__(self, path: Path, folder: Path) -> None:
-        self.examples = [e for e in EXAMPLES if e.path == path]
+    def __init__(self, path: Path, folder: Path, examples: list[Example] | None = None) -> None:
+        self.examples = [e for e in EXAMPLES if e.path == path] if examples is None else examples
         self.folder = folder
         self.namespace: dict[str, Any] = {"__name__": NAMESPACE}
         self.results: dict[int, BaseException | None] = {}
@@ -178,6 +180,7 @@ class DocRun:
         report = io.StringIO()
         runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
         runner.run(test, out=report.write, clear_globs=False)
+        self.namespace.update(test.globs)   # DocTest works on a copy: the file's later examples see its names
         if runner.failures:
             raise AssertionError(report.getvalue())
 
@@ -245,6 +248,16 @@ def test_marks_parse_from_markdown(tmp_path: Path) -> None:
     assert commands(shell.text) == [(["plan", "--units", "3"], None)]
     assert commands("equivcheck x  # exit 2: why\n") == [(["x"], 2)]
     assert (python.kind, python.marks) == ("python", {"not run": "a signature"})
+
+
+def test_old_spellings_and_wrong_exit_codes_fail(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    doc = tmp_path / "old.md"
+    doc.write_text("```python\nimport equivcheck as ec\nd = ec.spec('keras:dense', channels=2, spatial=(2, 2), "
+                   "units=2)\nec.verify_pair(d, d, mutations=False)\n```\n```bash\nequivcheck presets  # exit 1\n```\n")
+    run = DocRun(doc, tmp_path, parse(doc))
+    deprecated, exit_code = (run.result(e, request) for e in run.examples)
+    assert isinstance(deprecated, DeprecationWarning) and "mutations=" in str(deprecated)
+    assert isinstance(exit_code, AssertionError) and "exited 0, the docs say 1" in str(exit_code)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.id)
