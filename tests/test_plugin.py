@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -245,7 +246,8 @@ def test_fails_after_its_check(equivcheck):
 def _reproducers(out: str) -> dict[str, str]:
     """Each failing test's reproducer, dedented, by test name."""
     found = {}
-    for block in out.split("\n____")[1:]:
+    failures = re.split(r"\n=+ ", out.split(" FAILURES ", 1)[1], maxsplit=1)[0]  # not the sections after them
+    for block in failures.split("\n____")[1:]:
         test = block.split(" ", 2)[1]
         if "reproduce:" in block:
             lines = block.split("reproduce:\n")[1].splitlines()
