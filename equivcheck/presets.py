@@ -164,6 +164,8 @@ def spec(
 
     if rank == 0 and kernel_size is None:
         raise SpecError(f"spatial is missing for {name}: pass the input map's size, e.g. spatial=(7, 7)")
+    if isinstance(kernel_size, int) and not isinstance(kernel_size, bool) and rank:
+        kernel_size = (kernel_size,) * rank  # one size for every spatial axis
     ks = _spatial(kernel_size, "kernel_size") if kernel_size is not None else spatial_t
     if rank == 0:
         rank, spatial_t = len(ks), ks

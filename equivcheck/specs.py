@@ -274,8 +274,13 @@ class ConvSpec:
         pad = self.padding
         if self.transposed and not isinstance(pad, str) and any(isinstance(p, tuple) for p in pad):
             raise SpecError(f"padding={pad} gives (before, after) pairs: a transposed convolution takes one integer per axis")
-        if self.transposed and pad == "same":
-            raise SpecError("padding='same' is not supported for transposed convolutions: give integers per axis")
+        if self.transposed and pad == "same":  # output = input × stride: crop (effective kernel - stride) / 2 a side
+            total = [d * (k - 1) + 1 - st for k, d, st in zip(self.kernel_size, self.dilation, self.stride)]
+            if any(t < 0 or t % 2 for t in total):
+                raise SpecError(f"padding='same' on a transposed convolution with kernel_size={self.kernel_size}, "
+                                f"stride={self.stride} crops {total}: frameworks crop an odd or negative total "
+                                "differently, give integers per axis (and output_padding)")
+            object.__setattr__(self, "padding", tuple(t // 2 for t in total))
         _check_size("conv kernel", self.kernel_shape)
         out = self.output_spatial
         if any(o < 1 for o in out):

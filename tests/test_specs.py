@@ -1,5 +1,7 @@
 """Specs: validation at construction, derived shapes."""
 
+import importlib.util
+
 import pytest
 
 from equivcheck import ConvSpec, DenseSpec, SpecError
@@ -81,3 +83,18 @@ def test_bad_spec_is_refused_with_one_line(build, match):
     with pytest.raises(SpecError, match=match) as info:
         build()
     assert "\n" not in str(info.value)
+
+
+def test_same_padding_on_a_transposed_conv_multiplies_the_map_by_the_stride():
+    import equivcheck as ec
+
+    s = ec.spec("torch:conv_transpose", channels=3, spatial=(4, 5), units=2, kernel_size=(4, 6), stride=(2, 2),
+                padding="same")
+    assert s.padding == (1, 2) and s.output_spatial == (8, 10)
+    with pytest.raises(SpecError, match=r"crops \[1\]: frameworks crop an odd or negative total differently"):
+        ec.spec("keras:conv_transpose", channels=3, spatial=(4,), units=2, kernel_size=(3,), stride=2, padding="same")
+    if importlib.util.find_spec("keras") and importlib.util.find_spec("torch"):  # the real frameworks agree
+        src = ec.spec("torch:conv_transpose", channels=3, spatial=(4, 4), units=2, kernel_size=4, stride=2, padding="same")
+        dst = ec.spec("keras:conv_transpose", channels=3, spatial=(4, 4), units=2, kernel_size=4, stride=2, padding="same")
+        case = ec.verify_pair(src, dst, source_backend="torch", target_backend="keras")
+        assert case.verdict in ("pass", "skip"), case.reason
