@@ -82,6 +82,9 @@ PRESETS: dict[str, Preset] = {
                transpose_op="convolve", backend="jax"),
         Preset("onnx", "ONNX: NCHW, Flatten + Gemm with transB=1 as exported by torch (weight (out, in)), "
                "Conv weight OIHW, ConvTranspose weight IOHW", _CF, _CF, "OI", "OIS", "IOS", "OIS", backend="onnxruntime"),
+        Preset("tf2onnx", "ONNX from a Keras model by tf2onnx: NHWC input, Flatten in HWC order, Dense as "
+               "MatMul + Add (weight (in, out)), Conv weight OIHW and ConvTranspose IOHW behind Transposes",
+               _CL, _CL, "IO", "OIS", "IOS", "OIS", backend="onnxruntime"),
         Preset("caffe", "Caffe: NCHW, InnerProduct weight (out, in), Convolution OIHW, Deconvolution IOHW",
                _CF, _CF, "OI", "OIS", "IOS", "OIS"),
         Preset("tflite", "TensorFlow Lite: NHWC, FullyConnected weight (out, in), Conv2D filter OHWI, "

@@ -29,7 +29,7 @@ FAMILIES = {
 }
 # The framework each preset names, written here (not read from equivcheck): caffe has none, the reference runs it.
 FRAMEWORK_OF = {"keras": "keras", "keras_cf": "keras", "tf": "tf", "torch": "torch", "jax": "jax", "flax": "jax",
-                "scipy": "scipy", "theano": "scipy", "onnx": "onnxruntime", "tflite": "tflite", "caffe": "numpy"}
+                "scipy": "scipy", "theano": "scipy", "onnx": "onnxruntime", "tf2onnx": "onnxruntime", "tflite": "tflite", "caffe": "numpy"}
 
 
 def _installed(name: str) -> bool:

@@ -72,6 +72,9 @@ DOCUMENTED = {
     "flax": Documented(CL, "HWC", "IO", "HWIO", "HWIO", "HWIO", transpose_flipped=True),
     # ONNX as torch exports it: Gemm transB=1 (out, in); Conv W (M, C/group, kH, kW); ConvTranspose W (C, M/group, ...).
     "onnx": Documented(CF, "CHW", "OI", "OIHW", "IOHW", "OIHW"),
+    # tf2onnx from Keras: NHWC input flattened HWC; Dense as MatMul (in, out) + Add; Conv W (M, C/group, kH, kW)
+    # and ConvTranspose W (C, M/group, ...) as ONNX defines them, with Transposes around the node.
+    "tf2onnx": Documented(CL, "HWC", "IO", "OIHW", "IOHW", "OIHW"),
     # Caffe: InnerProduct (out, in); Convolution (out, in/group, h, w); Deconvolution (in, out/group, h, w).
     "caffe": Documented(CF, "CHW", "OI", "OIHW", "IOHW", "OIHW"),
     # TFLite: NHWC; FullyConnected (out, in); Conv2D (out, h, w, in); TransposeConv (out, h, w, in);

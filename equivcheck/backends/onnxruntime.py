@@ -1,7 +1,8 @@
 """ONNX Runtime (CPU execution provider): a single-node ONNX model per layer.
 
 A dense spec is ``[Transpose →] Flatten(axis=1) → Gemm``, its kernel Gemm's ``B`` as stored
-(``transB=1`` for an (out, in) kernel, 0 for (in, out)); a conv spec is ``Conv`` or
+(``transB=1`` for an (out, in) kernel, 0 for (in, out)), or ``MatMul`` + ``Add`` for the presets
+that export dense layers that way (tf2onnx); a conv spec is ``Conv`` or
 ``ConvTranspose`` (weights ``(M, C/group, *k)`` and ``(C, M/group, *k)``, cross-correlation,
 explicit ``pads``, or ``auto_pad="SAME_UPPER"`` for TensorFlow's "same" when undilated), with
 ``Transpose`` nodes around it for a channels-last map. The graph is built with
@@ -45,10 +46,15 @@ PROVIDER = "CPUExecutionProvider"
 ELEM_TYPES = {"float64": 11, "float32": 1, "float16": 10, "bfloat16": 16}
 
 
+#: Presets whose dense layer is ``MatMul`` + ``Add`` (an (in, out) weight) rather than ``Gemm``.
+MATMUL_PRESETS = ("tf2onnx",)
+
+
 def op_type(spec: LayerSpec) -> str:
-    """The ONNX operator that realises ``spec``: Gemm, Conv or ConvTranspose."""
+    """The ONNX operator that realises ``spec``: Gemm (or MatMul + Add), Conv or ConvTranspose."""
     if isinstance(spec, DenseSpec):
-        return "Gemm"
+        matmul = spec.kernel_layout == "IO" and (spec.name or "").split(":")[0] in MATMUL_PRESETS
+        return "MatMul" if matmul else "Gemm"
     return "ConvTranspose" if spec.transposed else "Conv"
 
 
@@ -101,7 +107,12 @@ def build_model(spec: LayerSpec, dtype: str, kernel: np.ndarray | None = None, b
             nodes.append(helper.make_node("Transpose", [x], ["x_t"], perm=list(perm)))
             x = "x_t"
         nodes.append(helper.make_node("Flatten", [x], ["x_flat"], axis=1))
-        nodes.append(helper.make_node("Gemm", ["x_flat", *weights], ["y"], transB=int(spec.kernel_layout == "OI")))
+        if op_type(spec) == "MatMul":  # as tf2onnx exports a Keras Dense
+            nodes.append(helper.make_node("MatMul", ["x_flat", "W"], ["y_mm" if spec.bias else "y"]))
+            if spec.bias:
+                nodes.append(helper.make_node("Add", ["y_mm", "B"], ["y"]))
+        else:
+            nodes.append(helper.make_node("Gemm", ["x_flat", *weights], ["y"], transB=int(spec.kernel_layout == "OI")))
     else:
         n = spec.rank + 2
         if spec.data_format == CHANNELS_LAST:
@@ -222,8 +233,9 @@ def kernel_missing(op: str, rank: int, dtype: str) -> str | None:
     """Why ONNX Runtime's CPU provider cannot run ``op`` of ``rank`` in ``dtype`` (a probe), or None."""
     import onnxruntime as ort
 
-    if op == "Gemm":
-        spec: LayerSpec = DenseSpec(channels=2, units=2, kernel_layout="OI")
+    if op in ("Gemm", "MatMul"):
+        spec: LayerSpec = DenseSpec(channels=2, units=2, kernel_layout="OI" if op == "Gemm" else "IO",
+                                    name="tf2onnx:dense" if op == "MatMul" else "")
     else:
         spec = ConvSpec(2, 2, (1,) * rank, transposed=op == "ConvTranspose")
     dt = np_dtype(dtype)

@@ -243,3 +243,21 @@ def test_an_onnx_layer_is_the_real_source_of_an_onnx2torch_style_check(source, t
         side = " (source)" if target.endswith("dense") else ""
         with pytest.raises(ec.ConversionCheckFailed, match=rf"except: dense kernel not transposed{re.escape(side)}"):
             checker.check_converter(lambda k, b: (wrong.apply(k.reshape(as_io.kernel_shape)), b), source, target, **shape)
+
+
+def test_matmul_then_add_is_x_at_an_in_out_weight_and_the_tf2onnx_dense_is_built_that_way():
+    """tf2onnx exports a Keras Dense as MatMul(x, W) + B, W stored (in, out), after an NHWC (HWC) flatten."""
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((2, 6)), rng.standard_normal((6, 4))
+    y = _run("MatMul", x, [w], (2, 4))
+    np.testing.assert_allclose(y, x.astype(np.float32) @ w.astype(np.float32), rtol=1e-5, atol=1e-6)
+    from equivcheck.backends.onnxruntime import build_model
+
+    src = ec.spec("tf2onnx:dense", channels=3, spatial=(2, 2), units=4)
+    assert (src.kernel_layout, src.flatten, src.data_format) == ("IO", "HWC", "channels_last")
+    assert [n.op_type for n in build_model(src, "float32").graph.node] == ["Flatten", "MatMul", "Add"]
+    kernel, bias = rng.standard_normal((12, 4)), rng.standard_normal(4)
+    maps = rng.standard_normal((2, 2, 2, 3))  # N, H, W, C
+    layer = backends.get("onnxruntime").build(src, "float32")
+    layer.set_weights(kernel.astype(np.float32), bias.astype(np.float32))
+    np.testing.assert_allclose(layer(maps.astype(np.float32)), maps.reshape(2, 12) @ kernel + bias, rtol=1e-5, atol=1e-5)

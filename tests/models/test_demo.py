@@ -20,7 +20,7 @@ def test_quick_demo_writes_a_passing_report(keras, torch, tmp_path, capsys):
     assert [m["framework"] for m in models] == ["torch", "keras"]
     assert all(m["passed"] for m in models)
     assert all(c["verdict"] == "pass" for m in models for c in m["checks"])  # unpadded: the crop check applies
-    assert len(doc["cases"]) == 121 and all(c["verdict"] == "pass" for c in doc["cases"])
+    assert len(doc["cases"]) == 12 * 12 and all(c["verdict"] == "pass" for c in doc["cases"])
 
 
 def test_models_import_no_framework():
