@@ -150,10 +150,10 @@ def test_output_padding_and_an_int_kernel_size_reach_the_specs(capsys):
 
 def test_explore_borrows_units_from_a_real_layer_as_the_api_does(capsys, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch", reason="explores a torch layer")
-    (tmp_path / "mylayers.py").write_text(
+    (tmp_path / "cli_borrowed_layers.py").write_text(
         "import torch\nlayer = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 3 * 3, 4))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    code, out, err = run(capsys, "explore", "--source", "mylayers:layer", "--to", "torch:conv", "--channels", "2",
+    code, out, err = run(capsys, "explore", "--source", "cli_borrowed_layers:layer", "--to", "torch:conv", "--channels", "2",
                          "--spatial", "3,3", "--json")
     assert code == 0, err
     assert json.loads(out)["found"] is True
