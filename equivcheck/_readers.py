@@ -288,6 +288,64 @@ def _keras(p: Path, where: str) -> Iterator[Index]:
         yield index
 
 
+#: A .keras archive's config.json above this is not a model config a person wrote or saved.
+KERAS_CONFIG_MAX = 64 << 20
+
+
+def keras_declared_bytes(p: Path, where: str) -> int:
+    """What building a ``.keras`` model allocates, from its archive alone, before Keras sees it.
+
+    The unpacked members (as the zip declares them) and the weights of each layer its config
+    declares (``build_config.input_shape`` with ``units``/``filters``/``kernel_size``/...), in float32.
+    """
+    with zipfile.ZipFile(p) as archive:
+        infos = archive.infolist()
+        unpacked = sum(i.file_size for i in infos)
+        config = next((i for i in infos if i.filename == "config.json"), None)
+        if config is None:
+            raise FileFormatError(f"input={where} holds no config.json: expected a .keras file saved by Keras 3")
+        if config.file_size > KERAS_CONFIG_MAX:
+            raise FileFormatError(f"input={where} declares a config.json of {config.file_size} bytes: "
+                                  f"more than the {KERAS_CONFIG_MAX} a saved model's config takes")
+        text = archive.read(config)
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise FileFormatError(f"input={where} has a config.json that is not JSON ({str(exc)[:80]})") from None
+    return unpacked + 4 * _declared_weights(doc)
+
+
+def _declared_weights(node: Any) -> int:
+    """Weights of every layer config under ``node`` whose input shape is recorded (others: 0)."""
+    total = 0
+    if isinstance(node, dict):
+        cfg, build = node.get("config"), node.get("build_config")
+        shape = build.get("input_shape") if isinstance(build, dict) else None
+        if isinstance(cfg, dict) and isinstance(shape, list) and shape and all(isinstance(d, int) or d is None for d in shape):
+            total += _layer_weights(str(node.get("class_name", "")), cfg, [d or 1 for d in shape])
+        total += sum(_declared_weights(v) for v in node.values() if isinstance(v, (dict, list)))
+    elif isinstance(node, list):
+        total += sum(_declared_weights(v) for v in node)
+    return total
+
+
+def _layer_weights(kind: str, cfg: dict[str, Any], shape: list[int]) -> int:
+    def count(value: Any) -> int:
+        values = value if isinstance(value, list) else [value]
+        return math.prod(v if isinstance(v, int) and v > 0 else 1 for v in values)
+
+    channels = shape[1] if cfg.get("data_format") == "channels_first" and len(shape) > 2 else shape[-1]
+    if kind in ("Dense", "EinsumDense"):
+        return channels * count(cfg.get("units", cfg.get("output_shape"))) + count(cfg.get("units", 0))
+    if kind.startswith(("Conv", "SeparableConv")):
+        return count(cfg.get("kernel_size")) * channels * count(cfg.get("filters")) + count(cfg.get("filters"))
+    if kind.startswith("DepthwiseConv"):
+        return count(cfg.get("kernel_size")) * channels * count(cfg.get("depth_multiplier", 1))
+    if kind == "Embedding":
+        return count(cfg.get("input_dim")) * count(cfg.get("output_dim"))
+    return 4 * channels if "Normalization" in kind else 0
+
+
 def _text(name: bytes) -> str:
     return name.decode(errors="replace")
 

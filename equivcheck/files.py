@@ -29,6 +29,8 @@ import contextlib
 import os
 import stat
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from equivcheck import _arrays, _readers
-from equivcheck.errors import FileFormatError, SpecError
+from equivcheck.errors import EquivcheckError, FileFormatError, SpecError
 from equivcheck.memory import require_memory
 from equivcheck.specs import LayerSpec
 
@@ -283,6 +285,12 @@ def load_keras_model(path: str | os.PathLike[str]) -> Any:
                               "loaded safely: re-save it as .keras")
     if p.suffix != ".keras":
         raise FileFormatError(f"input={str(p)!r} has suffix {p.suffix!r}: expected a .keras model")
+    try:  # what building it would allocate, from the archive alone: refused before Keras reads it
+        require_memory(f"loading {str(p)!r}", 2 * _readers.keras_declared_bytes(p, repr(str(p))))
+    except EquivcheckError:
+        raise
+    except (OSError, zipfile.BadZipFile, zlib.error, ValueError, KeyError, TypeError, OverflowError) as exc:
+        raise FileFormatError(f"input={str(p)!r} is not a readable .keras model ({_first_line(exc)})") from None
     keras = _require("keras", "tensorflow")
     try:
         return keras.saving.load_model(str(p), compile=False, safe_mode=True)

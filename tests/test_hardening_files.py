@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import pickle
 import re
@@ -469,6 +470,34 @@ def test_hostile_keras_archive_is_refused(tmp_path, capsys, small_budget, kind, 
     src = keras_archive(tmp_path, build, name="weights.bin" if kind == "no weights" else "model.weights.h5",
                         declared=0xFA000000 if kind == "inflates past the guard" else None)
     refused(capsys, tmp_path, src, match, "--from", "keras:dense")
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("a config declaring a huge Dense", r"loading .*bomb\.keras' needs about 7450\.7 GiB, more than half"),
+    ("a config that is not JSON", r"has a config\.json that is not JSON"),
+    ("no config", r"holds no config\.json"),
+    ("not a zip", r"is not a readable \.keras model"),
+])
+def test_a_hostile_keras_model_is_refused_before_keras_builds_it(tmp_path, capsys, kind, match):
+    """The model commands hand a .keras file to Keras: what building it allocates is checked first."""
+    from equivcheck.cli import main
+
+    src = tmp_path / "bomb.keras"
+    dense = {"class_name": "Dense", "config": {"units": 10_000_000}, "build_config": {"input_shape": [None, 100_000]}}
+    config = {"class_name": "Sequential", "config": {"layers": [dense]}}
+    if kind == "not a zip":
+        src.write_bytes(b"PK\x03\x04 not really")
+    else:
+        with zipfile.ZipFile(src, "w") as z:
+            if kind != "no config":
+                z.writestr("config.json", "{not json" if kind == "a config that is not JSON" else json.dumps(config))
+            z.writestr("metadata.json", "{}")
+    before = snapshot(tmp_path)
+    code = main(["convolutionalize", str(src), str(tmp_path / "out.keras")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(match, err), err
+    assert snapshot(tmp_path) == before
 
 
 # -- outputs ------------------------------------------------------------------------------------------
