@@ -50,6 +50,17 @@ ELEM_TYPES = {"float64": 11, "float32": 1, "float16": 10, "bfloat16": 16}
 MATMUL_PRESETS = ("tf2onnx",)
 
 
+def node_attribute(node: Any, name: str, default: Any) -> Any:
+    """Attribute ``name`` of an ONNX ``NodeProto`` as a Python value (strings decoded), or ``default``."""
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            value = helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
 def op_type(spec: LayerSpec) -> str:
     """The ONNX operator that realises ``spec``: Gemm (or MatMul + Add), Conv or ConvTranspose."""
     if isinstance(spec, DenseSpec):

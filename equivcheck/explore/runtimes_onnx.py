@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck.backends.onnxruntime import node_attribute
 from equivcheck.errors import SpecError, framework_message
 from equivcheck.explore.runtimes import _ONNX_DTYPES, ONNX_LINEAR, _conv, _dense, _spatial
 from equivcheck.explore.sides import Side
@@ -51,16 +52,16 @@ class OnnxSide(Side):
                 b_name = other[0]
         if b_name and b_name not in consts:
             raise SpecError(f"{label}: its bias {b_name!r} is computed in the graph: expected a constant")
-        trans_b = op == "Gemm" and _attr(picked, "transB", 0)
+        trans_b = op == "Gemm" and node_attribute(picked, "transB", 0)
         units = {"Gemm": ws[0] if trans_b else ws[-1], "MatMul": ws[-1], "Conv": ws[0],
-                 "ConvTranspose": ws[1] * int(_attr(picked, "group", 1))}[op]
+                 "ConvTranspose": ws[1] * int(node_attribute(picked, "group", 1))}[op]
         bias_dims = tuple(consts[b_name].dims) if b_name else ()
         has_bias = b_name is not None and math.prod(bias_dims) == units  # else a fixed offset, kept as a constant
         self._bias_shape = bias_dims
         dims = _dims(graph, picked.input[0])
         if op in ("Gemm", "MatMul"):
             features = ws[1] if trans_b else ws[0]
-            if op == "Gemm" and _attr(picked, "transA", 0):
+            if op == "Gemm" and node_attribute(picked, "transA", 0):
                 raise SpecError(f"{label}: transA=1 reads the batch as its second axis: expected transA=0")
             if (dims is not None and len(dims) != 2) or len(ws) != 2:
                 raise SpecError(f"{label} reads an input of rank {len(dims or ())} with a weight of rank {len(ws)}: "
@@ -122,16 +123,6 @@ def _load_onnx(obj: Any) -> tuple[Any, str]:
         raise SpecError(f"{where} is not an ONNX model: {framework_message(exc)}") from None
 
 
-def _attr(node: Any, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            value = helper.get_attribute_value(a)
-            return value.decode() if isinstance(value, bytes) else value
-    return default
-
-
 def _pick_node(graph: Any, consts: dict[str, Any], node: str | None, where: str) -> Any:
     linear = [n for n in graph.node if n.op_type in ONNX_LINEAR and n.domain in ("", "ai.onnx")
               and len(n.input) > 1 and n.input[1] in consts]
@@ -166,7 +157,7 @@ def _dims(graph: Any, name: str) -> tuple[int | None, ...] | None:
 def _flatten_source(graph: Any, name: str, features: int) -> tuple[int, tuple[int, ...]] | None:
     """(channels, spatial) of the known map a Flatten (axis 1) or Reshape turned into ``name``'s ``features``."""
     producer = next((n for n in graph.node if name in n.output), None)
-    if producer is None or producer.op_type not in ("Flatten", "Reshape") or _attr(producer, "axis", 1) != 1:
+    if producer is None or producer.op_type not in ("Flatten", "Reshape") or node_attribute(producer, "axis", 1) != 1:
         return None
     dims = _dims(graph, producer.input[0])
     if not dims or len(dims) < 3 or None in dims[1:] or math.prod(dims[1:]) != features:
@@ -176,32 +167,32 @@ def _flatten_source(graph: Any, name: str, features: int) -> tuple[int, tuple[in
 
 def _onnx_conv(label: str, node: Any, ws: tuple[int, ...], dims: tuple[int | None, ...] | None, shape: Shape,
                has_bias: bool) -> ConvSpec:
-    rank, transposed, group = len(ws) - 2, node.op_type == "ConvTranspose", int(_attr(node, "group", 1))
+    rank, transposed, group = len(ws) - 2, node.op_type == "ConvTranspose", int(node_attribute(node, "group", 1))
     if not 1 <= rank <= 3 or (dims is not None and len(dims) != rank + 2):
         raise SpecError(f"{label}: its weight of shape={ws} reads an input of rank {len(dims or ())}: expected a "
                         "1-D to 3-D kernel on a (batch, channels, *spatial) input of 2 more axes")
-    ks = tuple(int(k) for k in _attr(node, "kernel_shape", ws[2:]))
+    ks = tuple(int(k) for k in node_attribute(node, "kernel_shape", ws[2:]))
     cin, cout = (ws[0], ws[1] * group) if transposed else (ws[1] * group, ws[0])
     if shape.channels is not None and shape.channels != cin:
         raise SpecError(f"{label}: channels={shape.channels} but the node reads {cin} channels")
     spatial = _spatial(label, shape, tuple(dims[2:]) if dims else (None,) * rank)
-    stride, dilation = tuple(_attr(node, "strides", [1] * rank)), tuple(_attr(node, "dilations", [1] * rank))
-    auto_pad = _attr(node, "auto_pad", "NOTSET")
+    stride, dilation = tuple(node_attribute(node, "strides", [1] * rank)), tuple(node_attribute(node, "dilations", [1] * rank))
+    auto_pad = node_attribute(node, "auto_pad", "NOTSET")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER") and not transposed:  # TensorFlow's "same" puts the odd pad after
         pads = _conv(label, cin, cout, ks, spatial=spatial, stride=stride, dilation=dilation, padding="same").pads()
         padding: Any = pads if auto_pad == "SAME_UPPER" else tuple((hi, lo) for lo, hi in pads)
     elif auto_pad in ("NOTSET", "VALID"):
-        flat = list(_attr(node, "pads", [0] * (2 * rank))) if auto_pad == "NOTSET" else [0] * (2 * rank)
+        flat = list(node_attribute(node, "pads", [0] * (2 * rank))) if auto_pad == "NOTSET" else [0] * (2 * rank)
         padding = tuple(zip(flat[:rank], flat[rank:]))
     else:
         raise SpecError(f"{label}: auto_pad={auto_pad!r} is not supported here: give explicit pads")
     out_pad: Any = 0
     if transposed:
-        if _attr(node, "output_shape", None) is not None:
+        if node_attribute(node, "output_shape", None) is not None:
             raise SpecError(f"{label}: output_shape= is not supported: expected explicit pads and output_padding")
         if any(lo != hi for lo, hi in padding):
             raise SpecError(f"{label}: pads={padding} are uneven: a transposed conv is supported with equal pads per axis")
-        padding, out_pad = tuple(lo for lo, _ in padding), tuple(_attr(node, "output_padding", [0] * rank))
+        padding, out_pad = tuple(lo for lo, _ in padding), tuple(node_attribute(node, "output_padding", [0] * rank))
     return _conv(label, cin, cout, ks, spatial=spatial, stride=stride, dilation=dilation, padding=padding,
                  groups=group, transposed=transposed, output_padding=out_pad, bias=has_bias)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck.backends.onnxruntime import node_attribute
 from equivcheck.modelcheck.adapters import Adapter, ModelError, _first_line, _positions, _resolve_layout
 from equivcheck.modelcheck.layers import Linear, conv_letters
 from equivcheck.specs import CHANNELS_FIRST
@@ -51,16 +52,6 @@ class _Node:
     consts: dict[str, np.ndarray] = field(default_factory=dict)  # the nodes' constant inputs, as stored
     config: dict[str, Any] = field(default_factory=dict)  # a dense node's (a conv's depends on its input size)
     map_: str = ""  # for a dense node: the tensor its input was reshaped from
-
-
-def _attr(node: Any, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            value = helper.get_attribute_value(a)
-            return value.decode() if isinstance(value, bytes) else value
-    return default
 
 
 def _load(model: Any, role: str) -> tuple[Any, str]:
@@ -149,7 +140,7 @@ class OnnxAdapter(Adapter):
             for t in self.proto.graph.initializer:
                 consts[t.name] = numpy_helper.to_array(t)
             for n in self._order:
-                value = _attr(n, "value", None) if n.op_type == "Constant" else None
+                value = node_attribute(n, "value", None) if n.op_type == "Constant" else None
                 if value is not None and not isinstance(value, (int, float, str, list)):
                     consts[n.output[0]] = numpy_helper.to_array(value)
         except Exception as exc:
@@ -215,15 +206,15 @@ class OnnxAdapter(Adapter):
         return ModelError(f"{self.role} ONNX node {self._label(n)!r} ({n.op_type}) {what}")
 
     def _gemm(self, n: Any) -> _Node:
-        if _attr(n, "transA", 0):
+        if node_attribute(n, "transA", 0):
             raise self._refuse(n, "has transA=1: expected transA=0 (the batch first)")
         b = self._const(n.input[1], n, "weight B")
         if b.ndim != 2:
             raise self._refuse(n, f"has a weight of shape={b.shape}: expected 2-D")
-        trans = bool(_attr(n, "transB", 0))
+        trans = bool(node_attribute(n, "transB", 0))
         units = int(b.shape[0] if trans else b.shape[1])
         consts = {n.input[1]: b}
-        alpha, beta = float(_attr(n, "alpha", 1.0)), float(_attr(n, "beta", 1.0))
+        alpha, beta = float(node_attribute(n, "alpha", 1.0)), float(node_attribute(n, "beta", 1.0))
         bias = None
         if len(n.input) > 2 and n.input[2]:
             c = consts[n.input[2]] = self._const(n.input[2], n, "bias C")
@@ -267,16 +258,16 @@ class OnnxAdapter(Adapter):
     def _conv_config(self, node: _Node, spatial: tuple[int, ...] | None) -> tuple[str, dict[str, Any]]:
         """Kind and configuration, as :class:`TorchAdapter` gives them; ``spatial`` sizes SAME padding."""
         n, w = node.nodes[0], node.kernel
-        rank, transposed, groups = w.ndim - 2, n.op_type == "ConvTranspose", int(_attr(n, "group", 1))
+        rank, transposed, groups = w.ndim - 2, n.op_type == "ConvTranspose", int(node_attribute(n, "group", 1))
         ks = tuple(int(k) for k in w.shape[2:])
-        if tuple(_attr(n, "kernel_shape", ks)) != ks:
-            raise self._refuse(n, f"has kernel_shape={tuple(_attr(n, 'kernel_shape', ()))} but a weight of "
+        if tuple(node_attribute(n, "kernel_shape", ks)) != ks:
+            raise self._refuse(n, f"has kernel_shape={tuple(node_attribute(n, 'kernel_shape', ()))} but a weight of "
                                   f"shape={w.shape}: expected them to agree")
-        stride = tuple(int(s) for s in _attr(n, "strides", [1] * rank))
-        dilation = tuple(int(d) for d in _attr(n, "dilations", [1] * rank))
-        auto_pad = _attr(n, "auto_pad", "NOTSET")
+        stride = tuple(int(s) for s in node_attribute(n, "strides", [1] * rank))
+        dilation = tuple(int(d) for d in node_attribute(n, "dilations", [1] * rank))
+        auto_pad = node_attribute(n, "auto_pad", "NOTSET")
         if auto_pad == "NOTSET":
-            flat = [int(p) for p in _attr(n, "pads", [0] * (2 * rank))]
+            flat = [int(p) for p in node_attribute(n, "pads", [0] * (2 * rank))]
         elif auto_pad == "VALID":
             flat = [0] * (2 * rank)
         elif auto_pad in ("SAME_UPPER", "SAME_LOWER") and not transposed:
@@ -299,11 +290,11 @@ class OnnxAdapter(Adapter):
             "kernel_layout": ("IO" if transposed else "OI") + "DHW"[3 - rank:],
         }
         if transposed:
-            if _attr(n, "output_shape", None) is not None:
+            if node_attribute(n, "output_shape", None) is not None:
                 raise self._refuse(n, "has output_shape=: expected explicit pads and output_padding")
             if not even:
                 raise self._refuse(n, f"has uneven pads={tuple(flat)}: expected the same padding at both ends of an axis")
-            cfg["output_padding"] = tuple(int(p) for p in _attr(n, "output_padding", [0] * rank))
+            cfg["output_padding"] = tuple(int(p) for p in node_attribute(n, "output_padding", [0] * rank))
             return "conv_transpose", cfg
         depthwise = groups == cfg["in_channels"] and cfg["in_channels"] > 1
         return ("depthwise" if depthwise else "conv"), cfg
