@@ -73,8 +73,11 @@ def adapter_for(model: Any, role: str) -> Adapter:
         return TorchAdapter(model, role)
     if keras is not None and isinstance(model, keras.Model):
         return KerasAdapter(model, role)
+    from equivcheck.modelcheck.flax_adapter import FlaxAdapter, is_flax
     from equivcheck.modelcheck.onnx_adapter import OnnxAdapter, is_onnx
 
+    if is_flax(model):
+        return FlaxAdapter(model, role)
     if is_onnx(model):
         return OnnxAdapter(model, role)
     raise ModelError(f"{role}={type(model).__name__} is not a torch.nn.Module, a Keras 3 model or an ONNX model "
