@@ -80,8 +80,8 @@ def adapter_for(model: Any, role: str) -> Adapter:
         return FlaxAdapter(model, role)
     if is_onnx(model):
         return OnnxAdapter(model, role)
-    raise ModelError(f"{role}={type(model).__name__} is not a torch.nn.Module, a Keras 3 model or an ONNX model "
-                     "(ModelProto, .onnx path, InferenceSession): "
+    raise ModelError(f"{role}={type(model).__name__} is not a torch.nn.Module, a Keras 3 model, an ONNX model "
+                     "(ModelProto, .onnx path, InferenceSession) or a Flax (module, variables) tuple: "
                      "pass a model object (files load with equivcheck.modelcheck.commands.load_model)")
 
 

@@ -142,7 +142,7 @@ def spec_of(layer: Linear, role: str = "layer") -> LayerSpec:
             spatial=tuple(int(s) for s in spatial), stride=cfg["stride"], dilation=cfg["dilation"],
             padding=cfg["padding"], groups=cfg["groups"], data_format=data_format, kernel_layout=cfg["kernel_layout"],
             transposed=layer.kind == "conv_transpose", output_padding=cfg.get("output_padding", 0),
-            bias=layer.bias is not None, name=layer.name,
+            op=cfg.get("op", "correlate"), bias=layer.bias is not None, name=layer.name,
         )
     except EquivcheckError as exc:
         raise EquivcheckError(f"{role} {layer.name!r} ({layer.framework} {layer.kind}) cannot be described: {exc}") from None

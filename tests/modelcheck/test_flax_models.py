@@ -3,8 +3,6 @@ converter, against themselves, and the adapter's description of each layer again
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -86,6 +84,9 @@ def test_flax_against_itself_passes(flax_cnn):
     result = ec.check_models(flax_cnn, flax_cnn, input_shape=SHAPE)
     assert result.verdict == "pass", result.render()
     assert len(result.layers) == 3
+    with pytest.raises(EquivcheckError, match=r"the source Flax model .* computes in float32: dtypes='float16' needs "
+                                               r"params in float16"):
+        ec.check_models(flax_cnn, flax_cnn, input_shape=SHAPE, dtypes=("float16",))
 
 
 def test_a_bare_module_is_one_line(flax_cnn):
@@ -128,7 +129,7 @@ def test_layer_description_reproduces_flax(nn, jax, cls, kwargs, shape):
     y, (rec,) = adapter_for((module, variables), "source").run(x)
     if cls == "ConvTranspose":
         assert rec.config["op"] == ("correlate" if kwargs.get("transpose_kernel") else "convolve")
-    spec = dataclasses.replace(spec_of(rec), op=rec.config.get("op", "correlate")) if cls != "Dense" else spec_of(rec)
+    spec = spec_of(rec)
     layer = backends.get("numpy").build(spec, "float32")
     layer.set_weights(rec.kernel, rec.bias)
     np.testing.assert_allclose(np.asarray(layer(x)), y, rtol=1e-4, atol=1e-4)
@@ -148,6 +149,8 @@ def test_conv_transpose_against_torch_needs_the_flip(nn, jax, torch):
         result = ec.check_models(up, (module, variables), input_shape=(2, 3, 5, 4))
         assert result.verdict == verdict, result.render()
         assert len(result.layers) == 1 and result.layers[0].verdict == verdict
+        if not flip:
+            assert "missing flip" in result.layers[0].diagnosis, result.layers[0].diagnosis
 
 
 def test_flax_unsupported_padding_is_one_line(nn, jax):

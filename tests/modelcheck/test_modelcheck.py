@@ -137,7 +137,7 @@ def test_bad_input_is_one_line(mc, vgg, torch, keras):
             raise RuntimeError("kaboom")
 
     cases = [
-        (lambda: mc.check_models(vgg, 5, input_shape=M.SHAPE), "is not a torch.nn.Module, a Keras 3 model or an ONNX model"),
+        (lambda: mc.check_models(vgg, 5, input_shape=M.SHAPE), "is not a torch.nn.Module, a Keras 3 model, an ONNX model"),
         (lambda: mc.check_models(vgg, vgg), "input_shape is missing"),
         (lambda: mc.check_models(Boom(), vgg, input_shape=M.SHAPE), "kaboom"),
         (lambda: mc.check_models(vgg, M.to_keras(vgg), input_shape=(2, 3, 13, 10)), "do not fit"),
