@@ -84,7 +84,7 @@ def test_outcomes_summary_report_and_the_same_under_xdist(pytester: pytest.Pytes
     assert "from test_conversions import flipped" in out
     summary = _section(out)
     assert any("onnx:dense → caffe:conv" in row and "flipped" in row and "1 fail" in row for row in summary)
-    assert any("matches caffe:conv (= torch:conv, jax:conv, onnx:conv)" in row and "1 pass" in row for row in summary)
+    assert any("matches caffe:conv (= torch:conv, jax:conv, onnx:conv, tf2onnx:conv)" in row and "1 pass" in row for row in summary)
     assert "seed 11 (rerun with --equivcheck-seed 11)" in summary
 
     pytest.importorskip("xdist", reason="pytest-xdist runs the workers")
