@@ -36,8 +36,6 @@ FENCE = re.compile(r"^```\s*([\w-]*)\s*$")
 MARK = re.compile(r"^<!--\s*(not run|exit|slow)\s*:?\s*(.*?)\s*-->$")
 NAMESPACE = "equivcheck_docs"   # the examples' module name
 
-# Examples that fail because of the code, not the docs: "FILE:first code line" -> reason.
-XFAIL: dict[str, str] = {}
 
 
 @dataclass
@@ -262,9 +260,6 @@ def test_old_spellings_and_wrong_exit_codes_fail(tmp_path: Path, request: pytest
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.id)
 def test_doc_example(example: Example, doc_runs: dict[Path, DocRun], request: pytest.FixtureRequest) -> None:
-    key = f"{example.path.relative_to(ROOT)}:{example.text.splitlines()[0] if example.text.strip() else ''}"
-    if key in XFAIL:
-        request.applymarker(pytest.mark.xfail(reason=XFAIL[key], strict=True))
     error = doc_runs[example.path].result(example, request)
     if error is not None:
         raise error
