@@ -36,7 +36,7 @@ from equivcheck.backends.base import (
     stored_kernel,
     to_native_kernel,
 )
-from equivcheck.errors import SpecError
+from equivcheck.errors import EquivcheckError, SpecError, framework_message
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec
 
 OPSET = 17
@@ -59,6 +59,33 @@ def node_attribute(node: Any, name: str, default: Any) -> Any:
             value = helper.get_attribute_value(a)
             return value.decode() if isinstance(value, bytes) else value
     return default
+
+
+def read_onnx_model(obj: Any, role: str, *, error: type[EquivcheckError] = SpecError,
+                    hint: str = "") -> tuple[Any, str]:
+    """``(ModelProto, how to name it in a message)`` for a ``ModelProto``, an ``.onnx`` path or an
+    ``InferenceSession`` (the file or bytes it was made from); a bad one raises ``error`` in one line."""
+    import os
+
+    import onnx
+
+    if isinstance(obj, onnx.ModelProto):
+        return obj, f"the {role}"
+    if not isinstance(obj, (str, os.PathLike)):  # an InferenceSession
+        obj = getattr(obj, "_model_path", None) or getattr(obj, "_model_bytes", None)
+        if obj is None:
+            raise error(f"{role}=InferenceSession keeps no model to read: pass the ModelProto or the .onnx path")
+    if isinstance(obj, bytes):
+        where = f"the {role} session's model"
+    else:
+        obj = os.fspath(obj)
+        where = f"{role} file={obj!r}"
+        if not os.path.isfile(obj):
+            raise error(f"{where} not found: expected an .onnx file{hint}")
+    try:
+        return (onnx.load_model_from_string(obj) if isinstance(obj, bytes) else onnx.load(obj)), where
+    except Exception as exc:
+        raise error(f"{where} is not an ONNX model: {framework_message(exc)}") from None
 
 
 def op_type(spec: LayerSpec) -> str:

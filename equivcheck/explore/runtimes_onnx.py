@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
 
-from equivcheck.backends.onnxruntime import node_attribute
+from equivcheck.backends.onnxruntime import node_attribute, read_onnx_model
 from equivcheck.errors import SpecError, framework_message
 from equivcheck.explore.runtimes import _ONNX_DTYPES, ONNX_LINEAR, _conv, _dense, _spatial
 from equivcheck.explore.sides import Side
@@ -26,7 +25,7 @@ class OnnxSide(Side):
     def __init__(self, model: Any, shape: Shape, *, node: str | None = None) -> None:
         import onnx
 
-        model, where = _load_onnx(model)
+        model, where = read_onnx_model(model, "model", hint=" (or MODULE:ATTR with --source)")
         try:
             graph = onnx.shape_inference.infer_shapes(model).graph
         except Exception:  # a help, not a must (a model over 2 GB, an op it does not know)
@@ -103,24 +102,6 @@ class OnnxSide(Side):
             values.append((bias if bias is not None else np.zeros(self.geometry.out_channels, self.np_dtype))
                           .reshape(self._bias_shape))
         return self.session().run(None, dict(zip(self._names, values)))[0]
-
-
-def _load_onnx(obj: Any) -> tuple[Any, str]:
-    import onnx
-
-    if isinstance(obj, onnx.ModelProto):
-        return obj, "the model"
-    if not isinstance(obj, str):  # an InferenceSession: the model it was made from
-        obj = getattr(obj, "_model_path", None) or getattr(obj, "_model_bytes", None)
-        if obj is None:
-            raise SpecError("the InferenceSession keeps no model to read: pass the ModelProto or the .onnx path")
-    where = f"model={obj!r}" if isinstance(obj, str) else "the session's model"
-    if isinstance(obj, str) and not os.path.isfile(obj):
-        raise SpecError(f"model file={obj!r} not found: expected an .onnx file (or MODULE:ATTR with --source)")
-    try:
-        return (onnx.load(obj) if isinstance(obj, str) else onnx.load_model_from_string(obj)), where
-    except Exception as exc:
-        raise SpecError(f"{where} is not an ONNX model: {framework_message(exc)}") from None
 
 
 def _pick_node(graph: Any, consts: dict[str, Any], node: str | None, where: str) -> Any:

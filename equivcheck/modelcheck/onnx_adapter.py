@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.backends.onnxruntime import node_attribute
+from equivcheck.backends.onnxruntime import node_attribute, read_onnx_model
 from equivcheck.modelcheck.adapters import Adapter, ModelError, _first_line, _positions, _resolve_layout
 from equivcheck.modelcheck.layers import Linear, conv_letters
 from equivcheck.specs import CHANNELS_FIRST
@@ -55,29 +55,10 @@ class _Node:
 
 
 def _load(model: Any, role: str) -> tuple[Any, str]:
-    """The ModelProto and a name for it."""
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
-        return model, model.graph.name or "model"
-    if not isinstance(model, (str, os.PathLike)):  # an InferenceSession: the file or bytes it was made from
-        path = getattr(model, "_model_path", None)
-        data = getattr(model, "_model_bytes", None)
-        if path is None and data is None:
-            raise ModelError(f"{role}=InferenceSession keeps no model to read: pass the ModelProto or the .onnx path")
-        model = path if path is not None else data
-    if isinstance(model, bytes):
-        where, name = f"the {role} session's model", "model"
-    else:
-        model = os.fspath(model)
-        where, name = f"{role} file={model!r}", os.path.splitext(os.path.basename(model))[0]
-        if not os.path.isfile(model):
-            raise ModelError(f"{where} not found: expected an .onnx file")
-    try:
-        proto = onnx.load_model_from_string(model) if isinstance(model, bytes) else onnx.load(model)
-    except Exception as exc:
-        raise ModelError(f"{where} is not a readable ONNX model: {_first_line(exc)}") from None
-    return proto, name if isinstance(model, str) else proto.graph.name or name
+    """The ModelProto and a name for it: its file's stem, else its graph's name."""
+    proto, _ = read_onnx_model(model, role, error=ModelError)
+    path = model if isinstance(model, (str, os.PathLike)) else getattr(model, "_model_path", None)
+    return proto, os.path.splitext(os.path.basename(os.fspath(path)))[0] if path else proto.graph.name or "model"
 
 
 def _topological(graph: Any, known: set[str], role: str) -> list[Any]:
