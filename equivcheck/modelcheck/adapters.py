@@ -40,6 +40,9 @@ class Adapter(ABC):
     """One model's side of a check: its input shape, a run that captures each linear layer, one layer alone."""
 
     framework = ""
+    backend = ""  # the backend whose probed facts (how it sums) describe this framework's layers
+    label = ""  # the framework in a message: "the source Keras model ..."
+    recast = "a model built in {}"  # what a check in another dtype needs, for a model that is not cast
 
     def __init__(self, model: Any, role: str) -> None:
         self.model = model
@@ -98,7 +101,7 @@ def _torch_numpy(t: Any, *, copy: bool = True) -> np.ndarray:
 
 
 class TorchAdapter(Adapter):
-    framework = "torch"
+    framework = backend = label = "torch"
     data_format = CHANNELS_FIRST
 
     def __init__(self, model: Any, role: str) -> None:
@@ -242,7 +245,8 @@ _KERAS_SHAPE_ONLY = {"Flatten", "Reshape", "Permute", "Transpose", "Squeeze", "E
 
 
 class KerasAdapter(Adapter):
-    framework = "keras"
+    framework = backend = "keras"
+    label = "Keras"
 
     def __init__(self, model: Any, role: str) -> None:
         super().__init__(model, role)

@@ -185,7 +185,7 @@ def _accumulations(s_spec: LayerSpec, c_spec: LayerSpec, src: Adapter, dst: Adap
 
     out = []
     for adapter, spec in ((src, s_spec), (dst, c_spec)):
-        facts = probe("jax" if adapter.framework == "flax" else adapter.framework, spec, dtype)
+        facts = probe(adapter.backend, spec, dtype)
         out.append(facts.accumulate if facts.runs and facts.accumulate else dtype)
     return out[0], out[1]
 
@@ -275,14 +275,8 @@ def _cast(adapter: Adapter, model: Any, dtype: str, role: str) -> Adapter:
 
         adapter.close()
         return adapter_for(copy.deepcopy(model).to(getattr(torch, dtype)), role)
-    if adapter.framework == "flax":
-        raise ModelError(f"the {role} Flax model {adapter.name!r} computes in {adapter.dtype}: dtypes={dtype!r} needs "
-                         f"params in {dtype} (Flax models are checked in their own dtype)")
-    if adapter.framework == "onnxruntime":
-        raise ModelError(f"the {role} ONNX model {adapter.name!r} computes in {adapter.dtype}: dtypes={dtype!r} needs "
-                         f"a model exported in {dtype} (ONNX models are checked in their own dtype)")
-    raise ModelError(f"the {role} Keras model {adapter.name!r} computes in {adapter.dtype}: dtypes={dtype!r} needs a "
-                     f"model built in {dtype} (Keras models are checked in their own dtype)")
+    raise ModelError(f"the {role} {adapter.label} model {adapter.name!r} computes in {adapter.dtype}: dtypes={dtype!r} "
+                     f"needs {adapter.recast.format(dtype)} ({adapter.label} models are checked in their own dtype)")
 
 
 def check_models(source: Any, converted: Any, *, input_shape: Sequence[int] | None = None,

@@ -87,7 +87,8 @@ def _transpose_pads(k: int, s: int, pad: Any) -> tuple[int, int]:
 
 
 class FlaxAdapter(Adapter):
-    framework = "flax"
+    framework, backend, label = "flax", "jax", "Flax"
+    recast = "params in {}"
     data_format = CHANNELS_LAST
 
     def __init__(self, model: Any, role: str) -> None:

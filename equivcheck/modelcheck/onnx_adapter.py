@@ -80,7 +80,9 @@ def _topological(graph: Any, known: set[str], role: str) -> list[Any]:
 
 
 class OnnxAdapter(Adapter):
-    framework = "onnxruntime"
+    framework = backend = "onnxruntime"
+    label = "ONNX"
+    recast = "a model exported in {}"
     data_format = CHANNELS_FIRST
 
     def __init__(self, model: Any, role: str) -> None:
