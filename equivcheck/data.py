@@ -68,7 +68,7 @@ def detection_batch(spec: LayerSpec, nonzeros: int = NONZEROS) -> int:
 
 
 def _round(values: np.ndarray, dtype: str) -> np.ndarray:
-    from equivcheck.backends.base import np_dtype
+    from equivcheck.dtypes import np_dtype
 
     return values.astype(np_dtype(dtype))
 
@@ -166,7 +166,7 @@ def sample_inputs(
     if per_sample == n:
         x = _round(_input_values(b * n, rng), dtype).reshape(b, n)
     else:  # values rounded first, then scattered: the zeros need no rounding
-        from equivcheck.backends.base import np_dtype
+        from equivcheck.dtypes import np_dtype
 
         laps = math.ceil(b * per_sample / n)
         cols = np.concatenate([rng.permutation(n) for _ in range(laps)])[: b * per_sample]

@@ -97,7 +97,7 @@ def _presets_with(layer: str, presets: Any) -> tuple[str, ...]:
 # -- strategies ----------------------------------------------------------------------------
 def dtypes(*, names: Sequence[str] | None = None) -> st.SearchStrategy[str]:
     """Dtype names, shrinking toward the first (``float32`` by default)."""
-    from equivcheck.backends.base import DTYPES
+    from equivcheck.dtypes import DTYPES
 
     default = ("float32", *(d for d in DTYPES if d != "float32"))
     return st.sampled_from(_choices("names", names, DTYPES, default))
@@ -329,7 +329,7 @@ def _check_spec(spec_: Any) -> LayerSpec:
 
 def weights(spec: LayerSpec, *, dtype: str = "float32") -> st.SearchStrategy[tuple[np.ndarray, np.ndarray | None]]:
     """``(kernel, bias)`` for ``spec`` in ``dtype``, from :func:`sample_weights` on a drawn seed."""
-    from equivcheck.backends.base import np_dtype
+    from equivcheck.dtypes import np_dtype
 
     _check_spec(spec)
     np_dtype(dtype)
@@ -338,7 +338,7 @@ def weights(spec: LayerSpec, *, dtype: str = "float32") -> st.SearchStrategy[tup
 
 def inputs(spec: LayerSpec, *, batch: int | None = None, dtype: str = "float32") -> st.SearchStrategy[np.ndarray]:
     """Input batches for ``spec`` in its own data format, from :func:`sample_inputs` on a drawn seed."""
-    from equivcheck.backends.base import np_dtype
+    from equivcheck.dtypes import np_dtype
 
     _check_spec(spec)
     np_dtype(dtype)

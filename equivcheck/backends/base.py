@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.metadata
 import importlib.util
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck.dtypes import DTYPES, np_dtype
 from equivcheck.errors import BackendUnavailable, SpecError
 from equivcheck.mapping import Mapping
 from equivcheck.specs import CHANNELS_FIRST, ConvSpec, DenseSpec, LayerSpec
@@ -47,20 +47,6 @@ __all__ = [
     "stored_kernel",
     "to_native_kernel",
 ]
-
-DTYPES = ("float64", "float32", "float16", "bfloat16")
-
-
-def np_dtype(name: str) -> np.dtype:
-    """numpy dtype for a dtype name; bfloat16 through ml_dtypes."""
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    if name not in DTYPES:
-        raise SpecError(f"dtype={name!r} is not supported: expected one of {', '.join(DTYPES)}")
-    return np.dtype(name)
-
 
 # -- layout helpers ----------------------------------------------------------------------
 def map_layout(spec: LayerSpec) -> str:
@@ -214,6 +200,8 @@ class ArrayLayer(Layer):
 
 @lru_cache(maxsize=1)
 def _distributions() -> dict[str, list[str]]:
+    import importlib.metadata  # on first use: it costs a noticeable part of `import equivcheck`
+
     return dict(importlib.metadata.packages_distributions())
 
 
@@ -262,6 +250,8 @@ class Backend(ABC):
         loaded = sys.modules.get(self.module)
         if loaded is not None and getattr(loaded, "__version__", None):
             return str(loaded.__version__)
+        import importlib.metadata
+
         for dist in _distributions().get(self.module, ()):
             with contextlib.suppress(importlib.metadata.PackageNotFoundError):
                 return importlib.metadata.version(dist)

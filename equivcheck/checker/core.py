@@ -23,7 +23,7 @@ from equivcheck.errors import (
 )
 from equivcheck.plan import plan
 from equivcheck.specs import LayerSpec
-from equivcheck.verify import Case, input_spec
+from equivcheck.judge import Case, judge_pair
 
 
 # -- one check ---------------------------------------------------------------------------
@@ -74,21 +74,18 @@ def check_conversion(
     dtype: str = "float32",
     seed: int = 0,
     batch: int | None = None,
+    identify_with: Callable[[], Any] | None = None,
 ) -> Case:
     """One check of ``convert`` on data drawn from ``seed``; a :class:`Case`, never raises for a failed check.
 
-    A converter that returns the wrong shapes gives a failed case saying so.
+    The judge (:func:`equivcheck.judge.judge_pair`) draws the data from the backends' probed
+    facts. A converter that returns the wrong shapes gives a failed case saying so.
     """
     from equivcheck.errors import VerificationError
-    from equivcheck.strategies import sample_inputs, sample_weights
-    from equivcheck.verify import verify_pair
 
-    rng = np.random.default_rng(seed)
-    kernel, bias = sample_weights(source, dtype, rng)
-    x = sample_inputs(input_spec(source, target), batch, dtype, rng)
     try:
-        return verify_pair(source, target, source_backend=source_backend, target_backend=target_backend,
-                           dtype=dtype, converter=convert, seed=seed, data=(kernel, bias, x))
+        return judge_pair(source, target, source_backend=source_backend, target_backend=target_backend,
+                          dtype=dtype, converter=convert, seed=seed, batch=batch, identify_with=identify_with)
     except VerificationError as exc:
         case = Case(source, target, source_backend, target_backend, dtype, "fail", seed=seed)
         case.reason = str(exc)
@@ -279,7 +276,7 @@ class Checker:
         return check_model_converter(convert, source, **options)
 
     def _dtypes(self, dtypes: Sequence[str] | str | None) -> tuple[str, ...]:
-        from equivcheck.backends.base import np_dtype
+        from equivcheck.dtypes import np_dtype
 
         names = self.options.dtypes if dtypes is None else (dtypes,) if isinstance(dtypes, str) else tuple(dtypes)
         if not names:
@@ -295,9 +292,12 @@ class Checker:
         name = converter_code(convert)[0]  # before any wrapping: a partial keeps its function and arguments
         if native:
             convert = native_inputs(convert, sb, dtype)
+        def conventions() -> Any:
+            return identify_conventions(convert, source, target)
+
         try:
             case = check_conversion(_Guarded(convert), source, target, source_backend=sb, target_backend=tb,
-                                    dtype=dtype, seed=seed)
+                                    dtype=dtype, seed=seed, identify_with=conventions)
         except _Raised as exc:  # the converter's own error: a recorded case, never a lost one
             case = Case(source, target, sb, tb, dtype, "error", seed=seed,
                         reason=f"the converter raised {framework_message(exc.__cause__ or exc)}")
@@ -305,8 +305,10 @@ class Checker:
             case = Case(source, target, sb, tb, dtype, "error", seed=seed, reason=str(exc))
         record = CheckRecord(case, test=self.test, converter=name,
                              notes=[n for n in (snote, tnote) if n])
-        if case.verdict != "skip":
-            record.identify = lambda: identify_conventions(convert, source, target).summary()
+        if case.identification is not None:  # the judge named the failure once: no second identification
+            record.identify = case.identification.summary
+        elif case.verdict != "skip":
+            record.identify = lambda: conventions().summary()
         self.records.append(record)
         return record
 

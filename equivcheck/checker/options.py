@@ -25,7 +25,7 @@ class Options:
     dtypes: tuple[str, ...] = ("float32",)
 
     def __post_init__(self) -> None:
-        from equivcheck.backends.base import np_dtype
+        from equivcheck.dtypes import np_dtype
 
         if self.backends is not None:
             object.__setattr__(self, "backends", tuple(self.backends))

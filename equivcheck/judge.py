@@ -1,0 +1,403 @@
+"""The judge: one converted layer pair judged once, into the :class:`Case` every report draws from.
+
+Every layer-level check hands the judge the same things — two specs, two backends, the dtype and
+a converter (or the planned conversion): :func:`equivcheck.verify.verify_pair`, the checker's
+cases, explore's confirming run and the soundness benchmark all go through :func:`judge_pair`;
+a whole-model check replays its pairs on captured data and uses the same mutant engine
+(:func:`mutant_outcomes`) and diagnosis (:func:`equivcheck.diagnosis.diagnose_pair`).
+
+The judge probes both backends once (:func:`equivcheck.backends.probe.probe`), draws weights
+and inputs from those facts (sparser where a backend sums below float32, so that one wrong
+weight still shows above the rounding), plans once, runs the two real layers, compares each
+with the exact float64 result under its own probed bound, rejects every mutant of
+:mod:`equivcheck.mutations` on the same data and, on a failure, names the mistake
+(:func:`equivcheck.identify.identify`, once).
+
+A mutant is judged in float64 on the reference: it is rejected only where its exact output
+moves from the right one by more than the two bounds together, so that no run of the real
+layer within its bound could pass it. The proof needs no forward pass of the real layer per
+mutant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from equivcheck import backends as registry
+from equivcheck._arrays import to_numpy
+from equivcheck._copy import check_dtype
+from equivcheck.backends.numpy import forward as reference_forward
+from equivcheck.backends.probe import Facts, probe
+from equivcheck.compare import Comparison, compare, error_bound
+from equivcheck.data import detection_batch, nonzeros_for, sample_inputs, sample_weights
+from equivcheck.dtypes import np_dtype
+from equivcheck.errors import EquivcheckError, SpecError, VerificationError
+from equivcheck.mapping import Mapping
+from equivcheck.memory import require_memory
+from equivcheck.plan import convert as planned_convert
+from equivcheck.plan import plan
+from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, fan_in
+
+__all__ = [
+    "Case",
+    "Converter",
+    "MutationOutcome",
+    "aligned",
+    "draw_data",
+    "from_layout",
+    "input_spec",
+    "judge_pair",
+    "mutant_outcomes",
+    "pair_facts",
+    "to_layout",
+]
+
+Converter = Callable[[np.ndarray, "np.ndarray | None"], tuple[np.ndarray, "np.ndarray | None"]]
+
+
+@dataclass(frozen=True)
+class MutationOutcome:
+    name: str
+    description: str
+    outcome: str  # "rejected" | "not rejected" | "ambiguous"
+    max_error_ratio: float | None = None  # max |Δy| over the two bounds together: > 1 is rejected
+    convention: str = ""  # the report column: see equivcheck.mutations.Convention
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "outcome": self.outcome,
+                "max_error_ratio": self.max_error_ratio, "convention": self.convention}
+
+
+@dataclass
+class Case:
+    """One conversion checked on one backend pair in one dtype: the judge's record."""
+
+    source: LayerSpec
+    target: LayerSpec
+    source_backend: str
+    target_backend: str
+    dtype: str
+    verdict: str  # "pass" | "fail" | "inconclusive" | "skip" | "error"
+    mapping: Mapping | None = None
+    comparison: Comparison | None = None
+    source_comparison: Comparison | None = None
+    mutations: list[MutationOutcome] = field(default_factory=list)
+    reason: str = ""
+    seed: int = 0
+    errors: dict[str, Any] = field(default_factory=dict, repr=False)  # error maps for pictures
+    diagnosis: dict[str, str] | None = None  # a failed conversion that is exactly one mutant: which
+    facts: dict[str, Facts] = field(default_factory=dict)  # "source"/"target": what the probes found
+    notes: list[str] = field(default_factory=list)
+    identification: Any = field(default=None, repr=False)  # the failure's Identification (identify, run once)
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    def title(self) -> str:
+        return f"{self.source.name or self.source.kind} → {self.target.name or self.target.kind}"
+
+    def to_dict(self) -> dict[str, Any]:
+        from equivcheck.serialize import spec_to_dict
+
+        return {
+            "source": spec_to_dict(self.source),
+            "target": spec_to_dict(self.target),
+            "source_backend": self.source_backend,
+            "target_backend": self.target_backend,
+            "dtype": self.dtype,
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "seed": self.seed,
+            "mapping": None if self.mapping is None else {
+                **self.mapping.to_dict(),
+                "code": {lang: self.mapping.code(lang) for lang in ("numpy", "torch", "einops")},
+            },
+            "comparison": None if self.comparison is None else self.comparison.to_dict(),
+            "source_comparison": None if self.source_comparison is None else self.source_comparison.to_dict(),
+            "mutations": [m.to_dict() for m in self.mutations],
+            **({"diagnosis": dict(self.diagnosis)} if self.diagnosis else {}),
+            "facts": {role: f.to_dict() for role, f in self.facts.items()},
+            "notes": list(self.notes),
+        }
+
+
+# -- layouts -----------------------------------------------------------------------------
+def to_layout(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """A canonical ``(N, C, *spatial)`` batch in ``spec``'s own data format."""
+    return np.ascontiguousarray(np.moveaxis(x, 1, -1)) if spec.data_format == CHANNELS_LAST and x.ndim > 2 else x
+
+
+def from_layout(y: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """``spec``'s output back to channels first."""
+    return np.moveaxis(y, -1, 1) if spec.data_format == CHANNELS_LAST and y.ndim > 2 else y
+
+
+def input_spec(source: LayerSpec, target: LayerSpec) -> LayerSpec:
+    """The spec whose map both layers read (the conv's, when a dense one reads plain features)."""
+    if isinstance(source, DenseSpec) and source.rank == 0 and isinstance(target, ConvSpec):
+        return target
+    return source
+
+
+def aligned(spec: LayerSpec, other: LayerSpec) -> tuple[Callable, Callable]:
+    """Input and output adapters so both layers of a pair see the same map and give the same output.
+
+    A dense layer on plain features beside a pointwise conv runs once per map position.
+    """
+    if isinstance(spec, DenseSpec) and spec.rank == 0 and isinstance(other, ConvSpec):
+        def run_in(x: np.ndarray) -> np.ndarray:
+            return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+
+        def run_out(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+            return np.moveaxis(y.reshape(x.shape[0], *x.shape[2:], -1), -1, 1)
+
+        return run_in, run_out
+    flat = isinstance(other, DenseSpec) or isinstance(spec, DenseSpec)
+
+    def plain_in(x: np.ndarray) -> np.ndarray:
+        return to_layout(x, spec)
+
+    def plain_out(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        y = from_layout(y, spec)
+        return y.reshape(y.shape[0], -1) if flat else y
+
+    return plain_in, plain_out
+
+
+# -- facts and data ----------------------------------------------------------------------
+def pair_facts(source: LayerSpec, target: LayerSpec, source_backend: str, target_backend: str,
+               dtype: str) -> tuple[dict[str, Facts], str]:
+    """Each backend probed on its own spec: ``(facts by role, why the pair cannot run here or "")``."""
+    facts: dict[str, Facts] = {}
+    for role, name, spec in (("source", source_backend, source), ("target", target_backend, target)):
+        backend = registry.get(name)
+        if not backend.available():
+            return facts, f"backend {name!r} is not installed ({backend.module})"
+        facts[role] = probe(backend, spec, dtype)
+        if not facts[role].runs:
+            return facts, f"{name} cannot run the {role} here: {facts[role].reason}"
+    return facts, ""
+
+
+def draw_data(source: LayerSpec, target: LayerSpec, dtype: str, facts: dict[str, Facts], seed: int,
+              batch: int | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(kernel, bias, x)`` for a pair, drawn from ``seed`` at the density its probed sums allow.
+
+    Where a backend sums below float32 its rounding grows with the non-zero products while one
+    wrong weight's effect does not: the inputs get fewer non-zeros per receptive field
+    (:func:`equivcheck.data.nonzeros_for`) and the batch grows so every weight is still exercised.
+    """
+    reads = input_spec(source, target)
+    nonzeros = nonzeros_for(reads, [f.accumulate for f in facts.values()])
+    rng = np.random.default_rng(seed)
+    kernel, bias = sample_weights(source, dtype, rng, nonzeros=nonzeros)
+    x = sample_inputs(reads, detection_batch(reads, nonzeros) if batch is None else batch, dtype, rng,
+                      nonzeros=nonzeros)
+    return kernel, bias, x
+
+
+# -- the judgement -----------------------------------------------------------------------
+class _Reference:
+    """Exact float64 outputs of one side of a pair on one canonical batch, and their bounds."""
+
+    def __init__(self, spec: LayerSpec, other: LayerSpec, x: np.ndarray, facts: Facts, dtype: str, fan: int,
+                 tf32: bool) -> None:
+        self.spec, self.adapt = spec, aligned(spec, other)
+        self.x = x
+        self.x64 = self.adapt[0](x.astype(np.float64))
+        self.abs_x64 = np.abs(self.x64)
+        self.facts, self.dtype, self.fan = facts, dtype, fan
+        self.accumulate = "tf32" if tf32 and dtype == "float32" else facts.accumulate
+
+    def forward(self, kernel: np.ndarray, bias: np.ndarray | None, *, absolute: bool = False,
+                spec: LayerSpec | None = None) -> np.ndarray:
+        k = np.asarray(kernel, np.float64)
+        b = None if bias is None else np.asarray(bias, np.float64)
+        if absolute:
+            k, b = np.abs(k), None if b is None else np.abs(b)
+        y = reference_forward(spec or self.spec, k, b, self.abs_x64 if absolute else self.x64)
+        return self.adapt[1](y, self.x)
+
+    def outputs(self, kernel: np.ndarray, bias: np.ndarray | None,
+                spec: LayerSpec | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(exact, |W|·|x| + |b|, exact before the bias or None without one)."""
+        exact = self.forward(kernel, bias, spec=spec)
+        mag = self.forward(kernel, bias, absolute=True, spec=spec)
+        nb = None if bias is None else self.forward(kernel, None, spec=spec)
+        return exact, mag, nb
+
+    def _before_bias(self, nb: np.ndarray | None) -> np.ndarray | None:
+        """The sum before the bias matters to the bound only where this side rounds twice."""
+        return nb if self.facts.roundings == 2 else None
+
+    def compare(self, y: np.ndarray, exact: np.ndarray, mag: np.ndarray, nb: np.ndarray | None) -> Comparison:
+        return compare(y, exact, mag, dtype=self.dtype, fan_in=self.fan, accumulate=self.accumulate,
+                       exact_without_bias=self._before_bias(nb))
+
+    def bound(self, exact: np.ndarray, mag: np.ndarray, nb: np.ndarray | None) -> np.ndarray:
+        return error_bound(exact, mag, dtype=self.dtype, fan_in=self.fan, accumulate=self.accumulate,
+                           exact_without_bias=self._before_bias(nb))
+
+
+def judge_pair(
+    source: LayerSpec,
+    target: LayerSpec,
+    *,
+    source_backend: str = "numpy",
+    target_backend: str = "numpy",
+    dtype: str = "float32",
+    converter: Converter | None = None,
+    seed: int = 0,
+    batch: int | None = None,
+    mutants: bool = True,
+    tf32: bool = False,
+    data: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None,
+    identify_with: Callable[[], Any] | None = None,
+) -> Case:
+    """Judge one conversion on one backend pair: the whole judgement, once; raises only for bad arguments.
+
+    ``converter(kernel, bias) -> (kernel, bias)``; ``None`` is the planned conversion.
+    ``data = (kernel, bias, x)`` replaces the drawn data (x canonical: ``(batch, channels, *spatial)``).
+    ``identify_with()`` names a failure's conventions (the checker's probe of the converter);
+    by default the converted weights themselves are identified.
+    """
+    np_dtype(dtype)  # an unknown dtype is an error, not a skip
+    case = Case(source, target, source_backend, target_backend, dtype, "error", seed=seed)
+    case.facts, skipped = pair_facts(source, target, source_backend, target_backend, dtype)
+    if skipped:
+        case.verdict, case.reason = "skip", skipped
+        return case
+    for role, name in (("source", source_backend), ("target", target_backend)):
+        if not case.facts[role].decided:
+            case.notes.append(f"{role} on {name}: {case.facts[role].summary()}")
+    reads = input_spec(source, target)
+    n = len(data[2]) if data is not None else batch or detection_batch(
+        reads, nonzeros_for(reads, [f.accumulate for f in case.facts.values()]))
+    in_elems = n * math.prod(reads.input_shape)
+    out_elems = n * max(math.prod(source.output_shape), math.prod(target.output_shape))
+    require_memory(f"verifying {source.describe()} -> {target.describe()}",
+                   8 * (6 * math.prod(source.kernel_shape) + 4 * in_elems + 10 * out_elems))
+    kernel, bias, x = draw_data(source, target, dtype, case.facts, seed, batch) if data is None else data
+    try:
+        right = case.mapping = plan(source, target)
+    except EquivcheckError:
+        if converter is None:
+            raise
+        right = None
+    convert = converter or (lambda k, b: planned_convert(source, target, k, b))
+    new_kernel, new_bias = _call_converter(convert, kernel, bias, target, dtype)
+
+    # A zero input adds exact zeros: rounding errors come from the non-zero products only.
+    fan = max(1, min(fan_in(source), int(np.count_nonzero(x.reshape(len(x), -1), axis=1).max(initial=1))))
+    src = _Reference(source, target, x, case.facts["source"], dtype, fan, tf32)
+    tgt = _Reference(target, source, x, case.facts["target"], dtype, fan, tf32)
+    exact, mag, nb = src.outputs(kernel, bias)
+    y_src = _run(source_backend, source, dtype, kernel, bias, src)
+    case.source_comparison = src.compare(y_src, exact, mag, nb)
+    y_tgt = _run(target_backend, target, dtype, new_kernel, new_bias, tgt)
+    # The target is judged by how its own backend rounds and sums.
+    case.comparison = tgt.compare(y_tgt, exact, mag, nb)
+    case.errors = {"output": np.abs(y_tgt.astype(np.float64) - exact)}
+    if not case.source_comparison.passed:
+        case.reason = (f"the source layer on {source_backend} disagrees with the numpy reference: "
+                       f"{case.source_comparison.summary()}")
+        return case
+    if not case.comparison.passed:
+        case.verdict, case.reason = "fail", case.comparison.summary()
+        if right is not None:
+            case.identification = identify_with() if identify_with is not None else _identify(
+                source, target, kernel, bias, new_kernel, new_bias)
+            case.diagnosis = case.identification.diagnosis()
+    else:
+        case.verdict = "pass"
+    if mutants and right is not None:
+        case.mutations = mutant_outcomes(source, target, right, kernel, bias, tgt, (exact, mag, nb))
+        missed = [m.name for m in case.mutations if m.outcome == "not rejected"]
+        if case.verdict == "pass" and missed:
+            case.verdict = "inconclusive"
+            case.reason = f"these wrong conversions also pass on this data: {', '.join(missed)}"
+    return case
+
+
+def _run(backend: str, spec: LayerSpec, dtype: str, kernel: np.ndarray, bias: np.ndarray | None,
+         ref: _Reference) -> np.ndarray:
+    layer = registry.get(backend).build(spec, dtype)
+    layer.set_weights(kernel, bias)
+    return ref.adapt[1](np.asarray(layer(ref.adapt[0](ref.x))), ref.x)
+
+
+def _identify(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None,
+              new_kernel: np.ndarray, new_bias: np.ndarray | None) -> Any:
+    from equivcheck.identify import identify
+
+    return identify(source, target, new_kernel, new_bias, source_kernel=kernel, source_bias=bias)
+
+
+def _call_converter(convert: Converter, kernel: np.ndarray, bias: np.ndarray | None, target: LayerSpec,
+                    dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    result = convert(kernel.copy(), None if bias is None else bias.copy())
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise SpecError(f"converter returned {type(result).__name__}: expected a (kernel, bias) tuple")
+    arrays = []
+    for what, r in zip(("kernel", "bias"), result):
+        try:
+            a = None if r is None else np.asarray(to_numpy(r))
+        except (ValueError, TypeError) as exc:  # ragged lists and the like
+            raise VerificationError(f"converter returned a {what} that is not an array ({type(r).__name__}): {exc}") from None
+        if a is not None:
+            check_dtype(a.dtype, f"converter's {what}")
+        arrays.append(a)
+    new_kernel, new_bias = arrays
+    if new_kernel is None or new_kernel.shape != target.kernel_shape:
+        got = None if new_kernel is None else new_kernel.shape
+        raise VerificationError(f"converter returned a kernel of shape={got}: the target expects {target.kernel_shape}")
+    if target.bias and (new_bias is None or new_bias.shape != target.bias_shape):
+        got = None if new_bias is None else new_bias.shape
+        raise VerificationError(f"converter returned a bias of shape={got}: the target expects {target.bias_shape}")
+    dt = np_dtype(dtype)
+    return new_kernel.astype(dt), None if new_bias is None or not target.bias else new_bias.astype(dt)
+
+
+# -- mutants -----------------------------------------------------------------------------
+def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel: np.ndarray,
+                    bias: np.ndarray | None, ref: _Reference,
+                    right_outputs: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> list[MutationOutcome]:
+    """Each plausible wrong conversion of ``kernel``, judged on ``ref``'s batch (the target side).
+
+    Rejected where ``|y_mutant − y_right|`` (both exact) exceeds the right output's bound plus
+    the mutant's own: a real layer within its bound then fails on it, whatever it rounds.
+    """
+    from equivcheck.mutations import mutants
+
+    exact, mag, nb = right_outputs
+    bound = ref.bound(exact, mag, nb)
+    out = []
+    for mutant in mutants(source, target, right):
+        wrong_bias = bias if target.bias else None  # the planned conversion never rearranges a bias
+        if mutant.bias is not None and wrong_bias is not None:
+            wrong_bias = mutant.bias.apply(wrong_bias)
+        if mutant.ambiguous or (mutant.bias is not None and bias is None):
+            out.append(MutationOutcome(mutant.name, mutant.description, "ambiguous", convention=str(mutant.convention)))
+            continue
+        spec = mutant.target or target
+        wrong = mutant.mapping.apply(kernel)
+        try:
+            y, m_mag, m_nb = ref.outputs(wrong, wrong_bias, spec=spec)
+        except EquivcheckError:
+            y = None
+        if y is None or y.shape != exact.shape:  # the wrong layer does not even give the right shape
+            out.append(MutationOutcome(mutant.name, mutant.description, "rejected", math.inf,
+                                       convention=str(mutant.convention)))
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = float(np.max(np.abs(y - exact) / (bound + ref.bound(y, m_mag, m_nb)), initial=0.0))
+        out.append(MutationOutcome(mutant.name, mutant.description, "rejected" if ratio > 1 else "not rejected",
+                                   ratio, convention=str(mutant.convention)))
+    return out
+
