@@ -1,12 +1,14 @@
-"""Soundness of the verdict per layer kind and dtype, on this machine and as an older CPU.
+"""Soundness of the verdict per backend, layer kind and dtype, through the public API, natively and as an older CPU.
 
-For each backend, layer kind (:data:`equivcheck.backends.probe.LAYER_KINDS`) and dtype: the
-layer's facts are probed once; then each trial draws verify's data
-(:mod:`equivcheck.data`), runs the real layer with the right weights (a false alarm is a
-rejection) and with one pair of distinct weights swapped (caught when rejected), both judged
-exactly as ``verify_pair`` judges them (probed accumulation and roundings, non-zero fan-in).
-Targets: 0 false alarms, ≥ 95 % of swaps caught. ``--older-cpu`` re-runs everything in a child
-process with ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 TF_ENABLE_ONEDNN_OPTS=0``.
+For each backend, layer kind (:data:`equivcheck.backends.probe.LAYER_KINDS`, under the backend's
+own preset) and dtype, as a user would: ``ec.verify_pair`` with the right conversion (a
+verdict other than ``pass`` is a false alarm; ``inconclusive`` is counted apart) and with a
+converter that swaps one pair of distinct weights (caught when the verdict is ``fail``), and
+``ec.check_converter`` with the same swapping converter (caught when it raises
+:class:`equivcheck.ConversionCheckFailed`). The data are the product's own: nothing here draws,
+judges or bounds anything. Targets: 0 false alarms, ≥ 95 % of swaps caught.
+``--older-cpu`` re-runs everything in a child process with
+``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 TF_ENABLE_ONEDNN_OPTS=0``.
 """
 
 from __future__ import annotations
@@ -14,59 +16,50 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 
 OLDER_CPU = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "TF_ENABLE_ONEDNN_OPTS": "0"}
 DTYPES = ("float32", "float16", "bfloat16")
+BACKENDS = "torch,keras,tf,jax,onnxruntime,tflite"
 
 
-def _trials(backend: str, spec, dtype: str, trials: int, facts) -> tuple[int, int, int, float]:
-    """(false alarms, swaps caught, swaps tried, worst error/bound of a right conversion)."""
-    from equivcheck import backends
-    from equivcheck.backends.numpy import forward
-    from equivcheck.compare import compare
-    from equivcheck.data import nonzeros_for, sample_inputs, sample_weights
-    from equivcheck.specs import fan_in
+def swapper(seed: int):
+    """A converter that keeps the kernel but swaps one pair of distinct weights (the same pair each call)."""
 
-    layer = backends.get(backend).build(spec, dtype)
-    f64 = np.float64
-    alarms = caught = tried = 0
-    worst = 0.0
-    nonzeros = nonzeros_for(spec, [facts.accumulate])  # as verify_pair chooses them
-    for seed in range(trials):
+    def swap_one_pair(kernel, bias):
+        k = np.array(kernel, copy=True)
+        flat = k.reshape(-1)
         rng = np.random.default_rng(seed)
-        kernel, bias = sample_weights(spec, dtype, rng, nonzeros=nonzeros)
-        x = sample_inputs(spec, None, dtype, rng, nonzeros=nonzeros)  # (batch, channels, *spatial)
-        if spec.data_format == "channels_last" and x.ndim > 2:
-            x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
-        b64 = None if bias is None else bias.astype(f64)
-        exact = forward(spec, kernel.astype(f64), b64, x.astype(f64))
-        mag = forward(spec, np.abs(kernel.astype(f64)), None if b64 is None else np.abs(b64), np.abs(x.astype(f64)))
-        nb = forward(spec, kernel.astype(f64), None, x.astype(f64)) if bias is not None and facts.roundings == 2 else None
-        n = max(1, min(fan_in(spec), int(np.count_nonzero(x.reshape(len(x), -1), axis=1).max(initial=1))))
+        for _ in range(100):
+            a, b = rng.choice(flat.size, 2, replace=False)
+            if flat[a] != flat[b]:
+                flat[[a, b]] = flat[[b, a]]
+                break
+        return k, bias
 
-        def judge(k: np.ndarray, exact=exact, mag=mag, nb=nb, n=n, bias=bias, x=x):
-            layer.set_weights(k, bias)
-            return compare(layer(x), exact, mag, dtype=dtype, fan_in=n, accumulate=facts.accumulate, exact_without_bias=nb)
+    return swap_one_pair
 
-        right = judge(kernel)
-        alarms += not right.passed
-        worst = max(worst, right.max_error_ratio)
-        flat = kernel.reshape(-1)
-        a, b = rng.choice(flat.size, 2, replace=False)
-        if flat[a] == flat[b]:
-            continue
-        swapped = flat.copy()
-        swapped[[a, b]] = swapped[[b, a]]
-        tried += 1
-        caught += not judge(swapped.reshape(kernel.shape)).passed
-    return alarms, caught, tried, worst
+
+def cpu() -> str:
+    """The CPU's model name and the features that change kernels: ``"Intel Xeon (x86_64 avx2 avx512_fp16 amx_bf16)"``."""
+    from equivcheck.backends.probe import cpu_flags
+
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({cpu_flags()})"
 
 
 def measure(trials: int, names: tuple[str, ...]) -> list[list]:
+    import equivcheck as ec
     from equivcheck import backends
     from equivcheck.backends.probe import layer_kinds, probe
 
@@ -78,15 +71,32 @@ def measure(trials: int, names: tuple[str, ...]) -> list[list]:
             for dtype in DTYPES:
                 facts = probe(backend, spec, dtype)
                 if not facts.runs:
-                    out.append([backend, kind, dtype, "does not run", None, None, None, None])
+                    out.append([backend, kind, dtype, "does not run", None, None, None, None, None])
                     continue
-                alarms, caught, tried, worst = _trials(backend, spec, dtype, trials, facts)
+                alarms = inconclusive = caught = checker_caught = checker_tried = 0
+                for seed in range(trials):
+                    right = ec.verify_pair(spec, spec, source_backend=backend, target_backend=backend, dtype=dtype,
+                                           seed=seed)
+                    alarms += right.verdict not in ("pass", "inconclusive")
+                    inconclusive += right.verdict == "inconclusive"
+                    wrong = ec.verify_pair(spec, spec, source_backend=backend, target_backend=backend, dtype=dtype,
+                                           seed=seed, converter=swapper(seed), mutants=False)
+                    caught += wrong.verdict == "fail"
+                    if seed % 3 == 0:  # the checker too, on a third of the trials (it runs the judge once more)
+                        checker_tried += 1
+                        try:
+                            ec.check_converter(swapper(seed), spec, spec, dtypes=[dtype], seed=seed)
+                        except ec.ConversionCheckFailed:
+                            checker_caught += 1
+                        except ec.CheckSkipped:
+                            checker_tried -= 1
                 summary = f"{facts.accumulate}, {facts.roundings}×"
-                out.append([backend, kind, dtype, summary, alarms, trials, caught / max(tried, 1), worst])
+                out.append([backend, kind, dtype, summary, alarms, inconclusive, trials, caught / trials,
+                            checker_caught / max(checker_tried, 1)])
     return out
 
 
-def rows(trials: int = 300, backends: str = "torch,keras", older_cpu: bool = True) -> list[list]:
+def rows(trials: int = 60, backends: str = BACKENDS, older_cpu: bool = True) -> list[list]:
     names = tuple(backends.split(","))
     table = [["native", *r] for r in measure(trials, names)]
     if older_cpu:
@@ -98,30 +108,35 @@ def rows(trials: int = 300, backends: str = "torch,keras", older_cpu: bool = Tru
 
 
 def render(table: list[list], markdown: bool = False) -> str:
-    head = ["machine", "backend", "kind", "dtype", "probed sums, roundings", "false alarms", "swaps caught", "max err/bound"]
+    head = ["machine", "backend", "kind", "dtype", "probed sums, roundings", "false alarms", "inconclusive",
+            "swaps caught (verify_pair)", "swaps caught (check_converter)"]
     lines = []
-    for machine, backend, kind, dtype, facts, alarms, trials, rate, worst in table:
+    for machine, backend, kind, dtype, facts, alarms, inconclusive, trials, rate, checker in table:
         if alarms is None:
-            lines.append([machine, backend, kind, dtype, facts, "", "", ""])
+            lines.append([machine, backend, kind, dtype, facts, "", "", "", ""])
         else:
-            lines.append([machine, backend, kind, dtype, facts, f"{alarms}/{trials}", f"{rate:.1%}", f"{worst:.3f}"])
+            lines.append([machine, backend, kind, dtype, facts, f"{alarms}/{trials}", f"{inconclusive}/{trials}",
+                          f"{rate:.1%}", f"{checker:.1%}"])
     if markdown:
-        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in lines])
+        return "\n".join([f"CPU: {cpu()}; older CPU: the same with {' '.join(f'{k}={v}' for k, v in OLDER_CPU.items())}.", "",
+                          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in lines])
     widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [head, *lines])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--trials", type=int, default=300)
-    parser.add_argument("--backends", default="torch,keras")
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--backends", default=BACKENDS)
     parser.add_argument("--json", action="store_true", help="print this machine's rows as JSON (the --older-cpu child)")
     parser.add_argument("--older-cpu", action="store_true", help="also run as an older CPU, in a child process")
+    parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
+    warnings.simplefilter("ignore")
     if args.json:
         print(json.dumps(measure(args.trials, tuple(args.backends.split(",")))))
         return
-    print(render(rows(args.trials, args.backends, args.older_cpu)))
+    print(render(rows(args.trials, args.backends, args.older_cpu), args.markdown))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from equivcheck.specs import CHANNELS_LAST, LayerSpec, fan_in
 
 __all__ = ["COVERAGE", "NONZEROS", "detection_batch", "fan_in", "nonzeros_for", "sample_inputs", "sample_weights"]
 
-def _int(name: str, value: Any, floor: int) -> int:
+def checked_int(name: str, value: Any, floor: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise SpecError(f"{name}={value!r} is not an integer: expected an integer >= {floor}")
     if value < floor:
@@ -158,8 +158,8 @@ def sample_inputs(
     """
     if layout not in ("canonical", "native"):
         raise SpecError(f"layout={layout!r} is not valid: expected 'canonical' or 'native'")
-    nonzeros = _int("nonzeros", nonzeros, 1)
-    b = detection_batch(spec, nonzeros) if batch is None else _int("batch", batch, 1)
+    nonzeros = checked_int("nonzeros", nonzeros, 1)
+    b = detection_batch(spec, nonzeros) if batch is None else checked_int("batch", batch, 1)
     shape = (spec.channels, *spec.spatial)
     n = math.prod(shape)
     per_sample = max(1, min(n, round(_density(spec, nonzeros) * n)))

@@ -33,7 +33,7 @@ def spatial_letters(rank: int) -> str:
     return "DHW"[3 - rank :] if rank else ""
 
 
-def _positive(name: str, value: Any, *, allow_zero: bool = False) -> int:
+def positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
     try:
         if isinstance(value, bool):
             raise TypeError
@@ -55,7 +55,7 @@ def _tuple(name: str, value: Any, rank: int, *, allow_zero: bool = False, defaul
         value = (value,) * rank
     if len(value) != rank:
         raise SpecError(f"{name}={tuple(value)!r} has {len(value)} entries: expected {rank}, one per spatial axis")
-    return tuple(_positive(f"{name}[{i}]", v, allow_zero=allow_zero) for i, v in enumerate(value))
+    return tuple(positive_int(f"{name}[{i}]", v, allow_zero=allow_zero) for i, v in enumerate(value))
 
 
 def _padding(value: Any, rank: int) -> str | tuple:
@@ -122,7 +122,7 @@ class DenseSpec:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "channels", _positive("channels", self.channels))
+        set_(self, "channels", positive_int("channels", self.channels))
         if isinstance(self.spatial, int):
             set_(self, "spatial", (self.spatial,))
         if not isinstance(self.spatial, (tuple, list)):
@@ -130,7 +130,7 @@ class DenseSpec:
         rank = len(self.spatial)
         set_(self, "spatial", _tuple("spatial", self.spatial, rank))
         spatial_letters(rank)
-        set_(self, "units", _positive("units", self.units))
+        set_(self, "units", positive_int("units", self.units))
         set_(self, "data_format", _data_format(self.data_format))
         flatten = self.flatten
         letters = self.map_letters
@@ -226,8 +226,8 @@ class ConvSpec:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "in_channels", _positive("in_channels", self.in_channels))
-        set_(self, "out_channels", _positive("out_channels", self.out_channels))
+        set_(self, "in_channels", positive_int("in_channels", self.in_channels))
+        set_(self, "out_channels", positive_int("out_channels", self.out_channels))
         ks = self.kernel_size
         if isinstance(ks, int) and not isinstance(ks, bool):
             raise SpecError(f"kernel_size={ks!r} is a single integer: pass a tuple, one size per spatial axis")
@@ -240,7 +240,7 @@ class ConvSpec:
         set_(self, "dilation", _tuple("dilation", self.dilation, rank))
         set_(self, "output_padding", _tuple("output_padding", self.output_padding, rank, allow_zero=True))
         set_(self, "padding", _padding(self.padding, rank))
-        set_(self, "groups", _positive("groups", self.groups))
+        set_(self, "groups", positive_int("groups", self.groups))
         set_(self, "data_format", _data_format(self.data_format))
         if self.op not in OPS:
             raise SpecError(f"op={self.op!r} is not valid: expected 'correlate' or 'convolve'")

@@ -29,7 +29,7 @@ from equivcheck.data import (
     COVERAGE,
     MIN_BATCH,
     NONZEROS,
-    _int,
+    checked_int,
     detection_batch,
     fan_in,
     sample_inputs,
@@ -66,7 +66,7 @@ _SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
 
 # -- argument validation -----------------------------------------------------------------
 def _range(name: str, lo: Any, hi: Any, floor: int = 1) -> tuple[int, int]:
-    lo, hi = _int(f"min_{name}", lo, floor), _int(f"max_{name}", hi, floor)
+    lo, hi = checked_int(f"min_{name}", lo, floor), checked_int(f"max_{name}", hi, floor)
     if lo > hi:
         raise SpecError(f"min_{name}={lo} is greater than max_{name}={hi}: expected min_{name} <= max_{name}")
     return lo, hi
@@ -114,8 +114,8 @@ def backends(
     installed = tuple(n for n in wanted if registry.get(n).available())
     if not installed:
         raise SpecError(f"backends names={wanted} are not installed: pip install 'equivcheck[all]' or pick from {known}")
-    lo = _int("min_size", min_size, 0)
-    hi = len(installed) if max_size is None else _int("max_size", max_size, 0)
+    lo = checked_int("min_size", min_size, 0)
+    hi = len(installed) if max_size is None else checked_int("max_size", max_size, 0)
     if lo > min(hi, len(installed)):
         raise SpecError(
             f"min_size={lo} is more than the {min(hi, len(installed))} backends available "
@@ -225,7 +225,7 @@ def conv_specs(
     k = _range("kernel", min_kernel, max_kernel)
     if k[0] > s[1]:
         raise SpecError(f"min_kernel={k[0]} is larger than max_side={s[1]}: a kernel must fit the map")
-    max_stride, max_dilation, max_groups = (_int(n, v, 1) for n, v in (
+    max_stride, max_dilation, max_groups = (checked_int(n, v, 1) for n, v in (
         ("max_stride", max_stride), ("max_dilation", max_dilation), ("max_groups", max_groups)))
     formats = None if data_formats is None else _choices("data_formats", data_formats, DATA_FORMATS, DATA_FORMATS)
     pads = tuple(paddings)
@@ -287,7 +287,7 @@ def spec_pairs(
     if r_hi > 3:
         raise SpecError(f"max_rank={r_hi} is too large: expected 1, 2 or 3 spatial axes")
     s = _range("side", min_side, max_side)
-    max_kernel, max_stride, max_dilation, max_groups = (_int(n, v, 1) for n, v in (
+    max_kernel, max_stride, max_dilation, max_groups = (checked_int(n, v, 1) for n, v in (
         ("max_kernel", max_kernel), ("max_stride", max_stride), ("max_dilation", max_dilation),
         ("max_groups", max_groups)))
     k = (min(s[0], max_kernel), max_kernel)
@@ -343,5 +343,5 @@ def inputs(spec: LayerSpec, *, batch: int | None = None, dtype: str = "float32")
     _check_spec(spec)
     np_dtype(dtype)
     if batch is not None:
-        _int("batch", batch, 1)
+        checked_int("batch", batch, 1)
     return _SEEDS.map(lambda seed: sample_inputs(spec, batch, dtype, np.random.default_rng(seed), layout="native"))

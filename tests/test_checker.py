@@ -22,6 +22,7 @@ from equivcheck.checker import (
 )
 from equivcheck.errors import NoMapping, SpecError
 from equivcheck.mutations import mutants
+from equivcheck.report.records import check_record
 
 SHAPE = dict(channels=3, spatial=(2, 4), units=2)
 SRC, DST = ec.spec("onnx:dense", **SHAPE), ec.spec("theano:conv", **SHAPE)
@@ -242,7 +243,7 @@ def test_a_converter_that_raises_is_a_recorded_error_case():
         checker.check_converter(broken, "keras:dense", "torch:conv", channels=2, spatial=(4, 3), units=2)
     assert info.value.case.verdict == "error" and checker.records[-1].case.verdict == "error"
     assert checker.records[-1].summary()["verdict"] == "error"
-    assert checker.records[-1].report_record()["reason"].startswith("the converter raised KeyError")
+    assert check_record(checker.records[-1])["reason"].startswith("the converter raised KeyError")
 
 
 @pytest.mark.parametrize(("source", "module", "dtype", "native_dtype"), [
@@ -309,3 +310,17 @@ def test_source_and_target_options_set_spec_fields_fixed_or_searched():
         checker.check_converter(convert_from("HWC"), "keras:dense", "torch:conv", **shape,
                                 source_options={"flatten": ["HWC", "CHW"]}, max_examples=10)
     assert {r.case.source.flatten for r in checker.records} >= {"CHW"}
+
+
+def test_a_failure_carries_its_patch_in_the_target_framework():
+    checker = Checker()
+
+    def no_flip(kernel, bias):  # Theano flips its conv kernel; this converter forgets it
+        return kernel.T.reshape(2, 3, 5, 5), bias
+
+    with pytest.raises(ec.ConversionCheckFailed) as info:
+        checker.check_converter(no_flip, "theano:dense", "theano:conv", channels=3, spatial=(5, 5), units=2)
+    record = checker.records[-1]
+    assert record.patch and "[:, :, ::-1, ::-1]" in "\n".join(record.patch)
+    assert "  fix        # w, b: the source layer's kernel" in str(info.value)
+    assert check_record(record)["patch"] == record.patch

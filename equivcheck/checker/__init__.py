@@ -21,7 +21,6 @@ from typing import Any
 from equivcheck.checker.core import Checker, CheckRecord, check_conversion
 from equivcheck.checker.messages import Conventions, failure_message, identify_conventions, spec_code, summary_table
 from equivcheck.checker.options import (
-    PRESET_BACKENDS,
     Options,
     derive_seed,
     installed_backends,
@@ -29,8 +28,9 @@ from equivcheck.checker.options import (
     resolve_backend,
 )
 from equivcheck.errors import CheckSkipped, ConversionCheckFailed
+from equivcheck.judge import Case
+from equivcheck.presets import PRESET_BACKENDS
 from equivcheck.specs import LayerSpec
-from equivcheck.verify import Case
 
 
 def check_converter(convert: Callable, source: str | LayerSpec, target: str | LayerSpec, **options: Any) -> list[Case]:

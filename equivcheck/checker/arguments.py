@@ -12,7 +12,7 @@ _INT_ARGS = ("channels", "units", "groups", "multiplier")
 
 
 # -- shape arguments ---------------------------------------------------------------------
-def _is_strategy(value: Any) -> bool:
+def is_strategy(value: Any) -> bool:
     from hypothesis.strategies import SearchStrategy
 
     return isinstance(value, SearchStrategy)
@@ -22,7 +22,7 @@ def _int_range(name: str, value: Any) -> Any:
     """A fixed int, or a strategy for a ``(lo, hi)`` range, a ``range`` or a strategy."""
     from hypothesis import strategies as st
 
-    if _is_strategy(value):
+    if is_strategy(value):
         return value
     if isinstance(value, range):
         if not value:
@@ -39,24 +39,24 @@ def _axes(name: str, value: Any) -> Any:
     """A fixed tuple, or a strategy when any axis is a range or strategy."""
     from hypothesis import strategies as st
 
-    if _is_strategy(value) or not isinstance(value, (tuple, list)):
+    if is_strategy(value) or not isinstance(value, (tuple, list)):
         return value
     if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return tuple(value)
     parts = [_int_range(f"{name}[{i}]", v) for i, v in enumerate(value)]
-    return st.tuples(*(p if _is_strategy(p) else st.just(p) for p in parts))
+    return st.tuples(*(p if is_strategy(p) else st.just(p) for p in parts))
 
 
-def _split_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(fixed values, strategies) of the shape arguments."""
     fixed, varying = {}, {}
     for key, value in args.items():
         v = _int_range(key, value) if key in _INT_ARGS else _axes(key, value) if key != "bias" else value
-        (varying if _is_strategy(v) else fixed)[key] = v
+        (varying if is_strategy(v) else fixed)[key] = v
     return fixed, varying
 
 
-def _build(name: Any, args: dict[str, Any], role: str) -> LayerSpec:
+def build_side(name: Any, args: dict[str, Any], role: str) -> LayerSpec:
     if isinstance(name, (DenseSpec, ConvSpec)):
         return name
     if not isinstance(name, str):

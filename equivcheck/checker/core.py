@@ -8,10 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from equivcheck.checker.arguments import _build, _is_strategy, _split_args
-from equivcheck.checker.messages import converter_code, failure_message, identify_conventions
+from equivcheck.checker.arguments import build_side, is_strategy, split_args
+from equivcheck.checker.messages import converter_code, converter_patch, failure_message, identify_conventions
 from equivcheck.checker.options import Options, derive_seed, resolve_backend
 from equivcheck.errors import (
     CheckSkipped,
@@ -21,9 +19,9 @@ from equivcheck.errors import (
     SpecError,
     framework_message,
 )
+from equivcheck.judge import Case, judge_pair
 from equivcheck.plan import plan
 from equivcheck.specs import LayerSpec
-from equivcheck.judge import Case, judge_pair
 
 
 # -- one check ---------------------------------------------------------------------------
@@ -113,6 +111,14 @@ class CheckRecord:
         return self._conventions
 
     @property
+    def patch(self) -> list[str]:
+        """A failed case's fix, as lines to paste in the target framework (:func:`converter_patch`); [] otherwise."""
+        case = self.case
+        if case.verdict != "fail" or case.mapping is None:
+            return []
+        return converter_patch(case.source, case.target, case.mapping)
+
+    @property
     def failed(self) -> bool:
         return self.case.verdict in ("fail", "error", "inconclusive")
 
@@ -123,14 +129,10 @@ class CheckRecord:
                 "backends": f"{c.source_backend} → {c.target_backend}", "dtype": c.dtype,
                 "verdict": c.verdict, "conventions": self.conventions, "notes": list(self.notes)}
 
-    def report_record(self) -> dict[str, Any]:
-        """The report's case record plus the test, converter, conventions and notes."""
-        from equivcheck.report.records import case_record
-
-        record = case_record(self.case)
-        record.pop("id", None)
-        record.update(test=self.test, converter=self.converter, conventions=self.conventions, notes=list(self.notes))
-        return case_record(record)
+    def details(self) -> dict[str, Any]:
+        """What the checker adds to the case's report record: the test, converter, conventions and notes."""
+        return {"test": self.test, "converter": self.converter, "conventions": self.conventions,
+                "notes": list(self.notes), **({"patch": self.patch} if self.patch else {})}
 
 
 # -- the checker -------------------------------------------------------------------------
@@ -200,7 +202,7 @@ class Checker:
         args = dict(channels=channels, spatial=spatial, units=units, kernel_size=kernel_size, stride=stride,
                     dilation=dilation, padding=padding, groups=groups, multiplier=multiplier,
                     output_padding=output_padding, bias=bias)
-        fixed, varying = _split_args(args)
+        fixed, varying = split_args(args)
         sides = {"source": dict(source_options or {}), "target": dict(target_options or {})}
         for role, options in sides.items():
             for key, value in options.items():
@@ -208,11 +210,11 @@ class Checker:
                     from hypothesis import strategies as st
 
                     value = st.sampled_from(value)
-                (varying if _is_strategy(value) else fixed)[f"{role}:{key}"] = value
+                (varying if is_strategy(value) else fixed)[f"{role}:{key}"] = value
         names = self._dtypes(dtypes)
         run_seed = self._seed(seed)
         if not varying:
-            src, dst = _build(source, _side(fixed, "source"), "source"), _build(target, _side(fixed, "target"), "target")
+            src, dst = build_side(source, _side(fixed, "source"), "source"), build_side(target, _side(fixed, "target"), "target")
             plan(src, dst)  # a pair that no conversion can make equivalent is an error, not a failure
             cases = []
             for dtype in names:
@@ -227,7 +229,7 @@ class Checker:
         def example(draw: Any) -> tuple[LayerSpec, LayerSpec, str, int]:
             shape = {**fixed, **{k: draw(v) for k, v in varying.items()}}
             try:
-                src, dst = _build(source, _side(shape, "source"), "source"), _build(target, _side(shape, "target"), "target")
+                src, dst = build_side(source, _side(shape, "source"), "source"), build_side(target, _side(shape, "target"), "target")
                 plan(src, dst)
             except EquivcheckError:
                 from hypothesis import reject

@@ -128,6 +128,9 @@ def failure_message(record: CheckRecord, convert: Callable, *, call: str | None 
     ]
     if c.mapping is not None:
         lines.append(f"  right      {c.mapping.code('numpy')}")
+        if c.verdict == "fail":
+            fix = converter_patch(c.source, c.target, c.mapping)
+            lines += [f"  fix        {fix[0]}", *(f"             {line}" for line in fix[1:])]
     lines += [f"  note       {n}" for n in record.notes]
     lines += [
         "  reproduce:",
@@ -141,6 +144,42 @@ def failure_message(record: CheckRecord, convert: Callable, *, call: str | None 
         "    print(case.verdict, case.reason)",
     ]
     return "\n".join(lines)
+
+
+def converter_patch(source: LayerSpec, target: LayerSpec, right: Any, *, framework: str | None = None) -> list[str]:
+    """The fix of a wrong converter as lines to paste: the right mapping of the source kernel ``w`` (and bias ``b``),
+    written the target framework's way (a torch ``state_dict`` entry, Keras ``set_weights``, an ONNX initializer).
+
+    ``right`` is the :class:`~equivcheck.mapping.Mapping` from ``source``'s kernel to ``target``'s (``plan``);
+    ``framework`` defaults to the backend of ``target``'s preset (``torch``, ``keras``, ``tf``, ``onnxruntime``...).
+    """
+    if framework is None:
+        preset = PRESETS.get((target.name or "").split(":")[0])
+        framework = preset.backend if preset is not None else "numpy"
+    kernel = right.simplify().code("numpy")
+    bias = None
+    if target.bias:
+        bias = "b" if source.bias else f"np.zeros({tuple(target.bias_shape)!r}, w.dtype)"
+    lines = ["# w, b: the source layer's kernel and bias as numpy arrays, as the source stores them"]
+    if framework == "torch":
+        lines[0] += "; name: the converted module's name in state_dict"
+        lines.append(f'state_dict[f"{{name}}.weight"] = torch.tensor(np.ascontiguousarray({kernel}))')
+        if bias:
+            lines.append(f'state_dict[f"{{name}}.bias"] = torch.tensor(np.ascontiguousarray({bias}))')
+    elif framework in ("keras", "tf"):
+        lines[0] += "; layer: the converted Keras layer"
+        lines.append(f"layer.set_weights([{kernel}{', ' + bias if bias else ''}])")
+    elif framework == "onnxruntime":
+        lines[0] += ("; W, B: the node's weight and bias initializer names; "
+                     "initializers = {t.name: t for t in model.graph.initializer}")
+        lines.append(f"initializers[W].CopyFrom(numpy_helper.from_array(np.ascontiguousarray({kernel}, dtype=np.float32), W))")
+        if bias:
+            lines.append(f"initializers[B].CopyFrom(numpy_helper.from_array(np.ascontiguousarray({bias}, dtype=np.float32), B))")
+    else:
+        lines.append(f"kernel = {kernel}")
+        if bias:
+            lines.append(f"bias = {bias}")
+    return lines
 
 
 _COLUMNS = ("conversion", "converter", "backends", "dtype", "checked", "verdicts", "conventions")

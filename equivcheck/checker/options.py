@@ -8,11 +8,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from equivcheck.errors import EquivcheckError, SpecError
-from equivcheck.presets import PRESETS, backend_of
+from equivcheck.presets import backend_of
 from equivcheck.specs import LayerSpec
-
-#: The framework that runs each preset's layers (from :data:`equivcheck.presets.PRESETS`); the others run on numpy.
-PRESET_BACKENDS = {name: p.backend for name, p in PRESETS.items() if p.backend != "numpy"}
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ callable) into a :class:`~equivcheck.explore.sides.Side`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 import sys
@@ -20,9 +21,9 @@ from equivcheck.explore.sides import (
     CallableSide,
     LayerSide,
     Side,
-    _probe_dtype,
     dense_geometry,
     preset_spec,
+    probe_dtype,
     spec_side,
 )
 from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, ConvSpec, DenseSpec, Shape
@@ -84,7 +85,7 @@ class TorchSide(Side):
             raise SpecError(f"{label}: layer type {type(leaf).__name__} is not supported: expected nn.Linear or nn.ConvNd")
         supports64 = True
         super().__init__(label=label, kind=kind, geometry=geometry, kernel_shape=kernel_shape, has_bias=has_bias,
-                         data_format=CHANNELS_FIRST, dtype=_probe_dtype(math.prod(kernel_shape), supports64),
+                         data_format=CHANNELS_FIRST, dtype=probe_dtype(math.prod(kernel_shape), supports64),
                          flat_input=flat, rank0=rank0)
 
     def _forward(self, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> Any:
@@ -231,15 +232,36 @@ def _map_shape(geometry: ConvSpec, fmt: str) -> tuple[int, ...]:
 
 
 # -- dispatch ------------------------------------------------------------------------------
+def import_user_module(name: str) -> Any:
+    """Import ``name`` without letting the working folder shadow installed packages.
+
+    The module is looked for with the working folder off ``sys.path`` (a ``torch.py`` lying there
+    must not run in place of torch); only when it cannot be found so is the working folder added,
+    behind every installed package. ``sys.path`` is restored afterwards either way.
+    """
+    saved = list(sys.path)
+    here = os.getcwd()
+    elsewhere = [p for p in saved if p not in ("", ".") and os.path.abspath(p) != here]
+    try:
+        sys.path[:] = elsewhere
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package that is not installed
+            found = False
+        if not found:
+            sys.path[:] = [*elsewhere, here]
+        return importlib.import_module(name)
+    finally:
+        sys.path[:] = saved
+
+
 def load_object(path: str) -> Any:
-    """The object named ``module:attr`` (``attr`` may be dotted); the working folder is importable."""
+    """The object named ``module:attr`` (``attr`` may be dotted); see :func:`import_user_module` for where it is found."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise SpecError(f"object={path!r} is not MODULE:ATTR: expected e.g. 'mymodels:fc6'")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = import_user_module(module_name)
     except ImportError as exc:
         raise SpecError(f"module={module_name!r} cannot be imported ({exc}): check the name and the working folder") from None
     except Exception as exc:

@@ -19,21 +19,17 @@ model is given.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from typing import Any
 
 from equivcheck.errors import SpecError
-from equivcheck.explore.sides import Side, dense_geometry
-from equivcheck.specs import ConvSpec, Shape
+from equivcheck.explore.sides import Side
+from equivcheck.specs import Shape
 
 __all__ = ["runtime_side", "split_model_path"]  # the sides: runtimes_onnx.OnnxSide, runtimes_tflite.TfliteSide
 
-ONNX_LINEAR = ("Gemm", "MatMul", "Conv", "ConvTranspose")
-TFLITE_LINEAR = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV")
 SUFFIXES = (".onnx", ".tflite")
-_ONNX_DTYPES = {1: "float32", 11: "float64"}  # TensorProto FLOAT, DOUBLE
 
 
 def split_model_path(text: str) -> tuple[str, str | None] | None:
@@ -66,13 +62,20 @@ def runtime_side(obj: Any, shape: Shape) -> Side | None:
             from equivcheck.explore.runtimes_tflite import TfliteSide
 
             return TfliteSide(_read(path), shape, label=f"tflite {os.path.basename(path)}")
+        from equivcheck._readers_runtimes import onnx_declared_bytes
         from equivcheck.explore.runtimes_onnx import OnnxSide
+        from equivcheck.memory import require_memory
 
+        if os.path.isfile(path):  # its graph and external data checked, and what loading it allocates, before onnx reads it
+            require_memory(f"loading {path!r}", onnx_declared_bytes(path, repr(path)))
         return OnnxSide(path, shape, node=node or named)
     if isinstance(obj, (bytes, bytearray, memoryview)):
+        from equivcheck._readers_runtimes import check_tflite
         from equivcheck.explore.runtimes_tflite import TfliteSide
 
-        return TfliteSide(bytes(obj), shape)
+        data = bytes(obj)
+        check_tflite(data, "the tflite model")
+        return TfliteSide(data, shape)
     if not _is_onnx(obj):
         return None
     from equivcheck.explore.runtimes_onnx import OnnxSide
@@ -87,39 +90,10 @@ def _is_onnx(obj: Any, paths: bool = False) -> bool:
 
 
 def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise SpecError(f"model file={path!r} cannot be read: {exc.strerror or type(exc).__name__}") from None
+    """A .tflite file's bytes: a regular file within the memory guard (never a FIFO, which would hang the
+    read), whose flatbuffer the index accepts (bounds, graph, what decoding it produces)."""
+    from equivcheck._readers_runtimes import check_tflite, read_regular
 
-
-def _spatial(label: str, shape: Shape, declared: tuple[int | None, ...]) -> tuple[int, ...]:
-    """The map's spatial size: as declared, else ``spatial=``; a given ``spatial`` must agree with a declared one."""
-    if all(d is not None for d in declared):
-        spatial = tuple(int(d) for d in declared)
-        if shape.spatial is not None and tuple(shape.spatial) != spatial:
-            raise SpecError(f"{label}: spatial={tuple(shape.spatial)} but the model declares a map of {spatial}")
-        return spatial
-    if shape.spatial is None or len(tuple(shape.spatial)) != len(declared):
-        raise SpecError(f"{label}: the model leaves the map's size open ({declared}): pass spatial= with "
-                        f"{len(declared)} sizes")
-    return tuple(shape.spatial)
-
-
-def _dense(label: str, shape: Shape, features: int, units: int, has_bias: bool,
-           known: tuple[int, tuple[int, ...]] | None = None) -> tuple[ConvSpec, bool]:
-    """A dense geometry reading ``features`` (a flattened map, ``known`` when the model says which); rank0 when plain."""
-    channels = shape.channels if shape.channels is not None else (known[0] if known else features)
-    spatial = tuple(shape.spatial_or(known[1] if known and shape.channels in (None, known[0]) else ()))
-    if channels * math.prod(spatial) != features:
-        raise SpecError(f"{label}: channels={channels} × spatial={spatial} is {channels * math.prod(spatial)} "
-                        f"features, but the layer reads {features}")
-    return dense_geometry(channels, spatial, units, has_bias), not spatial
-
-
-def _conv(label: str, *args: Any, **kwargs: Any) -> ConvSpec:
-    try:
-        return ConvSpec(*args, **kwargs)
-    except SpecError as exc:
-        raise SpecError(f"{label}: {exc}") from None
+    data = read_regular(path, repr(path), factor=3)  # the bytes, a copy per probe kernel, the decoded tables
+    check_tflite(data, repr(path))
+    return data

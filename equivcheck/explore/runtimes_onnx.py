@@ -9,7 +9,13 @@ import numpy as np
 
 from equivcheck.backends.onnxruntime import node_attribute, read_onnx_model
 from equivcheck.errors import SpecError, framework_message
-from equivcheck.explore.runtimes import _ONNX_DTYPES, ONNX_LINEAR, _conv, _dense, _spatial
+from equivcheck.explore.runtime_geometry import (
+    ONNX_DTYPES,
+    ONNX_LINEAR,
+    conv_geometry,
+    declared_spatial,
+    dense_node_geometry,
+)
 from equivcheck.explore.sides import Side
 from equivcheck.specs import CHANNELS_FIRST, ConvSpec, Shape
 
@@ -38,7 +44,7 @@ class OnnxSide(Side):
         label = f"onnx {op} {picked.name or picked.output[0]!r}"
         w_name, nodes = picked.input[1], [picked]
         ws, dt = tuple(int(d) for d in consts[w_name].dims), consts[w_name].data_type  # its shape, without reading it
-        dtype = _ONNX_DTYPES.get(dt, "")
+        dtype = ONNX_DTYPES.get(dt, "")
         if not dtype or len(ws) < 2:
             raise SpecError(f"{label}: its weight {w_name!r} has data_type={dt}, shape={ws}: expected 1 (float32) or "
                             "11 (float64) with at least 2 axes")
@@ -67,7 +73,7 @@ class OnnxSide(Side):
                                 "expected (batch, features) times a 2-D weight")
             if dims is not None and dims[1] not in (None, features):
                 raise SpecError(f"{label} reads {dims[1]} features but its weight of shape={ws} takes {features}")
-            geometry, rank0 = _dense(label, shape, features, units, has_bias, _flatten_source(graph, picked.input[0], features))
+            geometry, rank0 = dense_node_geometry(label, shape, features, units, has_bias, _flatten_source(graph, picked.input[0], features))
             kind, x_dims = "dense", (features,)
         else:
             geometry, rank0 = _onnx_conv(label, picked, ws, dims, shape, has_bias), False
@@ -156,11 +162,11 @@ def _onnx_conv(label: str, node: Any, ws: tuple[int, ...], dims: tuple[int | Non
     cin, cout = (ws[0], ws[1] * group) if transposed else (ws[1] * group, ws[0])
     if shape.channels is not None and shape.channels != cin:
         raise SpecError(f"{label}: channels={shape.channels} but the node reads {cin} channels")
-    spatial = _spatial(label, shape, tuple(dims[2:]) if dims else (None,) * rank)
+    spatial = declared_spatial(label, shape, tuple(dims[2:]) if dims else (None,) * rank)
     stride, dilation = tuple(node_attribute(node, "strides", [1] * rank)), tuple(node_attribute(node, "dilations", [1] * rank))
     auto_pad = node_attribute(node, "auto_pad", "NOTSET")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER") and not transposed:  # TensorFlow's "same" puts the odd pad after
-        pads = _conv(label, cin, cout, ks, spatial=spatial, stride=stride, dilation=dilation, padding="same").pads()
+        pads = conv_geometry(label, cin, cout, ks, spatial=spatial, stride=stride, dilation=dilation, padding="same").pads()
         padding: Any = pads if auto_pad == "SAME_UPPER" else tuple((hi, lo) for lo, hi in pads)
     elif auto_pad in ("NOTSET", "VALID"):
         flat = list(node_attribute(node, "pads", [0] * (2 * rank))) if auto_pad == "NOTSET" else [0] * (2 * rank)
@@ -174,7 +180,7 @@ def _onnx_conv(label: str, node: Any, ws: tuple[int, ...], dims: tuple[int | Non
         if any(lo != hi for lo, hi in padding):
             raise SpecError(f"{label}: pads={padding} are uneven: a transposed conv is supported with equal pads per axis")
         padding, out_pad = tuple(lo for lo, _ in padding), tuple(node_attribute(node, "output_padding", [0] * rank))
-    return _conv(label, cin, cout, ks, spatial=spatial, stride=stride, dilation=dilation, padding=padding,
+    return conv_geometry(label, cin, cout, ks, spatial=spatial, stride=stride, dilation=dilation, padding=padding,
                  groups=group, transposed=transposed, output_padding=out_pad, bias=has_bias)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from equivcheck.errors import EquivcheckError, ProbeError, SpecError, framework_message
-from equivcheck.explore.runtimes import TFLITE_LINEAR, _conv, _dense, _spatial
+from equivcheck.explore.runtime_geometry import TFLITE_LINEAR, conv_geometry, declared_spatial, dense_node_geometry
 from equivcheck.explore.sides import Side
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, Shape
 
@@ -85,7 +85,7 @@ class TfliteSide(Side):
         if known and (shape.channels not in (None, known[0]) or shape.spatial not in (None, known[1])):
             raise SpecError(f"{label} reads a map of {known[1]} × {known[0]} channels (NHWC): channels={shape.channels}, "
                             f"spatial={shape.spatial} do not match it")
-        return name, _dense(label, shape, w[1], w[0], has_bias, known)[0], w, dims, activation
+        return name, dense_node_geometry(label, shape, w[1], w[0], has_bias, known)[0], w, dims, activation
 
     def _forward(self, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> Any:
         data = bytearray(self._model)
@@ -168,16 +168,16 @@ def _tflite_conv(label: str, name: str, sg: Any, op: Any, x_index: int, w: tuple
                         "(convert the layer alone)")
     if shape.channels not in (None, channels):
         raise SpecError(f"{label}: channels={shape.channels} but the {name} reads {channels} channels")
-    spatial = _spatial(label, shape, tuple(dims[:-1]))
+    spatial = declared_spatial(label, shape, tuple(dims[:-1]))
     ks, stride = (w[1], w[2])[keep], (opts.StrideH(), opts.StrideW())[keep]
     dilation = (getattr(opts, "DilationHFactor", lambda: 1)(), getattr(opts, "DilationWFactor", lambda: 1)())[keep]
     padding = "same" if opts.Padding() == 0 else "valid"  # Padding.SAME: TensorFlow's
     if name == "CONV_2D":
         groups = channels // w[3] if channels % w[3] == 0 else 0
-        return _conv(label, channels, w[0], ks, spatial=spatial, stride=stride, dilation=dilation, padding=padding,
+        return conv_geometry(label, channels, w[0], ks, spatial=spatial, stride=stride, dilation=dilation, padding=padding,
                      groups=groups, bias=has_bias)
     if name == "DEPTHWISE_CONV_2D":
-        return _conv(label, channels, w[3], ks, spatial=spatial, stride=stride, dilation=dilation, padding=padding,
+        return conv_geometry(label, channels, w[3], ks, spatial=spatial, stride=stride, dilation=dilation, padding=padding,
                      groups=channels, bias=has_bias)
     out_spatial = _tfl_shape(sg.Tensors(int(op.Outputs(0))))[1:-1][keep]
     pads, extra = [], []
@@ -189,5 +189,5 @@ def _tflite_conv(label: str, name: str, sg: Any, op: Any, x_index: int, w: tuple
                             "pads more than a stride: not supported")
         pads.append(pad)
         extra.append(op_pad)
-    return _conv(label, w[3], w[0], ks, spatial=spatial, stride=stride, padding=tuple(pads), transposed=True,
+    return conv_geometry(label, w[3], w[0], ks, spatial=spatial, stride=stride, padding=tuple(pads), transposed=True,
                  output_padding=tuple(extra), bias=has_bias)

@@ -215,7 +215,7 @@ def conv_geometry(spec: ConvSpec) -> ConvSpec:
     )
 
 
-def _probe_dtype(weights: int, supports64: bool) -> str:
+def probe_dtype(weights: int, supports64: bool) -> str:
     return "float64" if supports64 and weights <= FLOAT64_MAX_WEIGHTS else "float32"
 
 
@@ -280,7 +280,7 @@ def spec_side(spec: LayerSpec, backend: str | None) -> LayerSide:
     require_memory(f"exploring {spec.describe()}", 8 * (3 * math.prod(spec.kernel_shape)
                                                        + 4 * math.prod(spec.input_shape) + 4 * math.prod(spec.output_shape)))
     supports64 = probe(b, spec, "float64").runs
-    dtype = _probe_dtype(math.prod(spec.kernel_shape), supports64)
+    dtype = probe_dtype(math.prod(spec.kernel_shape), supports64)
     facts = probe(b, spec, dtype)
     if not facts.runs:
         raise SpecError(f"backend={name!r} cannot run {spec.describe()}: {facts.reason}")

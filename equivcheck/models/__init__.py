@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from equivcheck.models.commands import convolutionalize_file, verify_model_cli
 from equivcheck.models.head import HeadError
 from equivcheck.models.sliding import Check, ModelVerification
 
-__all__ = ["Check", "HeadError", "ModelVerification", "convolutionalize", "convolutionalize_file", "split",
-           "verify_model", "verify_model_cli"]
+__all__ = ["Check", "HeadError", "ModelVerification", "convolutionalize", "split", "verify_model"]
 
 
 def _framework(model: Any) -> Any:

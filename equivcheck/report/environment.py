@@ -107,7 +107,7 @@ def _precision() -> dict[str, Any]:
 
 def environment(seed: int | None = None) -> dict[str, Any]:
     """Python, numpy, platform, framework versions, seed and precision settings; imports nothing."""
-    from equivcheck import __version__
+    from equivcheck.version import __version__
 
     return {
         "python": platform.python_version(),

@@ -21,7 +21,7 @@ import numpy as np
 
 from equivcheck.errors import SpecError
 
-__all__ = ["case_id", "case_record", "merge_cases", "reduce_map", "to_jsonable"]
+__all__ = ["case_id", "case_record", "check_record", "merge_cases", "reduce_map", "to_jsonable"]
 
 MAP_CELLS = 48  # an error map is pooled down to at most this many rows and columns
 _VOLATILE = ("id", "title", "pictures", "error_map", "diagnosis")
@@ -133,3 +133,11 @@ def merge_cases(*batches: Iterable[Any]) -> list[dict[str, Any]]:
             for key, value in record.items():  # a plain to_dict() copy gains what a fuller record adds
                 kept.setdefault(key, value)
     return list(seen.values())
+
+
+def check_record(check: Any) -> dict[str, Any]:
+    """The report record of a :class:`equivcheck.checker.CheckRecord`: its case plus what the checker learned."""
+    record = case_record(check.case)
+    record.pop("id", None)
+    record.update(check.details())
+    return case_record(record)

@@ -9,7 +9,8 @@ import pytest
 
 import equivcheck as ec
 from equivcheck.errors import EquivcheckError, FileFormatError
-from equivcheck.models import HeadError, convolutionalize_file
+from equivcheck.models import HeadError
+from equivcheck.models.commands import convolutionalize_file
 
 from ..backends._support import skip_where_it_cannot_run
 

@@ -8,7 +8,8 @@ import pytest
 
 import equivcheck as ec
 from equivcheck.errors import FileFormatError
-from equivcheck.models import HeadError, convolutionalize_file
+from equivcheck.models import HeadError
+from equivcheck.models.commands import convolutionalize_file
 
 CFG = (4, "M", 6, "M")
 
