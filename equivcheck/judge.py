@@ -317,7 +317,7 @@ def judge_pair(
     else:
         case.verdict = "pass"
     if mutants and right is not None:
-        case.mutations = mutant_outcomes(source, target, right, kernel, bias, tgt, (exact, mag, nb))
+        case.mutations = mutant_outcomes(source, target, right, kernel, bias, tgt, (exact, mag, nb), src)
         missed = [m.name for m in case.mutations if m.outcome == "not rejected"]
         if case.verdict == "pass" and missed:
             case.verdict = "inconclusive"
@@ -365,39 +365,87 @@ def _call_converter(convert: Converter, kernel: np.ndarray, bias: np.ndarray | N
 
 
 # -- mutants -----------------------------------------------------------------------------
+def _stacked(spec: LayerSpec, count: int) -> tuple[LayerSpec, int, int] | None:
+    """``spec`` with ``count`` times the outputs, the kernel axis they stack on and the output axis (raw layout).
+
+    None where stacking would change the function (groups, transposed convs).
+    """
+    if isinstance(spec, DenseSpec):
+        return spec.replace(units=spec.units * count), spec.kernel_layout.index("O"), -1
+    if spec.groups != 1 or spec.transposed:
+        return None
+    return (spec.replace(out_channels=spec.out_channels * count), spec.kernel_layout.index("O"),
+            -1 if spec.data_format == CHANNELS_LAST else 1)
+
+
+def _many(ref: _Reference, kernels: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Exact outputs (no bias) and ``|W|·|x|`` of several kernels of ``ref.spec``: one stacked forward each."""
+    stack = _stacked(ref.spec, len(kernels)) if len(kernels) > 1 else None
+    if stack is None:
+        return ([ref.forward(k, None) for k in kernels], [ref.forward(k, None, absolute=True) for k in kernels])
+    spec, k_axis, y_axis = stack
+    big = np.concatenate([np.asarray(k, np.float64) for k in kernels], axis=k_axis)
+    out = []
+    for k, x in ((big, ref.x64), (np.abs(big), ref.abs_x64)):
+        pieces = np.split(reference_forward(spec, k, None, x), len(kernels), axis=y_axis)
+        out.append([ref.adapt[1](p, ref.x) for p in pieces])
+    return out[0], out[1]
+
+
 def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel: np.ndarray,
                     bias: np.ndarray | None, ref: _Reference,
-                    right_outputs: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> list[MutationOutcome]:
-    """Each plausible wrong conversion of ``kernel``, judged on ``ref``'s batch (the target side).
+                    right_outputs: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+                    source_ref: _Reference | None = None) -> list[MutationOutcome]:
+    """Each plausible wrong conversion of ``kernel``, judged on ``ref``'s batch (the target side's bound).
 
     Rejected where ``|y_mutant − y_right|`` (both exact) exceeds the right output's bound plus
-    the mutant's own: a real layer within its bound then fails on it, whatever it rounds.
+    the mutant's own: a real layer within its bound then fails on it, whatever it rounds. A
+    mutant of the target's own layer is computed on the source side (``source_ref``) through the
+    inverse of the right mapping — the same function — with every such mutant in one stacked
+    forward pass.
     """
     from equivcheck.mutations import mutants
 
     exact, mag, nb = right_outputs
     bound = ref.bound(exact, mag, nb)
+    target_bias = bias if target.bias else None  # the planned conversion never rearranges a bias
+    found = mutants(source, target, right)
+    outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None] | None] = {}
+    same_layer = [i for i, m in enumerate(found) if not m.ambiguous and m.target is None]
+    if same_layer:
+        back = right.inverse()
+        side = source_ref or ref
+        kernels = [back.apply(found[i].mapping.apply(kernel)) if side is not ref else found[i].mapping.apply(kernel)
+                   for i in same_layer]
+        ys, mags = _many(side, kernels)
+        for i, y, m in zip(same_layer, ys, mags):
+            b = target_bias if found[i].bias is None or target_bias is None else found[i].bias.apply(target_bias)
+            outputs[i] = (y, m, None) if b is None else (y + _per_channel(b, y), m + _per_channel(np.abs(b), y), y)
     out = []
-    for mutant in mutants(source, target, right):
-        wrong_bias = bias if target.bias else None  # the planned conversion never rearranges a bias
-        if mutant.bias is not None and wrong_bias is not None:
-            wrong_bias = mutant.bias.apply(wrong_bias)
+    for i, mutant in enumerate(found):
+        convention = str(mutant.convention)
         if mutant.ambiguous or (mutant.bias is not None and bias is None):
-            out.append(MutationOutcome(mutant.name, mutant.description, "ambiguous", convention=str(mutant.convention)))
+            out.append(MutationOutcome(mutant.name, mutant.description, "ambiguous", convention=convention))
             continue
-        spec = mutant.target or target
-        wrong = mutant.mapping.apply(kernel)
-        try:
-            y, m_mag, m_nb = ref.outputs(wrong, wrong_bias, spec=spec)
-        except EquivcheckError:
-            y = None
-        if y is None or y.shape != exact.shape:  # the wrong layer does not even give the right shape
-            out.append(MutationOutcome(mutant.name, mutant.description, "rejected", math.inf,
-                                       convention=str(mutant.convention)))
+        if i not in outputs:  # another layer altogether (a padding mistake): its own forward
+            b = target_bias if mutant.bias is None or target_bias is None else mutant.bias.apply(target_bias)
+            try:
+                outputs[i] = ref.outputs(mutant.mapping.apply(kernel), b, spec=mutant.target)
+            except EquivcheckError:
+                outputs[i] = None
+        got = outputs[i]
+        if got is None or got[0].shape != exact.shape:  # the wrong layer does not even give the right shape
+            out.append(MutationOutcome(mutant.name, mutant.description, "rejected", math.inf, convention=convention))
             continue
+        y, m_mag, m_nb = got
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = float(np.max(np.abs(y - exact) / (bound + ref.bound(y, m_mag, m_nb)), initial=0.0))
         out.append(MutationOutcome(mutant.name, mutant.description, "rejected" if ratio > 1 else "not rejected",
-                                   ratio, convention=str(mutant.convention)))
+                                   ratio, convention=convention))
     return out
 
+
+def _per_channel(bias: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``bias`` shaped to add to a canonical output ``(N, C, ...)`` or ``(N, C)``."""
+    b = np.asarray(bias, np.float64)
+    return b.reshape(1, -1, *(1,) * (y.ndim - 2)) if b.size == y.shape[1] else b.reshape(1, -1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
 from equivcheck.errors import EquivcheckError
@@ -118,7 +119,12 @@ def _depthwise_order(conv: ConvSpec, m: Mapping, axis_of: str) -> Mapping | None
 
 def mutants(source: LayerSpec, target: LayerSpec, mapping: Mapping | None = None) -> list[Mutant]:
     """The catalogue of wrong conversions from ``source`` to ``target`` (``mapping``: the right one)."""
-    right = mapping if mapping is not None else plan(source, target)
+    return list(_catalogue(source, target, mapping if mapping is not None else plan(source, target)))
+
+
+@lru_cache(maxsize=256)
+def _catalogue(source: LayerSpec, target: LayerSpec, right: Mapping) -> tuple[Mutant, ...]:
+    """:func:`mutants`, built once per spec pair (specs and mappings are immutable)."""
     out: list[Mutant] = []
 
     def add(name: str, description: str, m: Mapping, convention: Convention, **wrong: Any) -> None:
@@ -178,7 +184,7 @@ def mutants(source: LayerSpec, target: LayerSpec, mapping: Mapping | None = None
     if not right.is_reshape:  # last: the catch-all name for a kernel left in its source order
         add("reshape only", "kernel reshaped straight into the target shape, without transpose or flip",
             Mapping.identity(source.kernel_shape).reshape(*target.kernel_shape), Convention.KERNEL_TRANSPOSED)
-    return _unique(out)
+    return tuple(_unique(out))
 
 
 def _depthwise_mutants(target: ConvSpec, right: Mapping, add: Callable[..., None]) -> None:
