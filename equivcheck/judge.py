@@ -67,10 +67,12 @@ class MutationOutcome:
     outcome: str  # "rejected" | "not rejected" | "ambiguous"
     max_error_ratio: float | None = None  # max |Δy| over the two bounds together: > 1 is rejected
     convention: str = ""  # the report column: see equivcheck.mutations.Convention
+    mapping: Mapping | None = None  # the wrong conversion of the source kernel (pictures draw it)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "outcome": self.outcome,
-                "max_error_ratio": self.max_error_ratio, "convention": self.convention}
+                "max_error_ratio": self.max_error_ratio, "convention": self.convention,
+                **({"mapping": self.mapping.to_dict()} if self.mapping is not None else {})}
 
 
 @dataclass
@@ -425,7 +427,8 @@ def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel
     for i, mutant in enumerate(found):
         convention = str(mutant.convention)
         if mutant.ambiguous or (mutant.bias is not None and bias is None):
-            out.append(MutationOutcome(mutant.name, mutant.description, "ambiguous", convention=convention))
+            out.append(MutationOutcome(mutant.name, mutant.description, "ambiguous", convention=convention,
+                                       mapping=mutant.mapping))
             continue
         if i not in outputs:  # another layer altogether (a padding mistake): its own forward
             b = target_bias if mutant.bias is None or target_bias is None else mutant.bias.apply(target_bias)
@@ -435,13 +438,14 @@ def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel
                 outputs[i] = None
         got = outputs[i]
         if got is None or got[0].shape != exact.shape:  # the wrong layer does not even give the right shape
-            out.append(MutationOutcome(mutant.name, mutant.description, "rejected", math.inf, convention=convention))
+            out.append(MutationOutcome(mutant.name, mutant.description, "rejected", math.inf, convention=convention,
+                                       mapping=mutant.mapping))
             continue
         y, m_mag, m_nb = got
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = float(np.max(np.abs(y - exact) / (bound + ref.bound(y, m_mag, m_nb)), initial=0.0))
         out.append(MutationOutcome(mutant.name, mutant.description, "rejected" if ratio > 1 else "not rejected",
-                                   ratio, convention=convention))
+                                   ratio, convention=convention, mapping=mutant.mapping))
     return out
 
 
