@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -84,7 +85,7 @@ def corrupt(where: str, exc: BaseException) -> FileFormatError:
     return FileFormatError(f"input={where} is not a readable weight file: truncated or corrupt ({detail})")
 
 
-def _dtype_problem(dtype: Any) -> str | None:
+def dtype_problem(dtype: Any) -> str | None:
     try:
         _arrays.check_dtype(np.dtype(dtype), "dtype")
     except (MappingError, TypeError) as exc:
@@ -93,13 +94,15 @@ def _dtype_problem(dtype: Any) -> str | None:
 
 
 @contextlib.contextmanager
-def open_index(p: Path) -> Iterator[Index]:
-    """The arrays ``p`` declares, by name; the file stays open (for reads) inside the block."""
-    where = repr(str(p))
-    from equivcheck import _readers_runtimes as runtimes
+def open_index(p: Path, openers: dict[str, Callable[[Path, str], Any]] | None = None) -> Iterator[Index]:
+    """The arrays ``p`` declares, by name; the file stays open (for reads) inside the block.
 
+    ``openers``: further formats by suffix (the model files of :mod:`equivcheck._readers_runtimes`,
+    whose ``open_index`` passes them), beside the weight files read here.
+    """
+    where = repr(str(p))
     opener = {".safetensors": _safetensors, ".pt": _torch, ".pth": _torch, ".h5": _h5, ".hdf5": _h5, ".keras": _keras,
-              ".onnx": runtimes.onnx_index, ".tflite": runtimes.tflite_index}.get(p.suffix, _numpy)
+              **(openers or {})}.get(p.suffix, _numpy)
     try:
         with opener(p, where) as entries:
             if isinstance(entries, Index):
@@ -115,7 +118,7 @@ def open_index(p: Path) -> Iterator[Index]:
         raise corrupt(where, exc) from None
 
 
-def _read_exactly(fh: Any, shape: tuple[int, ...], dtype: np.dtype, fortran: bool = False) -> np.ndarray:
+def read_exactly(fh: Any, shape: tuple[int, ...], dtype: np.dtype, fortran: bool = False) -> np.ndarray:
     """Read ``shape`` items of ``dtype`` from ``fh`` into a new array, or fail on a short file."""
     out = np.empty(math.prod(shape), dtype)
     view = memoryview(out.view(np.uint8))
@@ -146,7 +149,7 @@ def _npy_entry(name: str, where: str, shape: tuple[int, ...], dtype: np.dtype, f
                reader: Callable[[], np.ndarray]) -> Entry:
     if dtype.hasobject:
         raise refused_pickle(where, f"holds {name!r}, an array of pickled Python objects")
-    return Entry(name, shape, dtype, reader, _dtype_problem(dtype))
+    return Entry(name, shape, dtype, reader, dtype_problem(dtype))
 
 
 def _check_npy_size(name: str, where: str, declared: int, header: int, size: int) -> None:
@@ -180,7 +183,7 @@ def _npy_file_entry(fh: Any, where: str, size: int) -> Entry:
 
 def _seek_read(fh: Any, offset: int, shape: tuple[int, ...], dtype: np.dtype, fortran: bool) -> np.ndarray:
     fh.seek(offset)
-    return _read_exactly(fh, shape, dtype, fortran)
+    return read_exactly(fh, shape, dtype, fortran)
 
 
 def _npz_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> Entry:
@@ -192,7 +195,7 @@ def _npz_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> E
     def read() -> np.ndarray:
         with archive.open(info) as member:
             member.read(header)
-            return _read_exactly(member, shape, dtype, fortran)
+            return read_exactly(member, shape, dtype, fortran)
 
     entry = _npy_entry(name, where, shape, dtype, fortran, read)
     _check_npy_size(name, where, entry.nbytes, header, info.file_size)
@@ -269,7 +272,11 @@ def _keras(p: Path, where: str) -> Iterator[Index]:
             raise FileFormatError(f"input={where} holds no model.weights.h5: expected a .keras file saved by Keras 3")
         require_memory(f"reading {where}", info.file_size)
         with archive.open(info) as member:
-            data = io.BytesIO(member.read())
+            raw = member.read(info.file_size + 1)
+        if len(raw) != info.file_size:
+            raise FileFormatError(f"input={where} holds a model.weights.h5 of {len(raw)} bytes where the archive declares "
+                                  f"{info.file_size}: truncated or re-declared")
+        data = io.BytesIO(raw)
     with _h5(data, where) as entries:
         index = Index(graph=True)
         index.update(entries)
@@ -362,7 +369,7 @@ def _h5_entry(ds: Any, name: str, where: str) -> Entry:
                               "only deflate, shuffle, fletcher32, szip, nbit, scaleoffset and lzf are read")
     if ds.shape is None:
         return Entry(name, (), "empty", lambda: np.empty(0), "an empty dataset holds no array")
-    return Entry(name, tuple(int(s) for s in ds.shape), ds.dtype, lambda: np.asarray(ds[()]), _dtype_problem(ds.dtype))
+    return Entry(name, tuple(int(s) for s in ds.shape), ds.dtype, lambda: np.asarray(ds[()]), dtype_problem(ds.dtype))
 
 
 # -- torch ---------------------------------------------------------------------------------------
@@ -406,7 +413,9 @@ def _torch_load(p: Path, where: str) -> Any:
         require_memory(f"reading {where}", sum(i.file_size for i in infos))
         mmap = all(i.compress_type == zipfile.ZIP_STORED for i in infos)
     try:
-        return torch.load(str(p), map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch's own warnings (TypedStorage, pickle protocol) are not the user's
+            warnings.simplefilter("ignore")
+            return torch.load(str(p), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("Check the doc")]
         if any(w in str(exc).lower() for w in ("global", "allowlist", "reduce")):  # torch's safe unpickler met code

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck._readers import Entry, Index, _dtype_problem, _read_exactly
-from equivcheck.errors import FileFormatError
+from equivcheck import _readers
+from equivcheck._readers import Entry, Index, corrupt, dtype_problem, read_exactly
+from equivcheck.errors import EquivcheckError, FileFormatError
 from equivcheck.memory import require_memory
 
 _ONNX_LINEAR = {"Gemm": 2, "MatMul": None, "Conv": 2, "ConvTranspose": 2}  # op -> input index of its bias
@@ -68,6 +69,13 @@ def _linear_summary(found: list[tuple[str, str, str | None]], names: Iterable[st
     return f"no linear node with a stored weight; it holds {', '.join(list(names)[:12])[:200] or 'no arrays'}"
 
 
+@contextlib.contextmanager
+def open_index(p: Path) -> Iterator[Index]:
+    """The arrays ``p`` declares (see :func:`equivcheck._readers.open_index`), ``.onnx`` and ``.tflite`` models included."""
+    with _readers.open_index(p, {".onnx": onnx_index, ".tflite": tflite_index}) as index:
+        yield index
+
+
 # -- ONNX ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def onnx_index(p: Path, where: str) -> Iterator[Index]:
@@ -80,7 +88,7 @@ def onnx_index(p: Path, where: str) -> Iterator[Index]:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except DecodeError as exc:
-        raise FileFormatError(f"input={where} is not a readable ONNX model: truncated or corrupt (protobuf {type(exc).__name__})") from None
+        raise FileFormatError(f"input={where} is not an ONNX model: truncated or corrupt (protobuf {type(exc).__name__})") from None
     graph = model.graph
     _check_onnx_ops(model, where)
     _check_dag([(n.name or n.op_type, list(n.input), list(n.output)) for n in graph.node], where)
@@ -212,7 +220,7 @@ def _onnx_external(t: Any, name: str, shape: tuple[int, ...], dtype: np.dtype, w
     def read() -> np.ndarray:
         with open(target, "rb") as fh:
             fh.seek(offset)
-            return _read_exactly(fh, shape, dtype).astype(dtype.newbyteorder("="))
+            return read_exactly(fh, shape, dtype).astype(dtype.newbyteorder("="))
 
     return Entry(name, shape, dtype.newbyteorder("="), read)
 
@@ -227,11 +235,31 @@ _TFLITE_DTYPES = {0: "<f4", 1: "<f2", 2: "<i4", 3: "u1", 4: "<i8", 6: "?", 7: "<
                   15: "<u4", 16: "<u2", 18: "bfloat16"}
 
 
-class _Flat:
-    """Bounds-checked reads of a flatbuffer: every offset is checked to lie inside the buffer."""
+class _DecodeBudget(FileFormatError):
+    """A TFLite file whose names and tables decode to far more than its own size."""
 
-    def __init__(self, data: bytes) -> None:
+
+#: What the index may decode from a TFLite file (names, shapes, operator lists), beyond the file's own size.
+TFLITE_DECODE_SLACK = 1 << 20
+
+
+class _Flat:
+    """Bounds-checked reads of a flatbuffer: every offset is checked to lie inside the buffer, and what is
+    decoded (strings, integer lists, table lists) is counted as decoded, a shared reference each time it is read:
+    past twice the file's size plus :data:`TFLITE_DECODE_SLACK` the file is refused (a model whose tensors all
+    name one long string would otherwise decode gigabytes from a megabyte)."""
+
+    def __init__(self, data: bytes, where: str = "the model") -> None:
         self.data = data
+        self.where = where
+        self.decoded = 0
+        self.budget = 2 * len(data) + TFLITE_DECODE_SLACK
+
+    def _decode(self, nbytes: int) -> None:
+        self.decoded += nbytes
+        if self.decoded > self.budget:
+            raise _DecodeBudget(f"input={self.where} decodes more than {self.budget} bytes of names and tables from a "
+                                  f"{len(self.data)}-byte file (shared references read many times): refused")
 
     def _at(self, fmt: str, pos: int) -> int:
         if not 0 <= pos <= len(self.data) - struct.calcsize(fmt):
@@ -265,24 +293,88 @@ class _Flat:
 
     def tables(self, table: int, i: int) -> list[int]:
         start, n = self.vector(table, i, 4)
+        self._decode(32 * n)  # a Python int per table, and the list
         return [self.ref(start + 4 * k) for k in range(n)]
 
     def ints(self, table: int, i: int) -> list[int]:
         start, n = self.vector(table, i, 4)
+        self._decode(32 * n)
         return list(struct.unpack_from(f"<{n}i", self.data, start)) if n else []
 
     def string(self, table: int, i: int) -> str:
         start, n = self.vector(table, i, 1)
+        self._decode(n + 64)
         return self.data[start:start + n].decode(errors="replace")
 
 
 @contextlib.contextmanager
 def tflite_index(p: Path, where: str) -> Iterator[Index]:
-    require_memory(f"reading {where}", os.stat(p).st_size)
-    data = p.read_bytes()
+    data = read_regular(p, where, factor=3)  # the bytes, the names and tables decoded from them (at most twice)
     if data[4:8] != b"TFL3":
         raise FileFormatError(f"input={where} is not a TFLite model (no TFL3 identifier at byte 4)")
-    yield _tflite(_Flat(data), where)
+    yield _tflite(_Flat(data, where), where)
+
+
+def read_regular(p: str | os.PathLike[str], where: str, *, factor: int = 1) -> bytes:
+    """The bytes of ``p``, a regular file (a FIFO or a device is refused without waiting on it), after the
+    memory guard passed ``factor`` × its size."""
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise FileFormatError(f"input={where} cannot be read: {exc.strerror or type(exc).__name__}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FileFormatError(f"input={where} is not a regular file (a FIFO, device or folder): expected a model file")
+    with os.fdopen(fd, "rb") as fh:
+        require_memory(f"reading {where}", factor * st.st_size)
+        data = fh.read(st.st_size + 1)
+    if len(data) != st.st_size:
+        raise FileFormatError(f"input={where} changed size while being read: expected {st.st_size} bytes")
+    return data
+
+
+def onnx_declared_bytes(p: str | os.PathLike[str], where: str) -> int:
+    """What loading ``p`` with its external data allocates, from the declared shapes × dtypes, before anything is read.
+
+    The graph and every external location are checked as :func:`onnx_index` does (inside the model's
+    folder, each entry's length equal to its shape × dtype); the sum is the file's size plus every
+    initializer's declared bytes.
+    """
+    path = Path(p)
+    read_regular_check(path, where)
+    try:
+        with onnx_index(path, where) as index:
+            return os.stat(path).st_size + sum(e.nbytes for e in index.values())
+    except EquivcheckError:
+        raise
+    except Exception as exc:  # whatever the protobuf parser raises on a hostile file
+        raise corrupt(where, exc) from None
+
+
+def check_tflite(data: bytes, where: str) -> None:
+    """Refuse, before an interpreter sees it, a TFLite flatbuffer the index refuses (bounds, graph, what it decodes).
+
+    Only what decoding would allocate is refused here (one line); a damaged or odd flatbuffer is left to
+    the interpreter that loads it next, which names the problem in its own words."""
+    if data[4:8] != b"TFL3":
+        return  # not a flatbuffer at all: the caller says so in its own words
+    try:
+        _tflite(_Flat(data, where), where)
+    except _DecodeBudget:
+        raise
+    except Exception:  # a damaged model: the interpreter that loads it next says so in its own words
+        pass
+
+
+def read_regular_check(p: Path, where: str) -> None:
+    """Refuse ``p`` unless it is a regular file (checked without opening a FIFO for reading)."""
+    try:
+        regular = stat.S_ISREG(os.stat(p).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        raise FileFormatError(f"input={where} does not exist or is not a regular file: expected a model file")
 
 
 def _tflite(fb: _Flat, where: str) -> Index:
@@ -369,7 +461,7 @@ def _tflite_entry(fb: _Flat, t: int, name: str, buffers: list[int], where: str) 
     if math.prod(shape) * dtype.itemsize != n:
         raise FileFormatError(f"tensor {name[:60]!r} in {where} declares shape={shape} dtype={dtype} "
                               f"({math.prod(shape) * dtype.itemsize} bytes) but its buffer holds {n}: truncated or re-declared")
-    problem = _dtype_problem(dtype)
+    problem = dtype_problem(dtype)
     quant = fb.field(t, 4)
     if quant is not None and fb.vector(fb.ref(quant), 2, 4)[1]:
         problem = f"a quantized tensor (dtype={dtype}, with scales) is not a plain array: convert the model without quantization"

@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import sys
 import tempfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -37,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck import _arrays, _readers
+from equivcheck import _arrays, _readers, _readers_runtimes
 from equivcheck.errors import EquivcheckError, FileFormatError, SpecError
 from equivcheck.memory import require_memory
 from equivcheck.specs import LayerSpec
@@ -178,7 +180,7 @@ def load_arrays(path: str | os.PathLike[str], keys: Iterable[str] | None = None)
     against the memory guard before anything is inflated or read.
     """
     p = _input(path)
-    with _readers.open_index(p) as index:
+    with _readers_runtimes.open_index(p) as index:
         if not index:
             raise FileFormatError(f"input={str(p)!r} holds no arrays")
         names = list(index) if keys is None else [_pick(index, k, (), "array", p) for k in keys]
@@ -266,9 +268,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
 
 
-def _tensor_to_numpy(t: Any) -> np.ndarray:
+def tensor_to_numpy(t: Any) -> np.ndarray:
     """A torch tensor as numpy (bfloat16 as ml_dtypes.bfloat16)."""
     return _arrays.to_numpy(t)
+
+
+_tensor_to_numpy = tensor_to_numpy  # the name models.commands still imports
 
 
 # -- Keras ------------------------------------------------------------------------------------
@@ -291,9 +296,13 @@ def load_keras_model(path: str | os.PathLike[str]) -> Any:
         raise
     except (OSError, zipfile.BadZipFile, zlib.error, ValueError, KeyError, TypeError, OverflowError) as exc:
         raise FileFormatError(f"input={str(p)!r} is not a readable .keras model ({_first_line(exc)})") from None
+    if "tensorflow" not in sys.modules:  # TensorFlow's own start-up lines are not equivcheck's output
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     keras = _require("keras", "tensorflow")
     try:
-        return keras.saving.load_model(str(p), compile=False, safe_mode=True)
+        with warnings.catch_warnings():  # Keras' and TensorFlow's own warnings while reading the file
+            warnings.simplefilter("ignore")
+            return keras.saving.load_model(str(p), compile=False, safe_mode=True)
     except Exception as exc:
         text = str(exc)
         if "safe_mode" in text or "arbitrary code" in text:
@@ -341,7 +350,7 @@ def convert_file(source: LayerSpec, target: LayerSpec, input: str | os.PathLike[
     The output is checked first, then the kernel's declared shape and dtype; only the kernel and
     bias are read, and only after the memory guard.
     """
-    from equivcheck.plan import convert
+    from equivcheck.planning import convert
 
     check_output(output, force=force, protect=(input,))
     kernel, bias = _read_weights(source, _input(input), kernel_key, bias_key)
@@ -356,7 +365,7 @@ def convert_file(source: LayerSpec, target: LayerSpec, input: str | os.PathLike[
 
 def _read_weights(source: LayerSpec, p: Path, kernel_key: str | None, bias_key: str | None) -> tuple[np.ndarray, Any]:
     """The kernel and (if any) bias of ``source`` from ``p``, declared shapes and dtypes checked before reading."""
-    with _readers.open_index(p) as index:
+    with _readers_runtimes.open_index(p) as index:
         if index.graph:
             k, b = _pick_linear(index, kernel_key, bias_key, p)
         else:

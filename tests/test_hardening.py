@@ -522,7 +522,9 @@ def test_plugin_misuse_names_the_problem(pytester, name):
     body, match = PLUGIN_MISUSE[name]
     marker = "@pytest.mark.equivcheck('oops')\n" if "marker" in name else ""
     pytester.makepyfile(f"import pytest\n\n{marker}def test_it(equivcheck):\n    {body}\n")
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    # in a subprocess: an in-process run drops the modules it imported, and onnx's native extension, imported a
+    # second time later in this process, aborts it ("Critical nanobind error: refusing to add duplicate key")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     out = result.stdout.str()
     assert result.ret != 0 and match in out, out
 
@@ -556,7 +558,8 @@ LIVE = ('<meta http-equiv="refresh"', "<script>", "<img src=x")
 def _poison(value, keys=False):
     """Every string in a report document (and, with ``keys``, every key) replaced by ``EVIL``."""
     if isinstance(value, dict):
-        return {(EVIL + k if keys else k): v if k in ("schema_version", "state", "columns") else _poison(v, keys)
+        return {(EVIL + k if keys else k): v if k in ("schema_version", "state", "columns", "verdict", "outcome")
+                else _poison(v, keys)
                 for k, v in value.items()}
     if isinstance(value, list):
         return [_poison(v, keys) for v in value]
@@ -584,7 +587,15 @@ def test_every_report_field_is_escaped_without_jsonschema(tmp_path, capsys, monk
     for name in ("equivcheck.md", "equivcheck.html"):
         text = (tmp_path / name).read_text()
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text, name  # the hostile text is there, inert
+        if name.endswith(".md"):  # a code span shows its text as it is: only the text outside spans is markup
+            text = outside_code(text)
         assert not [live for live in LIVE if live in text], name
+
+
+def outside_code(markdown):
+    """``markdown`` without its fenced blocks and inline code spans: the text a renderer reads as markup."""
+    markdown = re.sub(r"^(`{3,})[^\n]*\n.*?^\1[ \t]*$", "", markdown, flags=re.S | re.M)
+    return re.sub(r"(?<!`)(`+)(?!`).*?(?<!`)\1(?!`)", "", markdown)
 
 
 @pytest.mark.parametrize("damage", ["a case without its verdict", "a summary that is a list", "cases that are a number"])
@@ -608,3 +619,661 @@ def test_a_report_of_the_wrong_shape_is_one_line_without_jsonschema(tmp_path, ca
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert snapshot(tmp_path) == before
+
+
+# -- the facts cache: a row decides verdicts, so the file is never trusted ---------------------------
+FACTS_SPEC = ec.spec("caffe:dense", **SMALL)  # run by the numpy backend: probed in milliseconds
+
+
+@pytest.fixture()
+def facts_cache(tmp_path, monkeypatch):
+    """A fresh disk cache in ``tmp_path/cache`` signed with a key in ``tmp_path/key``; yields the cache file."""
+    from equivcheck.backends import probe
+
+    monkeypatch.setenv("EQUIVCHECK_FACTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EQUIVCHECK_FACTS_KEY", str(tmp_path / "key" / "facts.key"))
+    probe.clear_cache()
+    yield tmp_path / "cache" / "facts.json"
+    probe.clear_cache()
+
+
+def _probe_warnings(dtype="float32"):
+    import warnings
+
+    from equivcheck.backends import probe
+
+    probe.clear_cache()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        facts = probe.probe("numpy", FACTS_SPEC, dtype)
+    return facts, [w for w in seen if issubclass(w.category, probe.FactsCacheWarning)]
+
+
+def _edit_rows(path, edit):
+    doc = json.loads(path.read_text())
+    for digest in list(doc["rows"]):
+        doc["rows"][digest] = edit(doc["rows"][digest])
+    path.write_text(json.dumps(doc))
+
+
+def _set(field, value):
+    def edit(row):
+        row["facts"][field] = value
+        return row
+    return edit
+
+
+FACT_ROW_EDITS = {
+    "a coarser accumulation for float32": _set("accumulate", "bf16x"),
+    "tf32 sums": _set("accumulate", "tf32"),
+    "the layer does not run": lambda row: {**row, "facts": {**row["facts"], "runs": False, "reason": "x", "accumulate": ""}},
+    "float16 sums in float32": _set("accumulate", "float16"),
+    "an unknown precision": _set("accumulate", "float8"),
+    "a measured precision in float32": _set("accumulate", "2^-10"),
+    "two roundings": _set("roundings", 2),
+    "zero roundings": _set("roundings", 0),
+    "roundings a bool": _set("roundings", True),
+    "runs as a string": _set("runs", "yes"),
+    "undecided": lambda row: {**row, "facts": {**row["facts"], "decided": False, "note": "x"}},
+    "another backend's row": _set("backend", "torch"),
+    "another dtype's row": _set("dtype", "float64"),
+    "probed on another layer": _set("probed_on", "caffe:dense(channels=1)"),
+    "an extra field": _set("loosen", 1.0),
+    "a missing field": lambda row: {**row, "facts": {k: v for k, v in row["facts"].items() if k != "note"}},
+    "a huge reason": _set("reason", "x" * 5000),
+    "the signature dropped": lambda row: {k: v for k, v in row.items() if k != "mac"},
+    "a signature of zeros": lambda row: {**row, "mac": "0" * 64},
+    "the signature a number": lambda row: {**row, "mac": 7},
+    "another key": lambda row: {**row, "key": {**row["key"], "dtype": "float64"}},
+    "a row that is a string": lambda row: "float32 bf16x",
+    "a row that is a list": lambda row: [row],
+    "a row of null": lambda row: None,
+}
+
+
+@pytest.mark.parametrize("name", FACT_ROW_EDITS)
+def test_an_edited_facts_row_is_ignored_with_one_warning_and_probed_again(facts_cache, name):
+    fresh, warned = _probe_warnings()
+    assert facts_cache.is_file() and not warned and fresh.runs and fresh.accumulate == "float32"
+    _edit_rows(facts_cache, FACT_ROW_EDITS[name])
+    again, warned = _probe_warnings()
+    assert again == fresh  # what a fresh probe gives, never the edited row
+    assert len(warned) == 1 and "\n" not in str(warned[0].message), [str(w.message) for w in warned]
+    assert _probe_warnings() == (fresh, [])  # the row was re-probed and rewritten: trusted again, silently
+
+
+def _write_cache_file(path, kind):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    content = {
+        "the number 5": "5", "a 400-digit exponent": "1e" + "9" * 400, "a 400-digit integer": "9" * 400,
+        "NaN": '{"format": 2, "rows": {"a": NaN}}', "nesting 100000 deep": "[" * 100_000 + "]" * 100_000,
+        "not UTF-8": b"\xff\xfe{", "empty": "", "truncated JSON": '{"format": 2, "rows": {', "rows a list": '{"format": 2, "rows": []}',
+        "the old format": '{"0123456789abcdef01234567": {"backend": "numpy"}}', "a JSON string": '"facts"',
+        "a huge float": '{"format": 2, "rows": {}, "x": 1e999}',
+    }
+    if kind in content:
+        data = content[kind]
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    elif kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a folder":
+        path.mkdir()
+    elif kind == "larger than the limit":
+        with open(path, "wb") as fh:
+            fh.write(b'{"format": 2, "rows": {}}')
+            fh.truncate(5 << 20)
+    elif kind == "a symlink to another file":
+        (path.parent / "elsewhere.json").write_text('{"format": 2, "rows": {}}')
+        path.symlink_to(path.parent / "elsewhere.json")
+    elif kind == "a dangling symlink":
+        path.symlink_to(path.parent / "nowhere.json")
+    else:
+        raise AssertionError(kind)
+
+
+CACHE_FILES = ["the number 5", "a 400-digit exponent", "a 400-digit integer", "NaN", "nesting 100000 deep", "not UTF-8",
+               "truncated JSON", "rows a list", "the old format", "a JSON string", "a huge float", "a FIFO",
+               "larger than the limit", "a symlink to another file"]
+
+
+@pytest.mark.parametrize("kind", CACHE_FILES)
+def test_an_unusable_facts_file_is_ignored_with_one_warning(facts_cache, kind):
+    import time
+
+    fresh, _ = _probe_warnings()
+    _write_cache_file(facts_cache, kind)
+    start = time.perf_counter()
+    again, warned = _probe_warnings()
+    assert time.perf_counter() - start < 10  # a FIFO does not hang
+    assert again == fresh and len(warned) == 1 and "ignored" in str(warned[0].message), [str(w.message) for w in warned]
+    assert facts_cache.is_file() and not facts_cache.is_symlink()  # replaced by a good file, not written through
+    assert _probe_warnings() == (fresh, [])
+    if kind == "a symlink to another file":
+        assert (facts_cache.parent / "elsewhere.json").read_text() == '{"format": 2, "rows": {}}'
+
+
+@pytest.mark.parametrize("kind", ["empty", "a dangling symlink"])
+def test_an_empty_or_missing_facts_file_is_probed_silently_or_with_one_warning(facts_cache, kind):
+    fresh, _ = _probe_warnings()
+    _write_cache_file(facts_cache, kind)
+    again, warned = _probe_warnings()
+    assert again == fresh and len(warned) <= 1
+    assert not (facts_cache.parent / "nowhere.json").exists()  # a dangling link's target is never created
+
+
+def test_a_facts_folder_in_place_of_the_file_is_one_warning_and_no_traceback(facts_cache):
+    fresh, _ = _probe_warnings()
+    _write_cache_file(facts_cache, "a folder")
+    again, warned = _probe_warnings()
+    assert again == fresh and 1 <= len(warned) <= 2 and all("\n" not in str(w.message) for w in warned)
+
+
+def test_a_poisoned_row_would_pass_a_wrong_conversion_but_is_refused(facts_cache):
+    """The finding: a coarser float32 accumulation in the cache let a kernel with one weight 5 % off pass."""
+    from equivcheck.backends import probe
+
+    src, dst = ec.spec("caffe:dense", **SMALL), ec.spec("caffe:conv", **SMALL)
+
+    def off(k, b):
+        k2, b2 = ec.convert(src, dst, k, b)
+        k2 = np.array(k2)
+        k2.flat[7] *= 1.05
+        return k2, b2
+
+    assert ec.verify_pair(src, dst, converter=off).verdict == "fail"
+    _edit_rows(facts_cache, _set("accumulate", "bf16x"))
+    probe.clear_cache()
+    with pytest.warns(probe.FactsCacheWarning, match="not signed by this machine's key"):
+        assert ec.verify_pair(src, dst, converter=off).verdict == "fail"
+    loose = {k: probe.Facts(**{**v.to_dict(), "accumulate": "bf16x", "roundings": 2}) for k, v in probe._CACHE.items()}
+    probe._CACHE.update(loose)  # had the edit been trusted, the same wrong kernel would pass
+    assert ec.verify_pair(src, dst, converter=off).verdict == "pass"
+
+
+def test_rows_signed_on_another_machine_are_probed_again(facts_cache, tmp_path, monkeypatch):
+    fresh, _ = _probe_warnings()
+    monkeypatch.setenv("EQUIVCHECK_FACTS_KEY", str(tmp_path / "other-machine.key"))
+    again, warned = _probe_warnings()
+    assert again == fresh and len(warned) == 1 and "not signed" in str(warned[0].message)
+
+
+def test_a_key_inside_the_cache_folder_turns_the_disk_cache_off(facts_cache, monkeypatch):
+    monkeypatch.setenv("EQUIVCHECK_FACTS_KEY", str(facts_cache.parent / "facts.key"))
+    fresh, warned = _probe_warnings()
+    assert fresh.runs and len(warned) == 1 and "inside the cache folder" in str(warned[0].message)
+    assert not facts_cache.exists() and not (facts_cache.parent / "facts.key").exists()
+
+
+@pytest.mark.parametrize("damage", ["group-writable", "not hex", "a FIFO"])
+def test_an_unusable_key_turns_the_disk_cache_off_with_one_warning(facts_cache, tmp_path, damage):
+    key = tmp_path / "key" / "facts.key"
+    key.parent.mkdir()
+    if damage == "a FIFO":
+        os.mkfifo(key)
+    else:
+        key.write_text("zz" * 32 if damage == "not hex" else "ab" * 32)
+        key.chmod(0o666 if damage == "group-writable" else 0o600)
+    fresh, warned = _probe_warnings()
+    assert fresh.runs and len(warned) == 1 and "cannot be used" in str(warned[0].message)
+    assert not facts_cache.exists()
+
+
+def test_the_facts_cache_never_writes_through_a_planted_symlink(facts_cache, tmp_path):
+    """The temporary name was ``.facts.json.<pid>``, opened without O_EXCL/O_NOFOLLOW: a link there was written through."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    facts_cache.parent.mkdir(parents=True)
+    for name in (f".facts.json.{os.getpid()}", f".facts.json.{os.getpid()}.tmp", "facts.json.tmp"):
+        (facts_cache.parent / name).symlink_to(victim)
+    fresh, warned = _probe_warnings()
+    assert fresh.runs and not warned
+    assert victim.read_text() == "precious" and facts_cache.is_file() and not facts_cache.is_symlink()
+    assert stat_mode(facts_cache) == 0o600 and stat_mode(tmp_path / "key" / "facts.key") == 0o600
+    leftovers = sorted(p.name for p in facts_cache.parent.iterdir() if not p.is_symlink())
+    assert leftovers == ["facts.json"], leftovers
+
+
+def stat_mode(path):
+    import stat
+
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_the_facts_key_covers_everything_the_probe_depends_on(facts_cache, monkeypatch):
+    from equivcheck import backends
+    from equivcheck.backends import probe
+
+    fresh = probe.probe("numpy", FACTS_SPEC, "float32")
+    key = json.loads(facts_cache.read_text())["rows"].popitem()[1]["key"]
+    assert set(key) == {"environment", "spec", "dtype", "probe", "code", "versions"}
+    assert "numpy" in key["versions"] and f"seed={probe._SEED}" in key["probe"] and key["spec"] == repr(FACTS_SPEC)
+    numpy = backends.get("numpy")
+    before = probe._digest(probe._row_key((key["environment"], FACTS_SPEC, "float32"), numpy))
+    monkeypatch.setattr(probe, "PROBE_VERSION", probe.PROBE_VERSION + " changed")  # the probe's design
+    assert probe._digest(probe._row_key((key["environment"], FACTS_SPEC, "float32"), numpy)) != before
+    monkeypatch.setattr(probe, "PROBE_VERSION", probe.PROBE_VERSION.removesuffix(" changed"))
+    assert probe._digest(probe._row_key((key["environment"], FACTS_SPEC, "float32"), numpy)) == before
+    probe._STATE["code"] = {"numpy": "edited"}  # the probe's, the bound's or the backend's code edited
+    assert probe._digest(probe._row_key((key["environment"], FACTS_SPEC, "float32"), numpy)) != before
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")  # a kernel-steering variable: another row, probed again
+    probe.clear_cache()
+    again, warned = _probe_warnings()
+    assert again == fresh and not warned and len(json.loads(facts_cache.read_text())["rows"]) == 2
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=200), st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=20)), st.sampled_from(["file", "row", "facts"]))
+def test_fuzzed_facts_caches_never_change_the_facts(facts_cache, junk, where):
+    import warnings
+
+    from equivcheck.backends import probe
+
+    probe.clear_cache()
+    fresh = probe.probe("numpy", FACTS_SPEC, "float32")
+    doc = json.loads(facts_cache.read_text())
+    digest = next(iter(doc["rows"]))
+    if where == "file":
+        facts_cache.write_bytes(junk if isinstance(junk, bytes) else json.dumps(junk).encode())
+    else:
+        junk = junk.decode("latin-1") if isinstance(junk, bytes) else junk
+        if where == "row":
+            doc["rows"][digest] = junk
+        else:
+            doc["rows"][digest]["facts"] = junk
+        facts_cache.write_text(json.dumps(doc))
+    probe.clear_cache()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert probe.probe("numpy", FACTS_SPEC, "float32") == fresh
+    assert len(seen) <= 1
+
+
+# -- reports: the verdict comes from the cases, code is shown as it is ------------------------------
+def _report_doc():
+    """A written report of one passing and one failing case (caffe layers: run by numpy)."""
+    from equivcheck.report.jsonio import build_document
+    from equivcheck.report.records import case_record
+
+    if "doc" not in _REPORT:
+        src, dst = ec.spec("caffe:dense", **SMALL), ec.spec("caffe:conv", **SMALL)
+        flipped = ec.verify_pair(src, dst, converter=lambda k, b: (ec.convert(src, ec.spec("theano:conv", **SMALL), k)[0], b))
+        _REPORT["doc"] = build_document([case_record(ec.verify_pair(src, dst)), case_record(flipped)], seed=0,
+                                        command="verify", run_id="r1")
+    return json.loads(json.dumps(_REPORT["doc"]))
+
+
+_REPORT: dict = {}
+
+
+def _summary_edit(path, value):
+    def edit(doc):
+        node = doc["summary"]
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        return doc
+    return edit
+
+
+def _case_edit(field, value):
+    def edit(doc):
+        doc["cases"][1][field] = value
+        return doc
+    return edit
+
+
+LYING_REPORTS = {
+    "summary says pass over a failing case": (_summary_edit(["verdict"], "pass"), "summary verdict=\"pass\""),
+    "summary says ok": (_summary_edit(["ok"], True), "summary ok=true"),
+    "summary counts no failure": (_summary_edit(["verdicts", "fail"], 0), "summary verdicts="),
+    "summary counts two passes": (_summary_edit(["verdicts", "pass"], 2), "summary verdicts="),
+    "summary counts three cases": (_summary_edit(["cases"], 3), "summary cases=3"),
+    "summary counts no mutation": (_summary_edit(["mutations"], {"rejected": 0, "not rejected": 0, "ambiguous": 0}),
+                                   "summary mutations="),
+    "summary says skip": (_summary_edit(["verdict"], "skip"), "summary verdict=\"skip\""),
+    "summary verdict unknown": (_summary_edit(["verdict"], "great"), "verdict"),
+    "a failing case turned to pass, summary left": (_case_edit("verdict", "pass"), "disagrees with its cases"),
+    "a case dropped, summary left": (lambda doc: {**doc, "cases": doc["cases"][:1]}, "disagrees with its cases"),
+    "a case duplicated": (lambda doc: {**doc, "cases": [*doc["cases"], doc["cases"][0]]}, "disagrees with its cases"),
+    "a case verdict of hostile HTML": (_case_edit("verdict", EVIL), "disagrees|does not match"),
+    "a mutation outcome changed": (lambda doc: doc["cases"][0]["mutations"][0].update(outcome="not rejected") or doc,
+                                   "disagrees|does not match"),
+}
+
+
+@pytest.mark.parametrize("schema", ["with jsonschema", "without jsonschema"])
+@pytest.mark.parametrize("name", LYING_REPORTS)
+def test_a_report_whose_summary_disagrees_with_its_cases_is_refused(tmp_path, capsys, monkeypatch, name, schema):
+    edit, words = LYING_REPORTS[name]
+    if schema == "without jsonschema":
+        monkeypatch.setitem(sys.modules, "jsonschema", None)
+    path = tmp_path / "equivcheck.json"
+    path.write_text(json.dumps(edit(_report_doc())))
+    before = snapshot(tmp_path)
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("equivcheck: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(words, err), err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_failed_run_may_say_fail_over_passing_cases(tmp_path, capsys):
+    from equivcheck.report.jsonio import build_document
+    from equivcheck.report.records import case_record
+
+    src, dst = ec.spec("caffe:dense", **SMALL), ec.spec("caffe:conv", **SMALL)
+    doc = build_document([case_record(ec.verify_pair(src, dst))], run_id="r2", failed=True)
+    assert doc["summary"]["verdict"] == "fail" and not doc["summary"]["ok"]
+    (tmp_path / "equivcheck.json").write_text(json.dumps(doc))
+    assert main(["report", str(tmp_path / "equivcheck.json")]) == 0, capsys.readouterr().err
+    assert "Verdict: ❌" in (tmp_path / "equivcheck.md").read_text()
+    doc["summary"]["verdict"] = "inconclusive"  # neither what the cases give nor a failed run's verdict
+    (tmp_path / "equivcheck.json").write_text(json.dumps(doc))
+    assert main(["report", str(tmp_path / "equivcheck.json")]) == 2
+
+
+def test_the_rebuilt_page_states_the_verdict_of_the_cases(tmp_path, capsys):
+    doc = _report_doc()
+    (tmp_path / "equivcheck.json").write_text(json.dumps(doc))
+    assert main(["report", str(tmp_path / "equivcheck.json")]) == 0, capsys.readouterr().err
+    md = (tmp_path / "equivcheck.md").read_text()
+    assert "**Verdict: ❌ fail**" in md or "**Verdict: ❌**" in md, md[:300]
+    assert "Verdict: ✅" not in md and "Verdict: ✅" not in (tmp_path / "equivcheck.html").read_text()
+
+
+CODE_TEXTS = {
+    "a mapping with brackets": "w.T.reshape(2, 3, 5, 5)[:, :, ::-1, ::-1]",
+    "a link-like text": "[click](https://x.invalid)",
+    "backslashes": "a\\b\\\\c",
+    "one backtick": "a`b",
+    "three backticks": "a```b",
+    "a leading backtick": "`a",
+    "angle brackets": "x<y>&z",
+    "a pipe": "a|b",
+}
+
+
+@pytest.mark.parametrize("name", CODE_TEXTS)
+def test_code_spans_show_their_text_as_it_is(name):
+    from equivcheck.report.markdown import code
+
+    text = CODE_TEXTS[name]
+    span = code(text)
+    fence = re.match(r"`+", span).group()
+    assert span.startswith(fence) and span.endswith(fence) and "`" * (len(fence) + 1) not in span.replace(fence + " ", "")
+    inner = span[len(fence):-len(fence)]
+    assert inner.strip(" ") == text or inner[1:-1] == text  # never escaped: no backslash added, nothing replaced
+
+
+def test_a_failures_right_mapping_is_one_unescaped_code_span():
+    from equivcheck.report.markdown import render
+
+    doc = _report_doc()
+    text = render(doc)
+    mapping = doc["cases"][1]["mapping"]["code"]["numpy"]
+    assert f"- right mapping: `{mapping}`" in text, [line for line in text.splitlines() if "right mapping" in line]
+    assert "\\[" not in text.split("## Failures")[1].split("## Cases")[0].split("right mapping")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize("block", ["x = 1", "s = '```'", "s = '````'", "# [not](a link) <b>\nw[::-1]"])
+def test_fenced_code_is_never_escaped_and_never_closed_early(block):
+    from equivcheck.report.markdown import fenced
+
+    lines = fenced(block, "python")
+    fence = lines[0].removesuffix("python")
+    assert lines[1] == block and lines[-1] == fence and len(fence) >= 3
+    assert fence not in block
+
+
+def test_text_outside_code_is_escaped():
+    from equivcheck.report.markdown import md
+
+    assert md("[a](b) <i>`x`</i>") == "\\[a\\](b) &lt;i&gt;\\`x\\`&lt;/i&gt;"
+
+
+def _set_path(doc, path, value):
+    node = doc
+    for key in path[:-1]:
+        node = node[key] if isinstance(node, dict) else node[key % len(node)] if node else node
+        if not isinstance(node, (dict, list)) or not node:
+            return doc
+    if isinstance(node, dict):
+        node[path[-1] if isinstance(path[-1], str) else next(iter(node))] = value
+    elif isinstance(node, list) and node:
+        node[path[-1] % len(node) if isinstance(path[-1], int) else 0] = value
+    return doc
+
+
+JSON_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False, allow_infinity=False),
+                                     st.sampled_from(["pass", "fail", "skip", "error", "inconclusive", EVIL, ""])),
+                           lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                           max_leaves=8)
+REPORT_PATHS = [["summary", "verdict"], ["summary", "ok"], ["summary", "verdicts", "pass"], ["summary", "cases"],
+                ["summary", "mutations"], ["cases", 0, "verdict"], ["cases", 1, "verdict"], ["cases", 1, "mutations"],
+                ["cases", 0, "comparison"], ["cases", 1, "mapping"], ["cases"], ["summary"], ["extra"], ["run", "command"],
+                ["conventions", "rows"], ["cases", 0, "source"], ["environment"], ["pictures"]]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(REPORT_PATHS), JSON_VALUES), min_size=1, max_size=3), st.booleans())
+def test_fuzzed_report_json_renders_the_cases_verdict_or_is_one_line(tmp_path_factory, capsys, edits, schema):
+    from equivcheck.report.describe import verdict_of
+
+    folder = tmp_path_factory.mktemp("report")
+    doc = _report_doc()
+    for path, value in edits:
+        doc = _set_path(doc, path, value)
+    path = folder / "equivcheck.json"
+    path.write_text(json.dumps(doc))
+    saved = sys.modules.get("jsonschema")
+    if not schema:
+        sys.modules["jsonschema"] = None
+    try:
+        code = main(["report", str(path)])
+    finally:
+        if not schema:
+            if saved is None:
+                sys.modules.pop("jsonschema", None)
+            else:
+                sys.modules["jsonschema"] = saved
+    err = capsys.readouterr().err
+    assert code in (0, 2) and "Traceback" not in err, err
+    if code == 2:
+        assert err.count("\n") == 1 and sorted(p.name for p in folder.iterdir()) == ["equivcheck.json"], err
+        return
+    cases = doc["cases"]
+    want = verdict_of([c.get("verdict", "error") for c in cases], doc.get("extra") if isinstance(doc.get("extra"), dict) else None)
+    if doc["summary"].get("verdict") == "fail" and not doc["summary"].get("ok", True):
+        want = "fail"  # a run that failed for a reason of its own
+    first = (folder / "equivcheck.md").read_text().splitlines()[2]
+    assert first.startswith("**Verdict: ") and {"pass": "✅", "fail": "❌"}.get(want, "") in first, (want, first)
+
+
+# -- standard output that cannot be written, names that are not UTF-8 -------------------------------
+FULL_COMMANDS = {
+    "plan --json": [*PLAN, "--json"],
+    "plan": PLAN,
+    "presets": ["presets"],
+    "backends --json": ["backends", "--json"],
+    "backends": ["backends"],
+    "--help": ["--help"],
+    "plan --help": ["plan", "--help"],
+}
+
+
+@pytest.mark.parametrize("name", FULL_COMMANDS)
+def test_a_full_standard_output_is_one_line_and_exit_2(name):
+    import subprocess
+
+    if not os.path.exists("/dev/full"):
+        pytest.fail("this check needs /dev/full (Linux)")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "equivcheck", *FULL_COMMANDS[name]], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("equivcheck: error: standard output cannot be written (No space left on device): its output "
+                           "is incomplete; free space or write somewhere else\n"), done.stderr
+
+
+def test_a_closed_pipe_is_one_line_and_exit_2():
+    import subprocess
+
+    read, write = os.pipe()
+    os.close(read)
+    done = subprocess.run([sys.executable, "-m", "equivcheck", "presets"], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Broken pipe" in done.stderr, done.stderr
+
+
+class _Failing:
+    """A stdout whose writes fail as a full disk does."""
+
+    encoding = "utf-8"
+
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("argv", [[*PLAN, "--json"], ["presets"], ["backends"]])
+def test_a_failing_stdout_in_process_is_one_line(monkeypatch, capsys, argv):
+    monkeypatch.setattr(sys, "stdout", _Failing())
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("equivcheck: error: standard output cannot be written") and err.count("\n") == 1, err
+    assert isinstance(sys.stdout, _Failing)  # restored
+
+
+def test_an_ascii_stdout_prints_a_non_ascii_name_escaped(tmp_path, weights):
+    import subprocess
+
+    out = tmp_path / "ausgabe-ü.npz"
+    done = subprocess.run([sys.executable, "-m", "equivcheck", *convert_args(weights, out)], capture_output=True,
+                          timeout=120, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+    assert out.is_file() and b"ausgabe-\\xfc.npz" in done.stdout, done.stdout  # escaped, not a UnicodeEncodeError
+
+
+NOT_UTF8 = "out\udcff.npz"  # the bytes b"out\xff.npz", as Python decodes a name that is not UTF-8
+NOT_UTF8_CASES = {
+    "convert output": lambda tmp, w: convert_args(w, tmp / NOT_UTF8),
+    "convert input": lambda tmp, w: convert_args(tmp / NOT_UTF8, tmp / "out.npz"),
+    "report": lambda tmp, w: ["report", str(tmp / "eq\udcff.json")],
+    "explore source": lambda tmp, w: ["explore", "--source", str(tmp / "m\udcff.onnx"), "--to", "torch:dense", "--channels", "3"],
+    "verify report folder": lambda tmp, w: ["verify", "--from", "caffe:dense", "--to", "caffe:conv", *SMALL_FLAGS,
+                                            "--report", str(tmp / "r\udcff")],
+    "a flag value": lambda tmp, w: [*PLAN, "--spatial", "4,\udcff"],
+}
+
+
+@pytest.mark.parametrize("name", NOT_UTF8_CASES)
+def test_a_name_that_is_not_utf8_is_one_line_before_anything_is_written(tmp_path, capsys, weights, name):
+    argv = NOT_UTF8_CASES[name](tmp_path, weights)
+    before = snapshot(tmp_path)
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is not valid UTF-8" in err and "Traceback" not in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_name_that_is_not_utf8_in_a_subprocess_is_one_line(tmp_path, weights):
+    import subprocess
+
+    out = os.fsencode(str(tmp_path)) + b"/out\xff.npz"
+    argv = [os.fsencode(a) for a in [sys.executable, "-m", "equivcheck", *convert_args(weights, "x")][:-1]] + [out]
+    done = subprocess.run(argv, capture_output=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count(b"\n") == 1 and b"not valid UTF-8" in done.stderr, done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["dense.npz"]
+
+
+# -- MODULE:FACTORY: no code from the working folder shadows an installed package ---------------------
+@pytest.fixture()
+def planted(tmp_path, monkeypatch):
+    """A working folder holding ``colorsys.py`` (an installed module's name) and ``mymodels.py``, each leaving a mark."""
+    for name in ("colorsys", "mymodels"):
+        (tmp_path / f"{name}.py").write_text(
+            f"open({str(tmp_path / (name + '.ran'))!r}, 'w').close()\n"
+            "def rgb_to_hsv(*a):\n    return 'planted'\n"
+            "def factory():\n    import colorsys\n    return colorsys.__file__\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("colorsys", "mymodels"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("cwd_first", [False, True], ids=["console script", "python -m (cwd first on sys.path)"])
+def test_an_installed_module_is_never_shadowed_by_the_working_folder(planted, monkeypatch, cwd_first):
+    from equivcheck.exploration.objects import load_object
+
+    if cwd_first:
+        monkeypatch.syspath_prepend(str(planted))
+    path = list(sys.path)
+    assert load_object("colorsys:rgb_to_hsv")(1, 0, 0) == (0.0, 1.0, 1)
+    assert not (planted / "colorsys.ran").exists() and sys.path == path
+
+
+def test_a_module_only_in_the_working_folder_is_found_behind_installed_ones_and_the_path_restored(planted):
+    from equivcheck.exploration.objects import load_object
+
+    path = list(sys.path)
+    factory = load_object("mymodels:factory")
+    assert (planted / "mymodels.ran").exists() and sys.path == path
+    sys.modules.pop("colorsys", None)
+    assert not factory().startswith(str(planted))  # what it imports later is the installed module
+    assert not (planted / "colorsys.ran").exists()
+
+
+def test_check_models_with_an_installed_factory_runs_no_planted_torch(tmp_path):
+    import subprocess
+
+    (tmp_path / "torch.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').close()\nraise SystemExit(3)\n")
+    code = ("import sys\nfrom equivcheck.exploration.objects import load_object\n"
+            "f = load_object('equivcheck.modelcheck.examples:torch_vgg')\n"
+            "import importlib.util\nprint(importlib.util.find_spec('torch').origin)\n")
+    done = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "pwned").exists() and str(tmp_path) not in done.stdout, done.stdout
+
+
+def test_each_readme_command_that_writes_a_report_writes_its_own_folder():
+    """The README's command block wrote three commands' reports into one ``reports/``, each replacing the last."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = next(b.split("```", 1)[0] for b in text.split("```bash")[1:] if "--report" in b.split("```", 1)[0])
+    lines = " ".join(block.replace("\\\n", " ").splitlines())
+    folders = re.findall(r"--report\s+(\S+)", lines)
+    demo = re.findall(r"equivcheck demo[^#]*", lines)
+    assert len(folders) >= 2 and len(set(folders)) == len(folders), folders
+    assert all("--report" in d for d in demo), demo  # demo's default folder is reports/: not shared with the others
+    rebuilt = re.findall(r"equivcheck report (\S+)/equivcheck\.json", lines)
+    assert rebuilt and all(f in folders for f in rebuilt), (rebuilt, folders)
+
+
+@pytest.mark.parametrize("kind", ["the number 5", "a 400-digit exponent", "a FIFO", "a coarser accumulation for float32"])
+def test_the_cli_ignores_a_bad_facts_cache_with_one_warning_line(tmp_path, kind):
+    import subprocess
+
+    env = {**os.environ, "EQUIVCHECK_FACTS_CACHE": str(tmp_path / "cache"),
+           "EQUIVCHECK_FACTS_KEY": str(tmp_path / "key" / "facts.key")}
+    argv = [sys.executable, "-m", "equivcheck", "verify", "--from", "caffe:dense", "--to", "caffe:conv", *SMALL_FLAGS, "--json"]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env)
+    assert first.returncode == 0 and first.stderr == "", first.stderr
+    path = tmp_path / "cache" / "facts.json"
+    if kind in FACT_ROW_EDITS:
+        _edit_rows(path, FACT_ROW_EDITS[kind])
+    else:
+        _write_cache_file(path, kind)
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env)
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
+    lines = again.stderr.splitlines()
+    assert lines and all(line.startswith("equivcheck: warning: facts cache ") for line in lines), again.stderr
+    assert len(lines) == (2 if kind in FACT_ROW_EDITS else 1), again.stderr  # one per edited row (source, target)

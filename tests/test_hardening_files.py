@@ -303,8 +303,8 @@ def onnx_hostile(tmp_path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind, match", [
-    ("random bytes", r"is not a readable ONNX model: truncated or corrupt \(protobuf DecodeError\)"),
-    ("truncated", r"is not a readable ONNX model: truncated or corrupt"),
+    ("random bytes", r"is not an ONNX model: truncated or corrupt \(protobuf DecodeError\)"),
+    ("truncated", r"is not an ONNX model: truncated or corrupt"),
     ("cycle", r"has a cycle in its graph \(node '.*' depends on its own output\)"),
     ("unknown op", r"node 'evil' has op_type='RunShell', which is not an ONNX operator: refused"),
     ("undeclared domain", r"node 'fc' uses domain='com.evil', which the model does not import"),
@@ -676,3 +676,235 @@ def test_damaged_files_give_an_equivcheck_error_or_arrays(kind, how, where, bit)
             memory.physical_memory = saved
         assert (code, err.getvalue().count("\n")) in ((0, 0), (2, 1)) and "Traceback" not in err.getvalue(), err.getvalue()
         assert sorted(p.name for p in Path(folder).iterdir()) == sorted([path.name, *(["out.npz"] if code == 0 else [])])
+
+
+# -- round 3: decoding guards, non-regular files, readers' own warnings ----------------------------
+def tflite_shared(kind: str, n: int = 4000) -> bytes:
+    """A small TFLite model whose ``n`` tensors share one long name, one long shape, or whose operators share one
+    long input list: each shared reference decodes again (about 4 GB in all, from a file under 1 MB, before the guard)."""
+    flatbuffers = pytest.importorskip("flatbuffers", reason="flatbuffers builds .tflite files")
+    s = pytest.importorskip("ai_edge_litert.schema_py_generated", reason="ai-edge-litert carries the TFLite schema")
+    b = flatbuffers.Builder(1 << 20)
+
+    def ints(start, values):
+        start(b, len(values))
+        for v in reversed(values):
+            b.PrependInt32(v)
+        return b.EndVector()
+
+    def tables(start, offsets):
+        start(b, len(offsets))
+        for o in reversed(offsets):
+            b.PrependUOffsetTRelative(o)
+        return b.EndVector()
+
+    s.BufferStart(b)
+    empty = s.BufferEnd(b)
+    four = b.CreateNumpyVector(np.zeros(4, np.uint8))
+    s.BufferStart(b)
+    s.BufferAddData(b, four)
+    stored = s.BufferEnd(b)  # a float32 scalar's bytes: a tensor naming it is a constant, whose shape is read
+    name = b.CreateString("n" * (1 << 20) if kind == "one long name" else "x")
+    shape = ints(s.TensorStartShapeVector, [1] * (1 << 16) if kind == "one long shape" else [1, 6])
+    made = []
+    for _ in range(n if kind != "one long input list" else 2):
+        s.TensorStart(b)
+        s.TensorAddShape(b, shape)
+        s.TensorAddBuffer(b, 1 if kind == "one long shape" else 0)
+        s.TensorAddName(b, name)
+        made.append(s.TensorEnd(b))
+    ops = []
+    if kind == "one long input list":
+        inputs = ints(s.OperatorStartInputsVector, [0] * (1 << 16))
+        outputs = ints(s.OperatorStartOutputsVector, [1])
+        for _ in range(n):
+            s.OperatorStart(b)
+            s.OperatorAddInputs(b, inputs)
+            s.OperatorAddOutputs(b, outputs)
+            ops.append(s.OperatorEnd(b))
+    t_vec, op_vec = tables(s.SubGraphStartTensorsVector, made), tables(s.SubGraphStartOperatorsVector, ops)
+    s.SubGraphStart(b)
+    s.SubGraphAddTensors(b, t_vec)
+    s.SubGraphAddOperators(b, op_vec)
+    graph = s.SubGraphEnd(b)
+    s.OperatorCodeStart(b)
+    s.OperatorCodeAddBuiltinCode(b, 0)
+    code = s.OperatorCodeEnd(b)
+    codes, graphs = tables(s.ModelStartOperatorCodesVector, [code]), tables(s.ModelStartSubgraphsVector, [graph])
+    buffers = tables(s.ModelStartBuffersVector, [empty, stored])
+    s.ModelStart(b)
+    s.ModelAddVersion(b, 3)
+    s.ModelAddOperatorCodes(b, codes)
+    s.ModelAddSubgraphs(b, graphs)
+    s.ModelAddBuffers(b, buffers)
+    b.Finish(s.ModelEnd(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+SHARED = ["one long name", "one long shape", "one long input list"]
+
+
+@pytest.mark.parametrize("kind", SHARED)
+def test_tflite_shared_references_are_counted_as_decoded(tmp_path, capsys, kind):
+    import time
+
+    src = tmp_path / "m.tflite"
+    src.write_bytes(tflite_shared(kind))
+    assert src.stat().st_size < 2 << 20
+    start = time.perf_counter()
+    refused(capsys, tmp_path, src, r"decodes more than \d+ bytes of names and tables from a \d+-byte file", "--from", "tflite:dense")
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("kind", SHARED)
+def test_explore_refuses_a_tflite_decode_bomb_before_the_interpreter(tmp_path, kind):
+    from equivcheck.exploration.runtimes import runtime_side
+    from equivcheck.specs import Shape
+
+    data = tflite_shared(kind)
+    (tmp_path / "m.tflite").write_bytes(data)
+    for source in (data, str(tmp_path / "m.tflite")):
+        with pytest.raises(EquivcheckError, match="decodes more than") as info:
+            runtime_side(source, Shape(channels=6))
+        assert "\n" not in str(info.value)
+
+
+def test_a_tflite_of_many_plain_tensors_is_within_the_decode_budget(tmp_path):
+    from equivcheck import _readers_runtimes as runtimes
+
+    data = tflite_shared("a plain model", n=200)
+    index = runtimes._tflite(runtimes._Flat(data, "m"), "m")
+    assert index == {} and len(data) < 20_000  # names and shapes read once each: no refusal
+
+
+def non_regular(tmp_path: Path, kind: str, name: str) -> Path:
+    path = tmp_path / name
+    if kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a folder":
+        path.mkdir()
+    elif kind == "a device":
+        path.symlink_to("/dev/zero")
+    return path
+
+
+NON_REGULAR_COMMANDS = {
+    "convert .npz": lambda p: ["convert", *FLAGS, str(p), str(p.parent / "out.npz")],
+    "convert .tflite": lambda p: ["convert", *FLAGS, "--from", "tflite:dense", str(p), str(p.parent / "out.npz")],
+    "convert .onnx": lambda p: ["convert", *FLAGS, "--from", "onnx:dense", str(p), str(p.parent / "out.npz")],
+    "explore .tflite": lambda p: ["explore", "--source", str(p), "--to", "keras:dense", "--channels", "3"],
+    "explore .onnx:NODE": lambda p: ["explore", "--source", f"{p}:fc", "--to", "torch:dense", "--channels", "3"],
+    "report": lambda p: ["report", str(p)],
+    "convolutionalize .keras": lambda p: ["convolutionalize", str(p), str(p.parent / "out.keras")],
+    "check-models .pt": lambda p: ["check-models", str(p), str(p), "--model", "equivcheck.modelcheck.examples:torch_vgg"],
+}
+SUFFIX = {"convert .npz": ".npz", "convert .tflite": ".tflite", "convert .onnx": ".onnx", "explore .tflite": ".tflite",
+          "explore .onnx:NODE": ".onnx", "report": ".json", "convolutionalize .keras": ".keras", "check-models .pt": ".pt"}
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a folder", "a device"])
+@pytest.mark.parametrize("command", NON_REGULAR_COMMANDS)
+def test_every_command_refuses_a_non_regular_file_without_waiting(tmp_path, command, kind):
+    """A FIFO as input hung explore (open() waits for a writer); each command now refuses it in one line."""
+    path = non_regular(tmp_path, kind, "m" + SUFFIX[command])
+    before = snapshot(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "equivcheck", *NON_REGULAR_COMMANDS[command](path)],
+                          capture_output=True, text=True, timeout=180)  # a hang would hit this; a busy machine does not
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_reading_a_pt_file_shows_none_of_torchs_own_warnings(tmp_path, protocol):
+    """Protocol 4 made torch warn ("Detected pickle protocol 4 ...") around equivcheck's own line."""
+    pytest.importorskip("torch", reason="torch files")
+    src, out = str(tmp_path / "w.pt"), str(tmp_path / "out.npz")
+    code = ("import sys, torch\n"
+            f"torch.save({{'weight': torch.zeros(60, 6), 'bias': torch.zeros(6)}}, {src!r}, pickle_protocol={protocol})\n"
+            "from equivcheck.cli import main\n"
+            f"sys.exit(main(['convert', *{FLAGS!r}, '--kernel-key', 'weight', {src!r}, {out!r}]))\n")
+    done = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=120)
+    if protocol == 2:
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+    else:  # torch's safe loader refuses it: equivcheck's one line, and nothing of torch's
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Detected pickle protocol" not in done.stderr, done.stderr
+
+
+def onnx_external_model(tmp_path: Path, shape: tuple[int, ...], data_size: int, *, length: bool, kind: str = "file") -> Path:
+    """A Flatten + Gemm model whose weight W (``shape``, float32) lives in ``w.bin`` (``data_size`` bytes, sparse)."""
+    pytest.importorskip("onnx", reason="onnx")
+    from onnx import numpy_helper
+
+    from tests.test_files_runtimes import external, onnx_file
+
+    if kind == "a FIFO":
+        os.mkfifo(tmp_path / "w.bin")
+    else:
+        with open(tmp_path / "w.bin", "wb") as fh:
+            fh.truncate(data_size)
+    t = external("W", np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape, (0,) * len(shape)), "w.bin")
+    if not length:
+        kept = [(e.key, e.value) for e in t.external_data if e.key != "length"]
+        del t.external_data[:]
+        for key, value in kept:
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+    return onnx_file(tmp_path / "m.onnx", initializers=[t, numpy_helper.from_array(BIAS, "b")])
+
+
+@pytest.fixture()
+def onnx_load_spy(monkeypatch) -> list:
+    onnx = pytest.importorskip("onnx", reason="onnx")
+    calls: list = []
+    real = onnx.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("load_external_data", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnx, "load", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case, match", [
+    ("declared 64 MiB, no length", r"loading .*m\.onnx' needs about 0\.1 GiB, more than half"),
+    ("declared 64 MiB, with its length", r"loading .*m\.onnx' needs about 0\.1 GiB, more than half"),
+    ("declared 1440 bytes, no length, 5 GiB of data", r"needs 1440 bytes, the entry says 5368709120"),
+    ("data in a FIFO", r"which does not exist or is not a file"),
+])
+def test_explore_guards_onnx_external_data_before_onnx_reads_it(tmp_path, small_budget, onnx_load_spy, case, match):
+    from equivcheck.exploration.runtimes import runtime_side
+    from equivcheck.specs import Shape
+
+    big = case.startswith("declared 64 MiB")
+    shape = (6, 1 << 22) if big else (6, 60)
+    src = onnx_external_model(tmp_path, shape, (1 << 24) * 6 if big else 5 << 30, length="with its length" in case,
+                              kind="a FIFO" if "FIFO" in case else "file")
+    with pytest.raises(EquivcheckError, match=match) as info:
+        runtime_side(f"{src}:fc", Shape(channels=3, spatial=(4, 5)))
+    assert "\n" not in str(info.value)
+    assert True not in onnx_load_spy  # onnx never loaded the external data
+
+
+def test_explore_onnx_external_data_cli_is_one_line(tmp_path, small_budget, capsys):
+    src = onnx_external_model(tmp_path, (6, 60), 5 << 30, length=False)
+    before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.iterdir()}  # 5 GiB: not read back
+    code = main(["explore", "--source", f"{src}:fc", "--to", "torch:dense", "--channels", "3", "--spatial", "4,5"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "the entry says 5368709120" in err, err
+    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
+
+
+def test_explore_onnx_with_external_data_in_bounds_still_loads(tmp_path):
+    from equivcheck.exploration.runtimes import runtime_side
+    from equivcheck.specs import Shape
+
+    pytest.importorskip("onnxruntime", reason="onnxruntime runs the side")
+    from onnx import numpy_helper
+
+    from tests.test_files_runtimes import external, onnx_file
+
+    (tmp_path / "w.bin").write_bytes(KERNEL.T.copy().tobytes())
+    src = onnx_file(tmp_path / "m.onnx", initializers=[external("W", KERNEL.T.copy(), "w.bin"), numpy_helper.from_array(BIAS, "b")])
+    side = runtime_side(f"{src}:fc", Shape(channels=3, spatial=(4, 5)))
+    assert side is not None

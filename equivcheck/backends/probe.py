@@ -14,17 +14,27 @@ output allows, while summing in float32 stays within it. A bias of the output's 
 tells one rounding from two. Facts are cached per process, keyed by the framework version,
 the CPU and the environment variables that steer kernel choice; with
 ``EQUIVCHECK_FACTS_CACHE`` set (a folder, or ``1`` for the user's cache folder) they are kept
-on disk too.
+on disk too. A cached fact decides verdicts, so the file is not trusted: each row is keyed by
+everything the probe depends on, signed (HMAC-SHA256) with a key kept outside the cache folder
+(``EQUIVCHECK_FACTS_KEY``, default ``~/.config/equivcheck/facts.key``, made on first use), and
+checked against what a probe of that layer in that dtype can answer. A row that fails, or a
+file that is unreadable, not a regular file or larger than :data:`CACHE_MAX_BYTES`, is ignored
+with one :class:`FactsCacheWarning` and probed again. Writes go to a temporary file created
+exclusively beside the cache (no symlink followed), then renamed over it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import hmac
+import importlib.util
 import json
 import math
 import os
 import platform
+import stat
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +47,7 @@ from equivcheck.compare import compare, unit_roundoff
 from equivcheck.errors import EquivcheckError, framework_message
 from equivcheck.specs import DenseSpec, LayerSpec, fan_in
 
-__all__ = ["KERNEL_ENV", "LAYER_KINDS", "Facts", "clear_cache", "cpu_flags", "environment_key", "layer_kinds", "probe",
+__all__ = ["KERNEL_ENV", "LAYER_KINDS", "Facts", "FactsCacheWarning", "clear_cache", "cpu_flags", "environment_key", "layer_kinds", "probe",
            "probe_spec"]
 
 #: Environment variables that change which kernels the frameworks pick.
@@ -80,6 +90,7 @@ class Facts:
 
 
 # -- keys --------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def cpu_flags() -> str:
     """The machine and the CPU features that change kernels: ``"x86_64 avx2 avx512f"``."""
     flags: set[str] = set()
@@ -266,9 +277,10 @@ _CACHE: dict[tuple[str, LayerSpec, str], Facts] = {}
 
 
 def clear_cache() -> None:
-    """Forget every fact measured in this process (the disk cache is left alone)."""
+    """Forget every fact measured in this process (the disk cache is left alone, and read again when next used)."""
     _CACHE.clear()
     _DISK.clear()
+    _STATE.clear()
 
 
 def probe(backend: str | Backend, spec: LayerSpec, dtype: str) -> Facts:
@@ -288,10 +300,10 @@ def probe(backend: str | Backend, spec: LayerSpec, dtype: str) -> Facts:
     key = (environment_key(b), spec, dtype)
     if key in _CACHE:
         return _CACHE[key]
-    facts = _from_disk(key)
+    facts = _from_disk(key, b, label)
     if facts is None:
         facts = _measure(b, spec, dtype, label)
-        _to_disk(key, facts)
+        _to_disk(key, facts, b)
     _CACHE[key] = facts
     return facts
 
@@ -332,8 +344,7 @@ LAYER_KINDS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def layer_kinds(backend: str, data_format: str | None = None) -> dict[str, LayerSpec]:
     """:data:`LAYER_KINDS` as specs under the conventions of ``backend``'s own preset (torch's where it has none)."""
-    from equivcheck.checker import PRESET_BACKENDS
-    from equivcheck.presets import PRESETS, spec
+    from equivcheck.presets import PRESET_BACKENDS, PRESETS, spec
 
     preset = next((p for p, b in PRESET_BACKENDS.items() if b == backend), "torch")
     extra = {} if data_format is None else {"data_format": data_format}
@@ -345,7 +356,32 @@ def layer_kinds(backend: str, data_format: str | None = None) -> dict[str, Layer
 
 
 # -- the optional disk cache -------------------------------------------------------------
-_DISK: dict[str, dict[str, Any]] = {}
+#: What the probe itself depends on beyond the environment key: change any, and cached rows no longer match.
+PROBE_VERSION = f"probe-3 seed={_SEED} outputs={PROBE_OUTPUTS} max_kernel={PROBE_MAX_KERNEL} margin={MEASURED_MARGIN}"
+#: A facts file above this is not one equivcheck wrote: ignored (with one warning) and rewritten.
+CACHE_MAX_BYTES = 4 << 20
+#: Rows kept on disk at most (the oldest go first).
+CACHE_MAX_ROWS = 4096
+_TEXT_MAX = 2000  # a reason, note or label longer than this is not one a probe wrote
+_CACHE_FORMAT = 2
+_KEY_BYTES = 32
+
+
+class FactsCacheWarning(UserWarning):
+    """The disk cache of probed facts, or one of its rows, was ignored (the facts are probed again)."""
+
+
+_DISK: dict[str, Any] = {}  # digest -> row, as read from (and written to) the cache file
+_STATE: dict[str, Any] = {}  # "loaded": the cache file read (or found unusable); "warned": messages already given
+
+
+def _warn(message: str) -> None:
+    warned = _STATE.setdefault("warned", set())
+    if message not in warned:
+        warned.add(message)
+        import warnings
+
+        warnings.warn(f"facts cache {message}", FactsCacheWarning, stacklevel=4)
 
 
 def _cache_file() -> Path | None:
@@ -358,31 +394,286 @@ def _cache_file() -> Path | None:
     return Path(where) / "facts.json"
 
 
-def _digest(key: tuple[str, LayerSpec, str]) -> str:
+def _key_file() -> Path:
+    """Where the key that signs cached rows lives: ``EQUIVCHECK_FACTS_KEY``, else the user's config folder."""
+    where = os.environ.get("EQUIVCHECK_FACTS_KEY", "")
+    if where:
+        return Path(where)
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "equivcheck" / "facts.key"
+
+
+def _signing_key(cache: Path) -> bytes | None:
+    """This machine's key for the cache's rows, kept outside the cache folder; made on first use (mode 600).
+
+    None (with one warning) when it lies inside the cache folder, or cannot be read or made:
+    the disk cache is then not used at all.
+    """
+    if "key" in _STATE:
+        return _STATE["key"]
+    path = _key_file()
+    key = None
+    try:
+        folder = cache.parent.resolve()
+        if path.resolve() == folder or folder in path.resolve().parents:
+            _warn(f"key file={str(path)!r} lies inside the cache folder={str(folder)!r}, where whoever writes the cache "
+                  "could forge rows: not used; set EQUIVCHECK_FACTS_KEY to a file outside it")
+        else:
+            key = _read_key(path)
+            if key is None:
+                key = _make_key(path)
+    except OSError as exc:
+        _warn(f"key file={str(path)!r} cannot be used ({exc.strerror or exc}): the disk cache is not used")
+        key = None
+    _STATE["key"] = key
+    return key
+
+
+def _read_key(path: Path) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError("not a regular file; delete it to make a new key")
+    with os.fdopen(fd, "rb") as fh:
+        text = fh.read(4 * _KEY_BYTES)
+    try:
+        key = bytes.fromhex(text.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        key = b""
+    if len(key) != _KEY_BYTES or not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise OSError(f"not a {_KEY_BYTES}-byte hex key in a regular file of this user, writable by no one else; "
+                      "delete it to make a new one")
+    return key
+
+
+def _make_key(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = os.urandom(_KEY_BYTES)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:  # another process made it meanwhile
+        made = _read_key(path)
+        if made is None:
+            raise
+        return made
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key.hex() + "\n")
+    return key
+
+
+#: The modules whose code decides a probe's answer besides the backend's own (its source is hashed into the key).
+_PROBE_CODE = ("equivcheck.backends.probe", "equivcheck.compare", "equivcheck.data", "equivcheck.backends.numpy",
+               "equivcheck.backends.base")
+
+
+def _row_key(key: tuple[str, LayerSpec, str], backend: Backend) -> dict[str, str]:
+    """Everything a probe's answer depends on: environment, layer, dtype, the probe's own design and code,
+    the reference's numpy."""
+    from equivcheck.version import __version__
+
     env, spec, dtype = key
-    return hashlib.sha256(f"{env}\x1f{spec!r}\x1f{dtype}".encode()).hexdigest()[:24]
+    return {"environment": env, "spec": repr(spec), "dtype": dtype, "probe": PROBE_VERSION,
+            "code": _code_digest_of(backend),
+            "versions": f"equivcheck {__version__} numpy {np.__version__} python {platform.python_version()}"}
 
 
-def _from_disk(key: tuple[str, LayerSpec, str]) -> Facts | None:
+def _code_digest_of(backend: Backend) -> str:
+    cached = _STATE.setdefault("code", {})
+    if backend.name not in cached:
+        digest = hashlib.sha256()
+        for name in (*_PROBE_CODE, type(backend).__module__):
+            with contextlib.suppress(OSError, TypeError, AttributeError, ImportError, ValueError):
+                origin = importlib.util.find_spec(name).origin  # type: ignore[union-attr]  # not imported: only read
+                digest.update(name.encode() + b"\0" + Path(str(origin)).read_bytes())
+        cached[backend.name] = digest.hexdigest()[:24]
+    return cached[backend.name]
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _digest(row_key: dict[str, str]) -> str:
+    return hashlib.sha256(_canonical(row_key)).hexdigest()[:32]
+
+
+def _mac(secret: bytes, row_key: dict[str, str], facts: dict[str, Any]) -> str:
+    return hmac.new(secret, _canonical({"key": row_key, "facts": facts}), hashlib.sha256).hexdigest()
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]!r} is not finite")
+    return value
+
+
+def _refuse_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > 30:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _load_disk(path: Path) -> None:
+    """Read the cache file once: a file that is missing is empty; one that is not a regular file, too large or
+    not the expected JSON is ignored with one warning (its rows are probed again and the file is rewritten)."""
+    _STATE["loaded"] = True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        _warn(f"file={str(path)!r} cannot be read ({exc.strerror or exc}): ignored, facts probed again")
+        return
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        _warn(f"file={str(path)!r} is not a regular file: ignored, facts probed again")
+        return
+    with os.fdopen(fd, "rb") as fh:
+        if st.st_size > CACHE_MAX_BYTES:
+            _warn(f"file={str(path)!r} holds {st.st_size} bytes, more than the {CACHE_MAX_BYTES} a facts cache takes: "
+                  "ignored, facts probed again")
+            return
+        try:
+            data = fh.read(CACHE_MAX_BYTES + 1)
+        except OSError as exc:
+            _warn(f"file={str(path)!r} cannot be read ({exc.strerror or exc}): ignored, facts probed again")
+            return
+    try:
+        doc = json.loads(data, parse_float=_finite, parse_int=_parse_int, parse_constant=_refuse_constant)
+        if len(data) > CACHE_MAX_BYTES:
+            raise ValueError("it grew while being read")
+        if not (isinstance(doc, dict) and doc.get("format") == _CACHE_FORMAT and isinstance(doc.get("rows"), dict)):
+            raise ValueError(f"expected an object with format={_CACHE_FORMAT} and rows")
+    except (ValueError, RecursionError) as exc:
+        _warn(f"file={str(path)!r} is not a facts cache ({str(exc).splitlines()[0][:100] if str(exc) else 'not JSON'}): "
+              "ignored, facts probed again")
+        return
+    _DISK.update(list(doc["rows"].items())[-CACHE_MAX_ROWS:])
+
+
+def _from_disk(key: tuple[str, LayerSpec, str], backend: Backend, label: str) -> Facts | None:
     path = _cache_file()
     if path is None:
         return None
-    if not _DISK:
-        with contextlib.suppress(OSError, ValueError):
-            _DISK.update(json.loads(path.read_text()))
-    row = _DISK.get(_digest(key))
-    with contextlib.suppress(TypeError):
-        return None if row is None else Facts(**row)
+    secret = _signing_key(path)
+    if secret is None:
+        return None
+    if not _STATE.get("loaded"):
+        _load_disk(path)
+    row_key = _row_key(key, backend)
+    digest = _digest(row_key)
+    if digest not in _DISK:
+        return None
+    row = _DISK[digest]
+    problem = _row_problem(row, secret, row_key, backend, key[1], key[2], label)
+    if problem is None:
+        return Facts(**row["facts"])
+    del _DISK[digest]
+    _warn(f"row {digest} of {str(path)!r} ({label} in {key[2]} on {backend.name}) {problem}: ignored, probed again")
     return None
 
 
-def _to_disk(key: tuple[str, LayerSpec, str], facts: Facts) -> None:
+_FIELDS = {f: t for f, t in Facts.__annotations__.items()}
+_TYPES = {"str": str, "bool": bool, "int": int}
+
+
+def _row_problem(row: Any, secret: bytes, row_key: dict[str, str], backend: Backend, spec: LayerSpec, dtype: str,
+                 label: str) -> str | None:
+    """Why ``row`` cannot be trusted for this key, or None: its shape, its signature, then what a probe can say."""
+    if not isinstance(row, dict) or set(row) != {"key", "facts", "mac"}:
+        return "is not a {key, facts, mac} object"
+    facts = row["facts"]
+    if not isinstance(facts, dict) or set(facts) != set(_FIELDS):
+        return f"has facts with fields other than {', '.join(_FIELDS)}"
+    for name, kind in _FIELDS.items():
+        value = facts[name]
+        if type(value) is not _TYPES[kind]:
+            return f"has {name}={str(value)[:40]!r}: expected a {kind}"
+        if isinstance(value, str) and len(value) > _TEXT_MAX:
+            return f"has a {name} of {len(value)} characters"
+    if row["key"] != row_key:
+        return "was measured for another key"
+    if not isinstance(row["mac"], str) or not hmac.compare_digest(row["mac"], _mac(secret, row_key, facts)):
+        return "is not signed by this machine's key (edited, or written elsewhere)"
+    return _implausible(facts, backend, spec, dtype, label)
+
+
+def _implausible(f: dict[str, Any], backend: Backend, spec: LayerSpec, dtype: str, label: str) -> str | None:
+    """What in ``f`` no probe of ``spec`` in ``dtype`` on ``backend`` can answer, or None."""
+    small = probe_spec(spec)
+    probed_on = "" if small is spec else small.describe()
+    if (f["backend"], f["dtype"], f["layer"]) != (backend.name, dtype, label):
+        return f"names backend={f['backend'][:40]!r} dtype={f['dtype'][:20]!r}: expected {backend.name} {dtype}"
+    if f["probed_on"] != probed_on:
+        return f"says probed_on={f['probed_on'][:60]!r}: expected {probed_on!r}"
+    if not f["runs"]:
+        if not f["reason"] or f["accumulate"] or f["roundings"] != 2 or not f["decided"] or f["note"]:
+            return "says the layer does not run but carries a decision, or no reason"
+        return None
+    if f["reason"]:
+        return "says the layer runs but gives a reason it does not"
+    acc, low = f["accumulate"], dtype in ("float16", "bfloat16")
+    measured = low and acc.startswith("2^-") and acc[3:].isdigit() and len(acc) <= 6 and (
+        unit_roundoff("float32") < 2.0 ** -int(acc[3:]) < unit_roundoff(dtype))
+    if acc not in _candidates(dtype) and not measured:
+        return f"says accumulate={acc[:20]!r}: a probe in {dtype} answers one of {', '.join(_candidates(dtype))}" + (
+            " or a measured 2^-k" if low else "")
+    allowed = ((1, 2) if acc in ("float64", "float32") else (2,)) if spec.bias else (1,)
+    if f["roundings"] not in allowed:
+        return f"says roundings={f['roundings']} for accumulate={acc}: expected {' or '.join(map(str, allowed))}"
+    if not f["decided"] and not (low and acc == dtype and f["roundings"] == 2 and f["note"]):
+        return "says undecided where a probe always decides"
+    if f["decided"] and f["note"]:
+        return "carries a note without being undecided"
+    return None
+
+
+def _to_disk(key: tuple[str, LayerSpec, str], facts: Facts, backend: Backend) -> None:
     path = _cache_file()
     if path is None:
         return
-    _DISK[_digest(key)] = facts.to_dict()
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(_DISK))
+    secret = _signing_key(path)
+    if secret is None:
+        return
+    row_key, values = _row_key(key, backend), facts.to_dict()
+    digest = _digest(row_key)
+    _DISK.pop(digest, None)
+    _DISK[digest] = {"key": row_key, "facts": values, "mac": _mac(secret, row_key, values)}
+    while len(_DISK) > CACHE_MAX_ROWS:
+        del _DISK[next(iter(_DISK))]
+    text = json.dumps({"format": _CACHE_FORMAT, "rows": _DISK}, ensure_ascii=True)
+    while len(text) > CACHE_MAX_BYTES and len(_DISK) > 1:
+        for old in list(_DISK)[: max(1, len(_DISK) // 4)]:
+            del _DISK[old]
+        text = json.dumps({"format": _CACHE_FORMAT, "rows": _DISK}, ensure_ascii=True)
+    try:
+        _write_atomically(path, text.encode())
+    except OSError as exc:
+        _warn(f"file={str(path)!r} cannot be written ({exc.strerror or exc}): facts kept for this process only")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """``data`` to a new file created exclusively beside ``path`` (no symlink followed), then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(8).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

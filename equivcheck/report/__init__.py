@@ -3,7 +3,7 @@
     from equivcheck.report import write_report
     write_report("reports", verify(src, dst, backends=["numpy", "torch"]), seed=0, command="verify")
 
-:func:`write_report` takes :class:`~equivcheck.verify.Case` objects or their records (dicts,
+:func:`write_report` takes :class:`~equivcheck.verification.Case` objects or their records (dicts,
 e.g. from pytest-xdist workers; duplicates collapse by id), draws the pictures, and replaces
 the three files together, atomically. :func:`rebuild` renders Markdown and HTML again from
 the JSON alone. Importing this package imports no deep-learning framework; matplotlib is
@@ -94,13 +94,17 @@ def write_report(
     environment: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     failed: bool = False,
+    created: str | None = None,
 ) -> list[Path]:
     """Write ``equivcheck.json``, ``.md`` and ``.html`` for ``cases`` into ``directory``.
+
+    ``run_id``, ``created`` and ``environment`` default to a new id, now and this machine's;
+    a committed example fixes them so that regenerating it changes nothing.
 
     ``failed``: the run failed for a reason of its own (a pytest session with failures): the
     report's ``ok`` is then false whatever its cases say.
 
-    ``cases``: :class:`~equivcheck.verify.Case` objects and/or case records (``Case.to_dict()``
+    ``cases``: :class:`~equivcheck.verification.Case` objects and/or case records (``Case.to_dict()``
     or :func:`case_record` dicts, from any number of workers; duplicates dropped by id).
     ``extra``: further sections, e.g. ``{"explorations": [...], "models": [...]}``, stored
     under ``extra`` and rendered as tables. Also appends the Markdown to
@@ -126,7 +130,7 @@ def write_report(
         for r in records:
             r["pictures"] = []
     doc = build_document(records, seed=seed, command=command, run_id=run_id, environment=environment,
-                         extra=extra, pictures=pictures, failed=failed)
+                         extra=extra, pictures=pictures, failed=failed, created=created)
     texts = {"equivcheck.json": dumps(doc), **render(doc)}
     paths = _write_all(folder, texts)
     clear_parts(folder)

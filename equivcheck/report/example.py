@@ -2,6 +2,10 @@
 
     python -m equivcheck.report.example reports/example [--backends numpy,torch]
 
+The example's run id and time are fixed and it names no machine (platform, CPU), and it is
+rewritten only when what it shows changes (the checks, verdicts, mappings, mutation outcomes):
+``make demo`` leaves a clean checkout clean.
+
 Checks keras:dense → torch:conv and theano:dense → theano:conv with the planned mapping
 and with a hand-written converter that makes a classic mistake (flattening Keras' HWC map as
 if it were CHW; forgetting Theano's flip), plus a torch:conv → keras:conv pair whose kernel
@@ -20,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["example_cases", "example_runs", "main"]
+__all__ = ["essence", "example_cases", "example_environment", "example_runs", "main"]
 
 
 def _keras_as_chw(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -36,7 +40,7 @@ def _theano_without_flip(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[n
 def example_runs(backends: Sequence[str] = ("numpy",), seed: int = 0) -> list[tuple[str, list[Any]]]:
     """``(converter name, its cases)`` for five kinds of check, two wrong converters among them."""
     import equivcheck as ec
-    from equivcheck.verify import verify
+    from equivcheck.verification import verify
 
     keras_dense = ec.spec("keras:dense", channels=3, spatial=(6, 7), units=2)
     torch_conv = ec.spec("torch:conv", channels=3, spatial=(6, 7), units=2)
@@ -61,6 +65,22 @@ def example_cases(backends: Sequence[str] = ("numpy",), seed: int = 0) -> list[A
     return [case for _, cases in example_runs(backends, seed) for case in cases]
 
 
+#: The committed example's run id and time: fixed, so regenerating it on any machine, any day, changes nothing.
+EXAMPLE_RUN_ID = "example"
+EXAMPLE_CREATED = "2026-01-01T00:00:00+00:00"
+#: What the example records of the machine in place of its platform (kernel) and CPU strings.
+NOT_RECORDED = "not recorded in the example"
+
+
+def example_environment(seed: int) -> dict[str, Any]:
+    """This machine's environment with the strings that name the machine itself left out."""
+    from equivcheck.report import environment
+
+    env = environment(seed)
+    env.update(platform=NOT_RECORDED, machine=NOT_RECORDED, cpus=None)
+    return env
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from equivcheck.report import case_record, write_report
 
@@ -73,10 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
              for name, run in example_runs([b for b in args.backends.split(",") if b], seed=args.seed) for case in run]
     args.directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.directory) as tmp:
-        paths = write_report(tmp, cases, seed=args.seed,
+        paths = write_report(tmp, cases, seed=args.seed, run_id=EXAMPLE_RUN_ID, created=EXAMPLE_CREATED,
+                             environment=example_environment(args.seed),
                              command=f"python -m equivcheck.report.example {args.directory} --backends {args.backends}")
         if _same_run(Path(tmp) / "equivcheck.json", args.directory / "equivcheck.json"):
-            print(f"{args.directory} is up to date (only the run id and time would change)")
+            print(f"{args.directory} is up to date (the same checks give the same verdicts)")
             return 0
         for path in paths:
             os.replace(path, args.directory / path.name)
@@ -84,15 +105,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+#: What a case of the example is compared by: what was checked and what came of it, not the machine's numbers.
+_CASE_FIELDS = ("id", "title", "converter", "source", "target", "source_backend", "target_backend", "dtype", "verdict",
+                "mapping", "diagnosis")
+
+
+def essence(doc: dict[str, Any]) -> dict[str, Any]:
+    """A report less what changes from machine to machine: versions, probed facts, errors and bounds, pictures.
+
+    What remains is what the example shows, with its fixed run id and time and the machine left
+    unnamed: an example written before those were fixed is written again, once.
+    """
+    cases = [{**{k: c.get(k) for k in _CASE_FIELDS},
+              "mutations": [(m.get("name"), m.get("outcome")) for m in c.get("mutations") or []]}
+             for c in doc.get("cases") or []]
+    env = doc.get("environment") if isinstance(doc.get("environment"), dict) else {}
+    return {"schema_version": doc.get("schema_version"), "run": doc.get("run"), "summary": doc.get("summary"),
+            "machine": (env.get("platform"), env.get("machine"), env.get("cpus")),
+            "conventions": doc.get("conventions"), "cases": cases, "extra": doc.get("extra")}
+
+
 def _same_run(new: Path, old: Path) -> bool:
-    """Whether two reports differ at most in their run id and creation time."""
+    """Whether the committed example ``old`` already shows what a new run ``new`` shows (see :func:`essence`)."""
     if not old.is_file():
         return False
-    docs = [json.loads(p.read_text(encoding="utf-8")) for p in (new, old)]
-    for doc in docs:
-        doc["run"].pop("run_id", None)
-        doc["run"].pop("created", None)
-    return docs[0] == docs[1]
+    try:
+        docs = [json.loads(p.read_text(encoding="utf-8")) for p in (new, old)]
+    except (OSError, ValueError):
+        return False
+    return all(isinstance(d, dict) for d in docs) and essence(docs[0]) == essence(docs[1])
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 
 from equivcheck.errors import FileFormatError
 
-__all__ = ["SCHEMA_VERSION", "build_document", "dumps", "load", "schema", "summary", "validate"]
+__all__ = ["SCHEMA_VERSION", "build_document", "check_summary", "dumps", "load", "schema", "summary", "validate"]
 
 SCHEMA_VERSION = "1.1"
 VERDICTS = ("pass", "fail", "inconclusive", "skip", "error")
@@ -54,8 +54,10 @@ def build_document(
     extra: dict[str, Any] | None = None,
     pictures: dict[str, Any] | None = None,
     failed: bool = False,
+    created: str | None = None,
 ) -> dict[str, Any]:
-    """The report document for already-built records (``failed``: the run failed for a reason of its own)."""
+    """The report document for already-built records (``failed``: the run failed for a reason of its own;
+    ``created``: the ISO 8601 time to record, default now, fixed for a committed example)."""
     from equivcheck.report.conventions import matrix
     from equivcheck.report.describe import verdict_of
     from equivcheck.report.environment import environment as current_environment
@@ -65,7 +67,7 @@ def build_document(
         "schema_version": SCHEMA_VERSION,
         "run": {
             "run_id": run_id or uuid.uuid4().hex,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command,
             "seed": seed,
         },
@@ -130,9 +132,12 @@ def validate(doc: Any, *, where: str = "report") -> None:
 
 def load(path: str | Path) -> dict[str, Any]:
     """Read and validate an ``equivcheck.json``."""
+    from equivcheck.memory import require_memory
+
     p = Path(path)
     if not p.is_file():
         raise FileFormatError(f"report={str(p)!r} does not exist or is not a file: pass the path of an equivcheck.json")
+    require_memory(f"reading report={str(p)!r}", 16 * p.stat().st_size)  # parsed JSON takes many times its text
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -142,4 +147,47 @@ def load(path: str | Path) -> dict[str, Any]:
     except ValueError as exc:  # an integer of thousands of digits
         raise FileFormatError(f"report={str(p)!r} holds a number equivcheck will not read ({str(exc)[:80]})") from None
     validate(doc, where=f"report={str(p)!r}")
+    check_summary(doc, where=f"report={str(p)!r}")
     return doc
+
+
+def check_summary(doc: dict[str, Any], *, where: str = "report") -> None:
+    """Raise :class:`FileFormatError` (one line) unless the summary's counts and verdict are those its cases give.
+
+    The page is drawn from the summary, so a document whose summary says ``pass`` over a failing
+    case is refused rather than rendered. The only freedom left is a run that failed for a reason
+    of its own (``write_report(failed=True)``): its verdict is ``fail`` and ``ok`` false.
+    """
+    from equivcheck.report.describe import verdict_of
+
+    stated = doc.get("summary")
+    cases = doc.get("cases")
+    if not isinstance(stated, dict) or not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
+        raise FileFormatError(f"{where} has no summary object and list of case objects: expected an equivcheck.json "
+                              "written by write_report")
+    extra = doc.get("extra")
+    try:
+        counted = summary(cases)
+        verdicts = [c.get("verdict", "error") for c in cases]
+        passing = verdict_of(verdicts, extra if isinstance(extra, dict) else None, ok=True)
+        failing = verdict_of(verdicts, extra if isinstance(extra, dict) else None, ok=False)
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        raise FileFormatError(f"{where} holds cases equivcheck cannot count ({type(exc).__name__}): expected an "
+                              "equivcheck.json written by write_report") from None
+    for field in ("cases", "verdicts", "mutations"):
+        if stated.get(field) != counted[field]:
+            raise FileFormatError(f"{where} summary {field}={_short(stated.get(field))} disagrees with its cases, which "
+                                  f"give {_short(counted[field])}: refused; write the report again")
+    verdict = stated.get("verdict", passing)
+    if verdict not in (passing, failing):
+        raise FileFormatError(f"{where} summary verdict={_short(verdict)} disagrees with its cases, which give "
+                              f"{passing!r}: refused; write the report again")
+    ok = counted["ok"] and verdict == passing and verdict in ("pass", "skip")
+    if stated.get("ok", ok) != ok:
+        raise FileFormatError(f"{where} summary ok={_short(stated.get('ok'))} disagrees with its cases and verdict "
+                              f"{verdict!r}, which give ok={ok}: refused; write the report again")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."

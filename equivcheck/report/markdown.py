@@ -45,14 +45,19 @@ def md(value: Any) -> str:
 
 
 def code(value: Any) -> str:
-    """A value as an inline code span, fenced by more backticks than any run inside; text holding
-    ``<`` or ``&`` is plain escaped text instead (a renderer may still read HTML near a span)."""
-    text = (value if isinstance(value, str) else json.dumps(value, default=str)).replace("\n", " ")
-    if "<" in text or "&" in text:
-        return md(text)
+    """A value as an inline code span, fenced by more backticks than any run inside, never escaped:
+    inside a span Markdown shows every character as it is (``<`` starts no tag, ``[`` no link), and
+    the text before it is :func:`md`-escaped, so no tag can open before the span and run into it."""
+    text = (value if isinstance(value, str) else json.dumps(value, default=str)).replace("\r", " ").replace("\n", " ")
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
     return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def fenced(text: str, language: str = "") -> list[str]:
+    """``text`` as a fenced code block, never escaped: the fence is longer than any backtick run inside."""
+    fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return [f"{fence}{language}", text, fence]
 
 
 def cell(value: Any) -> str:
@@ -105,8 +110,7 @@ def _blocks(items: list[tuple]) -> list[str]:
         elif kind == "table":
             out += [*_table(block[1], block[2], block[3]), ""]
         elif kind == "code":
-            fence = "````" if "```" in block[2] else "```"
-            out += [f"{md(block[1])}:", "", f"{fence}python", block[2], fence, ""]
+            out += [f"{md(block[1])}:", "", *fenced(block[2], "python"), ""]
         elif kind == "figures":
             out += [f"(picture in equivcheck.html: {md(pid)})" for pid in block[1]] + [""]
     return out
@@ -216,6 +220,5 @@ def _problem(c: dict[str, Any]) -> list[str]:
         out.append(f"- wrong conversions that also pass: {md(', '.join(map(str, missed)))}")
     mapping = c.get("mapping")
     if mapping:
-        code = md(mapping["code"]["numpy"]).replace("`", "'")
-        out.append(f"- right mapping: `{code}`")
+        out.append(f"- right mapping: {code(mapping['code']['numpy'])}")
     return [*out, ""]

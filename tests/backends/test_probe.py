@@ -98,10 +98,11 @@ def test_facts_are_measured_once_per_environment(monkeypatch):
 
 
 def test_disk_cache_lives_where_it_is_told_and_is_read_back(monkeypatch, tmp_path):
-    monkeypatch.setenv("EQUIVCHECK_FACTS_CACHE", str(tmp_path))
+    monkeypatch.setenv("EQUIVCHECK_FACTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EQUIVCHECK_FACTS_KEY", str(tmp_path / "config" / "facts.key"))
     probes.clear_cache()
     facts = probes.probe(_fake("unfused"), DENSE, "bfloat16")
-    assert (tmp_path / "facts.json").is_file()
+    assert (tmp_path / "cache" / "facts.json").is_file() and (tmp_path / "config" / "facts.key").is_file()
     probes.clear_cache()
     backend = _fake("unfused")
     backend.build = None  # a second probe would fail: the facts must come from disk
@@ -170,7 +171,7 @@ def test_probe_agrees_with_the_real_framework(backend, kind, data_format, dtype)
 
 
 def test_every_verified_case_records_the_facts_it_was_judged_by():
-    from equivcheck.verify import verify_pair
+    from equivcheck.verification import verify_pair
 
     src = ec.spec("onnx:dense", channels=3, spatial=(4, 5), units=5)
     dst = ec.spec("torch:conv", channels=3, spatial=(4, 5), units=5)
@@ -178,3 +179,27 @@ def test_every_verified_case_records_the_facts_it_was_judged_by():
     assert case.verdict == "pass"
     assert set(case.facts) == {"source", "target"}
     assert case.to_dict()["facts"]["target"]["accumulate"] == case.facts["target"].accumulate
+
+
+def test_disk_cache_rows_are_signed_and_an_edit_is_probed_again(monkeypatch, tmp_path):
+    import json
+    import warnings
+
+    monkeypatch.setenv("EQUIVCHECK_FACTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EQUIVCHECK_FACTS_KEY", str(tmp_path / "config" / "facts.key"))
+    probes.clear_cache()
+    facts = probes.probe(_fake("fused"), DENSE, "float16")
+    path = tmp_path / "cache" / "facts.json"
+    doc = json.loads(path.read_text())
+    (row,) = doc["rows"].values()
+    assert row["facts"] == facts.to_dict() and len(row["mac"]) == 64
+    row["facts"]["accumulate"] = "float16"  # looser, and what a probe in float16 could answer: only the signature tells
+    path.write_text(json.dumps(doc))
+    probes.clear_cache()
+    with pytest.warns(probes.FactsCacheWarning, match="not signed by this machine's key"):
+        assert probes.probe(_fake("fused"), DENSE, "float16") == facts
+    probes.clear_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert probes.probe(_fake("fused"), DENSE, "float16") == facts  # rewritten: read back silently
+    probes.clear_cache()
