@@ -161,6 +161,37 @@ class Mapping:
 
     __call__ = apply
 
+    def source_indices(self, coords: tuple[Any, ...]) -> np.ndarray:
+        """Flat (row-major) input indices of the output elements at ``coords`` (one index array per output axis).
+
+        ``self.apply(a)[coords] == a.reshape(-1)[self.source_indices(coords)]``, computed on the
+        indices alone: no array of ``in_shape`` is made, so a few elements of a large kernel are cheap.
+        """
+        if len(coords) != len(self.out_shape):
+            raise MappingError(f"coords has {len(coords)} index arrays for out_shape={self.out_shape}")
+        shapes = [self.in_shape]
+        for op in self.ops:
+            shapes.append(op.out_shape(shapes[-1]))
+        try:
+            c = list(np.broadcast_arrays(*(np.asarray(a, dtype=np.int64) for a in coords)))
+        except ValueError as exc:
+            raise MappingError(f"coords do not broadcast to one shape: {exc}") from None
+        shape = c[0].shape if c else ()
+        for axis, (a, n) in enumerate(zip(c, self.out_shape)):
+            if a.size and (a.min() < 0 or a.max() >= n):
+                raise MappingError(f"coords on axis {axis} run outside 0..{n - 1}")
+        for op, before, after in zip(reversed(self.ops), reversed(shapes[:-1]), reversed(shapes[1:])):
+            if isinstance(op, Reshape):
+                c = list(np.unravel_index(np.ravel_multi_index(tuple(c), after), before))
+            elif isinstance(op, Transpose):
+                back = list(c)
+                for j, p in enumerate(op.perm):
+                    back[p] = c[j]
+                c = back
+            else:
+                c = [before[a] - 1 - v if a in op.axes else v for a, v in enumerate(c)]
+        return np.broadcast_to(np.ravel_multi_index(tuple(c), self.in_shape), shape).astype(np.int64)
+
     # -- rendering --------------------------------------------------------------------------
     def code(self, lang: str = "numpy", var: str = "w") -> str:
         """The mapping as code on variable ``var``: ``"numpy"``, ``"torch"`` or ``"einops"``."""

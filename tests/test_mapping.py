@@ -94,6 +94,14 @@ class TestAlgebra:
                 m.code("einops")
         np.testing.assert_array_equal(evaluate(m.code("torch"), torch.from_numpy(x)).numpy(), expected)
 
+    @given(mappings(), st.data())
+    def test_source_indices_are_where_apply_reads_each_output_element(self, m, data):
+        x = probe(m.in_shape)
+        size = math.prod(m.out_shape)
+        flat = np.array(data.draw(st.lists(st.integers(0, size - 1), max_size=8)), dtype=np.int64)
+        coords = np.unravel_index(flat, m.out_shape)
+        np.testing.assert_array_equal(x.reshape(-1)[m.source_indices(coords)], m.apply(x)[coords])
+
     @given(mappings())
     def test_dict_round_trip(self, m):
         assert Mapping.from_dict(m.to_dict()) == m
@@ -253,3 +261,17 @@ def test_is_reshape_means_memory_order_is_kept():
     assert not Mapping.identity((6, 4)).transpose(1, 0).is_reshape
     assert not Mapping.identity((6, 4)).flip(0).is_reshape
     assert Mapping.identity((1, 4)).transpose(1, 0).is_reshape  # a 1-wide axis moves no element
+
+
+def test_source_indices_gather_a_slice_of_a_large_kernel_and_refuse_bad_coords():
+    m = Mapping.identity((25088, 4096)).transpose(1, 0).reshape(4096, 512, 7, 7).flip(2, 3)  # theano fc6
+    h, w = np.indices((7, 7))
+    got = m.source_indices((0, 1, h, w))  # out 0, in 1: read from the flattened (i h w) row, mirrored
+    assert got.shape == (7, 7)
+    np.testing.assert_array_equal(got, (1 * 49 + (6 - h) * 7 + (6 - w)) * 4096)
+    with pytest.raises(MappingError, match=r"coords on axis 2 run outside 0\.\.6"):
+        m.source_indices((0, 0, 7, 0))
+    with pytest.raises(MappingError, match=r"2 index arrays for out_shape=\(4096, 512, 7, 7\)"):
+        m.source_indices((0, 0))
+    with pytest.raises(MappingError, match="do not broadcast"):
+        m.source_indices((np.zeros(2, int), np.zeros(3, int), 0, 0))

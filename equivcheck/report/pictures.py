@@ -1,21 +1,23 @@
-"""Pictures for a report, as base64 PNG: what a wrong conversion does to the kernel and the output.
+"""Pictures for a report, as base64 PNG, drawn from the case records alone.
 
-For each conversion (spec pair), one figure with a column for the right mapping and one per
-mutant of :mod:`equivcheck.mutations`:
+Nothing here plans, draws data or runs a check: every picture is made of what the judge
+(:mod:`equivcheck.judge`) stored in the record. For each conversion (spec pair), one figure
+with a column for the record's right ``mapping`` and one per mutation whose record carries
+its ``mapping`` (the wrong conversion of the source kernel; :meth:`equivcheck.mapping.Mapping.from_dict`):
 
-- **read from**: for each position of the target kernel (first out/in channel), the map
-  position (row-major index) its weight is applied to. The right mapping gives a smooth ramp;
-  a missing flip the same ramp mirrored; a wrong flatten order stripes.
-- **|right − mutant|**: on weights drawn as :func:`equivcheck.verify.draw` draws them,
-  summed over channels at each kernel position — symmetric under the flip a flip mutant makes.
-- **output map** (a conv target whose output is a map): ``|y_right − y_mutant|``, max over
-  batch and channels, from :func:`equivcheck.backends.numpy.forward`.
+- **read from**: for each target kernel position (output 0, input 0), the map position
+  (row-major) and input channel where the right mapping puts the weight read there — a
+  smooth ramp when right, mirrored under a missing flip, stripes under a wrong flatten order.
+- **|right − wrong|**: on a kernel holding 0, 1, 2, … (each weight its own row-major index:
+  all distinct, no random draw), summed over the first :data:`PICTURE_CHANNELS` output and
+  input channels.
 
-A failed case adds its own output error map. One overview plots each case's max error
-against its bound, and the error/bound ratio of the right conversion next to its mutants'.
-Pictures are computed on small shapes only: channels are shrunk to at most
-:data:`PICTURE_CHANNELS` (the spatial pattern does not depend on them); matplotlib's Agg
-canvas is used without pyplot, imported on first use.
+Only the pictured kernel elements are gathered (:meth:`equivcheck.mapping.Mapping.source_indices`),
+so a large kernel costs no more than a small one. A record without mutation mappings (an older
+report) gets no pair figure. A failed case adds its own output error map (its record's
+``error_map``); one overview plots each case's max error against its bound, and the error/bound
+ratio of the right conversion next to its mutants'. matplotlib's Agg canvas is used without
+pyplot, imported on first use.
 """
 
 from __future__ import annotations
@@ -32,16 +34,17 @@ from typing import Any
 import numpy as np
 
 from equivcheck.errors import EquivcheckError
+from equivcheck.mapping import Mapping
 
-__all__ = ["MAX_PAIR_PICTURES", "add_pictures", "overview_picture"]
+__all__ = ["MAX_PAIR_PICTURES", "add_pictures", "overview_picture", "pair_arrays", "pair_picture"]
 
 MAX_PAIR_PICTURES = 8  # conversions pictured per report
 MAX_FAILURE_PICTURES = 8  # failed cases pictured per report
-PICTURE_CHANNELS = 3
+PICTURE_CHANNELS = 3  # output and input channels |right − wrong| sums over (and small() keeps)
 MAX_POSITIONS = 4096  # kernel positions (product of the spatial sizes) a picture may show
 _DPI = 80
 _CELL = 112  # pixels per panel of a mosaic
-_OUTCOME_COLOUR = {"rejected": "#1a7f37", "not rejected": "#cf222e", "ambiguous": "#9a6700", "right": "#0969da"}
+OUTCOME_COLOUR = {"rejected": "#1a7f37", "not rejected": "#cf222e", "ambiguous": "#9a6700", "right": "#0969da"}
 _OUTCOME_RANK = {"rejected": 0, "ambiguous": 1, "not rejected": 2}
 _VERDICT_COLOUR = {"pass": "#1a7f37", "fail": "#cf222e", "inconclusive": "#9a6700", "error": "#8250df", "skip": "#6e7781"}
 
@@ -56,7 +59,7 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def _panel(img: np.ndarray, cmap: str, hi: float) -> np.ndarray:
+def panel(img: np.ndarray, cmap: str, hi: float) -> np.ndarray:
     """A 2-D array as RGBA pixels in ``cmap`` (0..hi), scaled by whole pixels to about :data:`_CELL`."""
     from matplotlib import colormaps
 
@@ -71,7 +74,7 @@ def _panel(img: np.ndarray, cmap: str, hi: float) -> np.ndarray:
     return np.repeat(np.repeat(rgba, scale, axis=0), scale, axis=1)
 
 
-def _mosaic(title: str, columns: list[tuple[str, str]], rows: list[str],
+def mosaic(title: str, columns: list[tuple[str, str]], rows: list[str],
             panels: list[list[np.ndarray | None]], framed: set[int]) -> Any:
     """One figure of panels drawn as a single image, with text labels (fast: no Axes per panel)."""
     left, top, gap = 150, 74, 18
@@ -108,14 +111,14 @@ def _mosaic(title: str, columns: list[tuple[str, str]], rows: list[str],
     return fig
 
 
-def _png(fig: Any) -> str:
+def png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 # -- arrays ---------------------------------------------------------------------------------
-def _grid(a: np.ndarray) -> np.ndarray:
+def grid(a: np.ndarray) -> np.ndarray:
     """A 0–3-D array as a 2-D image: a row for 1-D, depth slices side by side for 3-D."""
     a = np.asarray(a, dtype=np.float64)
     if a.ndim == 0:
@@ -128,7 +131,7 @@ def _grid(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _small(spec: Any) -> Any:
+def small(spec: Any) -> Any:
     """``spec`` with channels and units cut to :data:`PICTURE_CHANNELS` (same spatial layout)."""
     from equivcheck.specs import DenseSpec
 
@@ -140,109 +143,192 @@ def _small(spec: Any) -> Any:
     return spec
 
 
-def _has_map(shape: Sequence[int]) -> bool:
+def has_map(shape: Sequence[int]) -> bool:
     return math.prod(shape[2:]) > 1
 
 
-def _read_from(source: Any, target: Any, mapping: Any) -> tuple[np.ndarray, np.ndarray]:
-    """For each target kernel position (out 0, in 0): the source map position and channel its weight came from."""
-    from equivcheck.plan import canonical
+# -- the kernel layout of a target spec --------------------------------------------------------
+def _map_letters(target: Any) -> tuple[str, dict[str, int]]:
+    """The letters of ``target``'s kernel map (``"HW"``) and the size of every layout letter."""
+    from equivcheck.specs import DenseSpec
 
-    cs = canonical(source)
-    shape = cs.out_shape
-    spatial = np.arange(math.prod(shape[2:]), dtype=np.float64).reshape(shape[2:])
-    channel = np.arange(shape[1], dtype=np.float64).reshape(1, -1, *(1,) * (len(shape) - 2))
-    out = []
-    for probe in (spatial, channel):
-        stored = cs.inverse().apply(np.ascontiguousarray(np.broadcast_to(probe, shape)))
-        canon = canonical(target).apply(mapping.apply(stored))
-        out.append(_grid(canon[0, 0] if _has_map(canon.shape) else canon[0].reshape(-1)))
-    return out[0], out[1]
+    if isinstance(target, DenseSpec):
+        return target.map_letters[1:], dict(zip(target.map_letters, (target.channels, *target.spatial)))
+    return target.letters, target.axis_sizes()
 
 
-def _kernel_diff(target: Any, right: np.ndarray, wrong: np.ndarray) -> np.ndarray:
-    """``|right − wrong|`` summed over channels at each target kernel position."""
-    from equivcheck.plan import canonical
+def _channel_counts(target: Any) -> tuple[int, int]:
+    """How many output and input channels index the kernel (per group: a depthwise kernel reads one)."""
+    from equivcheck.specs import DenseSpec
 
-    c = canonical(target)
-    d = np.abs(c.apply(right).astype(np.float64) - c.apply(wrong).astype(np.float64))
-    return _grid(d.sum(axis=(0, 1)) if _has_map(d.shape) else d.sum(axis=0).reshape(-1))
+    if isinstance(target, DenseSpec):
+        return target.units, target.channels
+    sizes = target.axis_sizes()
+    if target.is_depthwise_layout:
+        return sizes["I"] * sizes["M"], 1
+    return (sizes["I"], sizes["O"]) if target.transposed else (sizes["O"], sizes["I"])
 
 
-def _output_diff(target: Any, right: np.ndarray, wrong: np.ndarray, x: np.ndarray) -> np.ndarray:
-    from equivcheck.backends.numpy import forward, to_channels_first
+def _kernel_coords(target: Any, outs: int, ins: int) -> tuple[np.ndarray, ...]:
+    """Coordinates in ``target``'s stored kernel of its first ``outs`` output and ``ins`` input channels
+    at every map position: one index array per kernel axis, broadcasting to ``(outs, ins, *map)``."""
+    from equivcheck.specs import DenseSpec
 
-    d = np.abs(forward(target, right, None, x) - forward(target, wrong, None, x))
-    d = to_channels_first(d, target.data_format)
-    return _grid(d.max(axis=(0, 1)))
+    letters, sizes = _map_letters(target)
+    ndim = 2 + len(letters)
+
+    def along(values: np.ndarray, axis: int) -> np.ndarray:
+        return values.reshape([-1 if k == axis else 1 for k in range(ndim)])
+
+    at = {a: along(np.arange(sizes[a]), 2 + j) for j, a in enumerate(letters)}
+    o, i = along(np.arange(outs), 0), along(np.arange(ins), 1)
+    if isinstance(target, DenseSpec):  # the input features are the map flattened in target.flatten order
+        at["C"] = i
+        at = {"O": o, "I": np.ravel_multi_index(tuple(at[a] for a in target.flatten),
+                                                tuple(sizes[a] for a in target.flatten))}
+    elif target.is_depthwise_layout:  # output channel c·M + m
+        at.update(I=o // sizes["M"], M=o % sizes["M"])
+    else:
+        at.update({"I": o, "O": i} if target.transposed else {"O": o, "I": i})
+    return tuple(at[a] for a in target.kernel_layout)
+
+
+def _channel_and_position(target: Any, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The input channel and row-major map position of ``target``'s kernel elements at ``flat`` indices."""
+    from equivcheck.specs import DenseSpec
+
+    letters, sizes = _map_letters(target)
+    at = dict(zip(target.kernel_layout, np.unravel_index(flat, target.kernel_shape)))
+    if isinstance(target, DenseSpec):
+        at.update(zip(target.flatten, np.unravel_index(at["I"], tuple(sizes[a] for a in target.flatten))))
+        channel = at["C"]
+    elif target.is_depthwise_layout:
+        channel = np.zeros_like(flat)
+    else:
+        channel = at["O" if target.transposed else "I"]
+    position = (np.ravel_multi_index(tuple(at[a] for a in letters), tuple(sizes[a] for a in letters))
+                if letters else np.zeros_like(flat))
+    return channel, position
+
+
+# -- the pair figure's data, from the record alone ----------------------------------------------
+def _pictured(record: dict[str, Any]) -> tuple[Any, Mapping, list[tuple[str, Mapping]]] | None:
+    """``(target spec, right mapping, [(name, wrong mapping)])`` as the record stores them, or None.
+
+    A mutation is pictured when its record carries its mapping of the source kernel onto the
+    target's shape and it could be told apart (not ambiguous); older records carry none.
+    """
+    from equivcheck.serialize import spec_from_dict
+
+    try:
+        source, target = spec_from_dict(record["source"]), spec_from_dict(record["target"])
+        right = Mapping.from_dict(record["mapping"])
+    except (KeyError, TypeError, EquivcheckError):
+        return None
+    shapes = (source.kernel_shape, target.kernel_shape)
+    if (right.in_shape, right.out_shape) != shapes:
+        return None
+    wrong: dict[str, Mapping] = {}
+    for m in record.get("mutations") or []:
+        if (not isinstance(m, dict) or not m.get("mapping") or m.get("outcome") == "ambiguous"
+                or m.get("name") in wrong or m.get("name") == "right mapping"):
+            continue
+        try:
+            mapping = Mapping.from_dict(m["mapping"])
+        except (TypeError, EquivcheckError):
+            continue
+        if (mapping.in_shape, mapping.out_shape) == shapes:
+            wrong[str(m.get("name"))] = mapping
+    return (target, right, list(wrong.items())) if wrong else None
+
+
+def pair_arrays(record: dict[str, Any]) -> dict[str, dict[str, np.ndarray]] | None:
+    """The pair figure's images, computed from the record's mappings alone; None where it stores none.
+
+    Per column (``"right mapping"``, then each pictured mutation by name): ``position`` and
+    ``channel``, for each target kernel position of output 0 and input 0 (input channels along
+    a row where the kernel has no map), the row-major map position and input channel where the
+    right mapping puts the weight read there; and ``diff``, ``|right − wrong|`` on a kernel
+    holding its own row-major indices (all distinct), summed over the first
+    :data:`PICTURE_CHANNELS` output and (where the kernel has a map) input channels. Only those kernel elements are gathered
+    (:meth:`equivcheck.mapping.Mapping.source_indices`): a large kernel costs no more.
+    """
+    pictured = _pictured(record)
+    if pictured is None:
+        return None
+    target, right, wrong = pictured
+    outs, ins = _channel_counts(target)
+    letters, sizes = _map_letters(target)
+    positions = math.prod(sizes[a] for a in letters)
+    if positions > MAX_POSITIONS:
+        return None
+    with_map = positions > 1
+    shown = (1, 1) if with_map else (1, min(ins, MAX_POSITIONS))
+    n = (min(outs, PICTURE_CHANNELS), min(ins, PICTURE_CHANNELS) if with_map else shown[1])
+    coords, summed = _kernel_coords(target, *shown), _kernel_coords(target, *n)
+    back = right.inverse()
+    right_read = right.source_indices(summed)
+
+    def image(a: np.ndarray) -> np.ndarray:  # (outs, ins, *map) → the picture's 2-D grid
+        return grid(a[0, 0] if with_map else a.reshape(a.shape[0], -1)[0])
+
+    def diff_image(a: np.ndarray) -> np.ndarray:
+        return grid(a.sum(axis=(0, 1)) if with_map else a.reshape(a.shape[0], -1).sum(axis=0))
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, mapping in [("right mapping", right), *wrong]:
+        read = mapping.source_indices(coords)  # source elements this conversion puts there
+        home = back.source_indices(np.unravel_index(read, right.in_shape))  # where the right mapping puts them
+        channel, position = _channel_and_position(target, home)
+        diff = np.abs(right_read.astype(np.float64) - mapping.source_indices(summed))
+        out[name] = {"position": image(position.astype(np.float64)), "channel": image(channel.astype(np.float64)),
+                     "diff": diff_image(diff)}
+    return out
 
 
 # -- the pictures ---------------------------------------------------------------------------
 def pair_picture(record: dict[str, Any], group: Sequence[dict[str, Any]] = ()) -> dict[str, Any] | None:
-    """The mutant figure for one spec pair, or ``None`` when it cannot be drawn small.
+    """The mutant figure for one spec pair, from :func:`pair_arrays`; ``None`` where the record cannot give it.
 
     ``group``: every record of that pair (backend pairs, dtypes); a mutant is labelled with its
     worst outcome among them, and framed when it reproduces one of their failures.
     """
-    from equivcheck.mutations import mutants
-    from equivcheck.plan import plan
-    from equivcheck.serialize import spec_from_dict
-    from equivcheck.specs import ConvSpec
-    from equivcheck.verify import draw
-
-    try:
-        full_source, full_target = spec_from_dict(record["source"]), spec_from_dict(record["target"])
-        source, target = _small(full_source), _small(full_target)
-        if max(math.prod(source.kernel_shape), math.prod(target.kernel_shape)) > 64 * MAX_POSITIONS:
-            return None
-        right = plan(source, target)
-        muts = [m for m in mutants(source, target, right) if not m.ambiguous]
-    except EquivcheckError:
+    arrays = pair_arrays(record)
+    if arrays is None:
         return None
-    shrunk = (source, target) != (full_source, full_target)
-    rng = np.random.default_rng(int(record.get("seed") or 0))
-    kernel, _ = draw(source, "float64", rng)
-    right_k = right.apply(kernel)
+    names = list(arrays)
     group = list(group) or [record]
     outcomes: dict[str, str] = {}
     for m in (m for r in group for m in r.get("mutations") or []):
         if _OUTCOME_RANK.get(m.get("outcome"), 0) > _OUTCOME_RANK.get(outcomes.get(m.get("name")), -1):
             outcomes[m.get("name")] = m.get("outcome")
     blamed = {(r.get("diagnosis") or {}).get("mutant") for r in group} - {None}
-    with_output = isinstance(target, ConvSpec) and math.prod(target.output_spatial) > 1
-    x = rng.standard_normal((2, *target.input_shape)) if with_output else None
-    columns = [("right mapping", right, None)] + [(m.name, m.mapping, m) for m in muts]
-    reads = [_read_from(source, target, m) for _, m, _ in columns]
-    positions, channels = [r[0] for r in reads], [r[1] for r in reads]
-    diffs = [_kernel_diff(target, right_k, m.apply(kernel)) for _, m, _ in columns]
-    outs = [_output_diff(target, right_k, m.apply(kernel), x) for _, m, _ in columns] if with_output else []
-    vmax = lambda arrays: max((float(np.nanmax(a)) for a in arrays), default=1.0) or 1.0  # noqa: E731
-    rows = [("read from: position", positions, "viridis", vmax(positions))]
+    positions, channels, diffs = ([arrays[c][key] for c in names] for key in ("position", "channel", "diff"))
+    with_map = np.nanmax(positions[0]) > 0  # the right mapping's ramp: the kernel has a map
+    vmax = lambda images: max((float(np.nanmax(a)) for a in images), default=1.0) or 1.0  # noqa: E731
+    rows = []  # (label, images, colour map, top of the scale, the right mapping's own image shown)
+    if with_map:
+        rows.append(("read from: position", positions, "viridis", vmax(positions), True))
     if any(np.nanmax(c) > 0 for c in channels):  # some wrong conversion mixes channels: show which
-        rows.append(("read from: channel", channels, "cividis", vmax(channels)))
-    rows.append(("|right − wrong|, Σ channels", diffs, "magma", vmax(diffs)))
-    if with_output:
-        rows.append(("output map |Δ|", outs, "magma", vmax(outs)))
+        rows.append(("read from: channel", channels, "cividis", vmax(channels), True))
+    rows.append(("|right − wrong|, Σ channels", diffs, "magma", vmax(diffs), False))
     title = f"{record.get('title', '')}: right mapping vs each wrong conversion"
-    if shrunk:
-        title += f" (channels cut to ≤ {PICTURE_CHANNELS})"
-    labels = []
-    for name, _, mutant in columns:
-        outcome = "right" if mutant is None else outcomes.get(name, "not checked")
-        text = name if mutant is None else f"{name}\n({'= a failure here' if name in blamed else outcome})"
-        labels.append((text, _OUTCOME_COLOUR.get(outcome, "black")))
-    panels = [[None if (mutant is None and images is not positions and images is not channels)
-               else _panel(images[j], cmap, hi) for j, (_, _, mutant) in enumerate(columns)]
-              for _, images, cmap, hi in rows]
-    framed = {j for j, (name, _, _) in enumerate(columns) if name in blamed}
-    fig = _mosaic(title, labels, [r[0] for r in rows], panels, framed)
-    caption = ("For each target kernel position (out 0, in 0): the map position (row-major) its weight is "
-               "applied to — a smooth ramp when right, mirrored under a missing flip — and, where a wrong conversion "
-               "mixes channels, the channel it came from (a wrong flatten order gives stripes). Then |right − wrong| "
-               "on weights drawn as the check draws them, summed over channels.")
-    if with_output:
-        caption += " Last row: the output map's |Δ|, max over batch and channels."
-    return {"title": title, "caption": caption, "png": _png(fig)}
+    labels = [("right mapping", OUTCOME_COLOUR["right"])]
+    for name in names[1:]:
+        outcome = outcomes.get(name, "not checked")
+        labels.append((f"{name}\n({'= a failure here' if name in blamed else outcome})",
+                       OUTCOME_COLOUR.get(outcome, "black")))
+    panels = [[panel(images[j], cmap, hi) if j or own else None for j in range(len(names))]
+              for _, images, cmap, hi, own in rows]
+    framed = {j for j, name in enumerate(names) if name in blamed}
+    fig = mosaic(title, labels, [r[0] for r in rows], panels, framed)
+    where = "each target kernel position (output 0, input 0)" if with_map else "each input channel of output 0"
+    caption = (f"Drawn from the mappings the check recorded. For {where}: the map position (row-major) and input "
+               "channel where the right mapping puts the weight read there — a smooth ramp when right, mirrored "
+               "under a missing flip, stripes under a wrong flatten order. Last row: |right − wrong| on a kernel "
+               "holding 0, 1, 2, … (each weight its own row-major index: all distinct, no random draw), summed over "
+               f"the first {PICTURE_CHANNELS} output{' and input' if with_map else ''} channels.")
+    return {"title": title, "caption": caption, "png": png(fig)}
 
 
 def failure_picture(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -271,7 +357,7 @@ def failure_picture(record: dict[str, Any]) -> dict[str, Any] | None:
     diagnosis = record.get("diagnosis")
     if diagnosis:
         caption += f"; reproduced exactly by the mutant {diagnosis['mutant']!r} ({diagnosis['description']})"
-    return {"title": title, "caption": caption, "png": _png(fig)}
+    return {"title": title, "caption": caption, "png": png(fig)}
 
 
 def overview_picture(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -310,7 +396,7 @@ def overview_picture(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None
     caption = ("Left: each case's largest error against the bound at that element (log scales). "
                "Right: error/bound of the conversion under test (dots, ≤ 1 passes) and of every wrong "
                "conversion tried on the same data (crosses, which must exceed 1), by case number.")
-    return {"title": "error against bound", "caption": caption, "png": _png(fig)}
+    return {"title": "error against bound", "caption": caption, "png": png(fig)}
 
 
 def _key(*parts: Any) -> str:
