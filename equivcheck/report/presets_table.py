@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from equivcheck.plan import plan
+from equivcheck.planning import plan
 from equivcheck.presets import PRESETS, spec
 from equivcheck.sequence import docs as sequence_docs
 

@@ -1,0 +1,489 @@
+"""Verify a recurrent or attention conversion on real layers, reject its plausible mistakes, name them.
+
+:func:`verify_sequence_pair` draws weights and inputs that tell conventions apart (a few time
+steps, gates out of saturation, heads that differ), converts, runs both layers and compares
+within a bound from the dtype, the fan-in and the recurrence depth. Each mutant (a plausible
+wrong conversion: gate order, reset placement, biases, orientation, q/k/v order, head layout,
+direction order) must land outside that bound on the same data, else the verdict is
+``inconclusive``. :func:`identify` names the mistake behind a wrong converted dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from equivcheck.compare import Comparison
+from equivcheck.dtypes import np_dtype
+from equivcheck.errors import BackendUnavailable, EquivcheckError, SpecError, VerificationError
+from equivcheck.judge import Case, MutationOutcome
+from equivcheck.sequence import reference
+from equivcheck.sequence.backends import LOW_PRECISION, backend_of, run
+from equivcheck.sequence.named import canonical, convert, from_canonical, plan, tensor_shapes
+from equivcheck.sequence.specs import AttentionSpec, RecurrentSpec, SequenceSpec
+
+__all__ = ["Mutant", "SequenceResult", "draw", "error_bound", "failure_message", "identify", "identify_mutant", "mutants",
+           "resolve_backend", "spec_record",
+           "tolerance", "verify_sequence_pair"]
+
+#: Gate orders of the frameworks, per cell (canonical letters): torch/Keras/Flax and ONNX.
+FRAMEWORK_ORDERS = {"lstm": ("ifgo", "iofg"), "gru": ("rzn", "zrn"), "rnn": ("h",)}
+#: A mutant counts as rejected when, at some output element, its exact output lands more than MARGIN times the
+#: right output's bound three times over plus its own away: no pair of real layers within their bounds passes it.
+MARGIN = 1.0
+#: Low precision: a larger batch, and up to this many draws, until every mutant is rejected on the reference.
+LOW_PRECISION_BATCH = 8
+DRAWS = 3
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """A plausible wrong conversion: the target ``spec`` it is read by and its ``weights``."""
+
+    name: str
+    description: str
+    spec: SequenceSpec
+    weights: dict[str, np.ndarray] = field(repr=False, compare=False)
+
+
+@dataclass
+class SequenceResult(Case):
+    """The judge's :class:`~equivcheck.judge.Case` for a recurrent or attention pair, with its evidence.
+
+    ``comparison`` holds the target against the source (bound: both layers' running error
+    bounds), ``source_comparison`` the source against the float64 reference, ``mutations``
+    each mutant's outcome (``max_error_ratio`` > 1: rejected). ``max_error``/``bound`` are the
+    worst element's; ``mutants`` the rows ``(name, description, deviation, rejected)``;
+    ``message`` is ``reason``.
+    """
+
+    max_error: float = math.nan
+    bound: float = math.nan
+    rows: tuple[tuple[str, str, float, bool], ...] = ()
+
+    @property
+    def message(self) -> str:
+        return self.reason
+
+    @property
+    def mutants(self) -> tuple[tuple[str, str, float, bool], ...]:
+        return self.rows
+
+    @property
+    def rejected(self) -> int:
+        return sum(r for *_, r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record with the keys of :meth:`Case.to_dict` (the specs as their fields)."""
+        plan_code = None
+        with contextlib.suppress(EquivcheckError):
+            plan_code = {lang: plan(self.source, self.target).code(lang) for lang in ("numpy", "torch")}
+        return {
+            "source": spec_record(self.source), "target": spec_record(self.target),
+            "source_backend": self.source_backend, "target_backend": self.target_backend, "dtype": self.dtype,
+            "verdict": self.verdict, "reason": self.reason, "message": self.reason, "seed": self.seed,
+            "mapping": None, "plan": plan_code,
+            "comparison": None if self.comparison is None else self.comparison.to_dict(),
+            "source_comparison": None if self.source_comparison is None else self.source_comparison.to_dict(),
+            "mutations": [m.to_dict() for m in self.mutations],
+            **({"diagnosis": dict(self.diagnosis)} if self.diagnosis else {}),
+            "facts": {}, "notes": list(self.notes),
+            "max_error": self.max_error if math.isfinite(self.max_error) else None,
+            "bound": self.bound if math.isfinite(self.bound) else None,
+            "mutants": [{"name": n, "description": d, "max_error_ratio": x, "rejected": r} for n, d, x, r in self.rows],
+        }
+
+
+def spec_record(spec: SequenceSpec) -> dict[str, Any]:
+    """A sequence spec as a JSON-ready dict: ``kind`` (recurrent/attention), its fields and parameter shapes."""
+    return {"kind": spec.kind, **dataclasses.asdict(spec), "describe": spec.describe(),
+            "tensor_shapes": {k: list(v) for k, v in tensor_shapes(spec).items()}}
+
+
+# -- data ------------------------------------------------------------------------------------
+def draw(spec: SequenceSpec, *, seed: int = 0, batch: int = 2, steps: int = 5) -> tuple[dict[str, np.ndarray], Any]:
+    """Float64 weights (spec's names) and inputs: kernels ~ N(0, 1/fan-in), biases ~ N(0, 1/4), inputs N(0, 1).
+
+    With these scales a gate pre-activation has a standard deviation near 0.7: no gate saturates.
+    """
+    if steps < 3:
+        raise SpecError(f"steps={steps} is too short: recurrent kernels only matter from 3 steps on")
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in tensor_shapes(spec).items():
+        is_bias = "bias" in name or name in ("B",) or name.endswith("/bias")
+        scale = 0.5 if is_bias else 1.0 / math.sqrt(spec.fan_in)
+        weights[name] = rng.standard_normal(shape) * scale
+    if isinstance(spec, AttentionSpec):
+        inputs: Any = tuple(rng.standard_normal((batch, steps, spec.embed_dim)) for _ in range(3))
+    else:
+        inputs = rng.standard_normal((batch, steps, spec.input_size))
+    return weights, inputs
+
+
+def error_bound(spec: SequenceSpec, weights: dict[str, Any], inputs: Any, dtype: str, mask: Any = None, *,
+                accumulate: str | None = None) -> np.ndarray:
+    """A bound on |layer − exact| per output element in ``dtype``: :func:`equivcheck.sequence.reference.error_bound`."""
+    return reference.error_bound(spec, weights, inputs, dtype, mask, accumulate=accumulate)
+
+
+def tolerance(spec: SequenceSpec, weights: dict[str, Any], inputs: Any, dtype: str, mask: Any = None) -> float:
+    """The largest element of :func:`error_bound`: one number for the whole output."""
+    return float(error_bound(spec, weights, inputs, dtype, mask).max(initial=0.0))
+
+
+# -- mutants ---------------------------------------------------------------------------------
+def _labels(spec: SequenceSpec, order: str) -> str:
+    return spec.gate_labels(order) if isinstance(spec, RecurrentSpec) else order
+
+
+def mutants(source: SequenceSpec, target: SequenceSpec, weights: dict[str, Any]) -> list[Mutant]:
+    """The plausible wrong conversions of ``weights`` from ``source`` to ``target``.
+
+    Mutants that give the very weights of the right conversion (a bias that is zero anyway) are left out.
+    """
+    w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+    right = convert(source, target, w)
+    c = canonical(source).apply(w)  # the source's own bias split: "not summed" drops its recurrent bias
+    out: list[Mutant] = []
+
+    def add(name: str, description: str, canon: dict[str, np.ndarray], spec: SequenceSpec = target) -> None:
+        got = from_canonical(spec).apply(canon)
+        if spec == target and all(np.array_equal(got[k], right[k]) for k in right):
+            return
+        out.append(Mutant(name, description, spec, got))
+
+    if isinstance(source, RecurrentSpec):
+        assert isinstance(target, RecurrentSpec)
+        cell, dirs = source.cell.upper(), range(source.directions)
+        for order in FRAMEWORK_ORDERS[source.cell]:
+            if order != source.gate_order:
+                wrong = convert(source.replace(gate_order=order), target, w)
+                if not all(np.array_equal(wrong[k], right[k]) for k in right):
+                    out.append(Mutant(f"gate_order:{order}", f"{cell} gate order: the kernel is {_labels(source, source.gate_order)}, "
+                                      f"the target reads {_labels(target, order)}", target, wrong))
+        if source.cell == "gru":
+            flipped = target.replace(reset_after=not target.reset_after, summed_bias=False)
+            where = "before" if target.reset_after else "after"
+            add("reset_placement", f"GRU reset gate applied {where} the recurrent matmul", dict(c), flipped)
+        add("bias_not_summed", "biases not summed: the recurrent bias was dropped",
+            {**c, **{f"b{d}": np.stack([c[f"b{d}"][0], 0 * c[f"b{d}"][1]]) for d in dirs}})
+        add("bias_summed_twice", "biases summed twice: input + recurrent bias counted in both slots",
+            {**c, **{f"b{d}": np.stack([c[f"b{d}"].sum(0)] * 2) for d in dirs}})
+        G, H, I = source.gates, source.units, source.input_size  # noqa: E741
+        add("kernel_not_transposed", "input kernel not transposed: its (gates·units, in) memory read as (in, gates·units)",
+            {**c, **{f"W{d}": c[f"W{d}"].reshape(I, G, H).transpose(1, 2, 0) for d in dirs}})
+        add("recurrent_not_transposed", "recurrent kernel not transposed: its (gates·units, units) memory read as (units, gates·units)",
+            {**c, **{f"R{d}": c[f"R{d}"].reshape(H, G, H).transpose(1, 2, 0) for d in dirs}})
+        if I == H:
+            add("kernels_exchanged", "input and recurrent kernels exchanged",
+                {**c, **{f"W{d}": c[f"R{d}"] for d in dirs}, **{f"R{d}": c[f"W{d}"] for d in dirs}})
+        if source.bidirectional:
+            add("directions_exchanged", "bidirectional direction order: the forward weights in the backward slot",
+                {k: c[k[0] + str(1 - int(k[1]))] for k in c})
+        return out
+    assert isinstance(source, AttentionSpec)
+    N, Dh, E = source.heads, source.head_dim, source.embed_dim
+    has_bias = "bin" in c
+    for perm in itertools.permutations(range(3)):
+        if perm != (0, 1, 2):
+            names = ",".join("qkv"[p] for p in perm)
+            canon = {**c, "Win": c["Win"][list(perm)], **({"bin": c["bin"][list(perm)]} if has_bias else {})}
+            add(f"qkv_order:{names}", f"attention projections out of order: q,k,v stored, the target reads {names}", canon)
+    add("heads_head_dim_exchanged", f"heads and head_dim exchanged: (heads={N}, head_dim={Dh}) read as ({Dh}, {N})",
+        {**c, "Win": c["Win"].reshape(3, Dh, N, E).transpose(0, 2, 1, 3), "Wo": c["Wo"].reshape(E, Dh, N).transpose(0, 2, 1),
+         **({"bin": c["bin"].reshape(3, Dh, N).transpose(0, 2, 1)} if has_bias else {})})
+    add("interleaved_as_stacked", "fused q/k/v layout: per-head interleaved (heads, 3, head_dim) read as stacked (3, heads, head_dim)",
+        {**c, "Win": c["Win"].reshape(N, 3, Dh, E).transpose(1, 0, 2, 3),
+         **({"bin": c["bin"].reshape(N, 3, Dh).transpose(1, 0, 2)} if has_bias else {})})
+    add("out_not_transposed", "output projection not transposed: its (E, heads·head_dim) memory read as (heads·head_dim, E)",
+        {**c, "Wo": c["Wo"].reshape(N * Dh, E).T.reshape(E, N, Dh)})
+    if N * Dh == E:
+        add("in_not_transposed", "input projections not transposed: each (heads·head_dim, E) memory read as (E, heads·head_dim)",
+            {**c, "Win": c["Win"].reshape(3, E, N, Dh).transpose(0, 2, 3, 1)})
+    return out
+
+
+# -- identify --------------------------------------------------------------------------------
+def _same(a: dict[str, Any], b: dict[str, Any], tol: float = 2.0**-20) -> bool:
+    if set(a) != set(b):
+        return False
+    for k in a:
+        x, y = np.asarray(a[k], dtype=np.float64), np.asarray(b[k], dtype=np.float64)
+        if x.shape != y.shape or not np.allclose(x, y, rtol=tol, atol=tol * max(1.0, float(np.abs(y).max(initial=0)))):
+            return False
+    return True
+
+
+def _tolerance_of(dtype: str) -> float:
+    """How far two conversions may differ and still be the same one: a converter sums biases in ``dtype``."""
+    return max(2.0**-20, 4 * reference.UNIT_ROUNDOFF.get(dtype, 0.0))
+
+
+def identify_mutant(source: SequenceSpec, target: SequenceSpec, weights: dict[str, Any],
+                    converted: dict[str, Any], dtype: str = "float64") -> Mutant | None:
+    """The mutant whose weights ``converted`` are (computed in ``dtype``), or None (also for the right conversion)."""
+    for m in mutants(source, target, weights):
+        if m.spec == target and _same(m.weights, converted, _tolerance_of(dtype)):
+            return m
+    return None
+
+
+def identify(source: SequenceSpec, target: SequenceSpec, weights: dict[str, Any], converted: dict[str, Any],
+             dtype: str = "float64") -> str:
+    """Which conversion ``converted`` is (computed in ``dtype``), from the weights alone: ``"correct"``, a
+    mutant's description, or a line saying it matches none of them."""
+    if _same(convert(source, target, weights), converted, _tolerance_of(dtype)):
+        return "correct"
+    m = identify_mutant(source, target, weights, converted, dtype)
+    if m is not None:
+        return m.description
+    return "not a known conversion: no gate order, bias, orientation or head layout mistake explains these weights"
+
+
+def convention_of(mutant_name: str) -> str:
+    """The convention a mutant gets wrong, for a report's column: ``"gate order"``, ``"q/k/v order"``…"""
+    head = mutant_name.split(":")[0]
+    return {"gate_order": "gate order", "reset_placement": "reset placement", "bias_not_summed": "bias",
+            "bias_summed_twice": "bias", "kernel_not_transposed": "kernel orientation",
+            "recurrent_not_transposed": "kernel orientation", "kernels_exchanged": "kernel names",
+            "directions_exchanged": "direction order", "qkv_order": "q/k/v order", "heads_head_dim_exchanged": "head layout",
+            "interleaved_as_stacked": "head layout", "out_not_transposed": "kernel orientation",
+            "in_not_transposed": "kernel orientation"}.get(head, head)
+
+
+# -- verify ----------------------------------------------------------------------------------
+def _accumulation(backends: tuple[str, ...], dtype: str) -> str:
+    """The precision the backends' sums run in, as their probes found it for a dense layer (the widest of them);
+    the dtype itself where a probe cannot tell."""
+    if dtype in ("float32", "float64"):
+        return dtype
+    found = []
+    for name in backends:
+        if name == "numpy":
+            continue
+        try:
+            from equivcheck.backends.probe import layer_kinds, probe
+
+            facts = probe(name, layer_kinds(name)["dense"], dtype)
+        except (EquivcheckError, KeyError, ImportError):
+            return dtype
+        if not (facts.runs and facts.decided and facts.accumulate in reference.UNIT_ROUNDOFF):
+            return dtype
+        found.append(facts.accumulate)
+    return max(found, key=reference.UNIT_ROUNDOFF.__getitem__, default="float64")
+
+
+def _rounded(a: Any, dtype: str) -> Any:
+    if isinstance(a, tuple):
+        return tuple(_rounded(x, dtype) for x in a)
+    return np.asarray(a, dtype=np_dtype(dtype)).astype(np.float64)
+
+
+def _comparison(y: np.ndarray, ref: np.ndarray, bound: np.ndarray, dtype: str, accumulate: str, fan_in: int) -> Comparison:
+    finite = np.isfinite(y)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        err = np.where(finite, np.abs(y - ref), np.inf)
+        ratio = err / bound
+        rel = np.where(ref != 0, err / np.abs(ref), np.where(err > 0, np.inf, 0.0))
+    ratio = np.where(np.isnan(ratio), np.inf, ratio)
+    worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+    out = int(np.count_nonzero(~(ratio <= 1.0)))
+    return Comparison(passed=out == 0, dtype=dtype, accumulate=accumulate, fan_in=int(fan_in), max_abs_error=float(err.max()),
+                      max_rel_error=float(rel.max()), max_error_ratio=float(ratio[worst]), bound_at_worst=float(bound[worst]),
+                      worst_index=tuple(int(i) for i in worst), fraction_out_of_bound=out / ratio.size,
+                      nonfinite=int(ratio.size - np.count_nonzero(finite)), elements=int(ratio.size))
+
+
+def _judge_mutants(source: SequenceSpec, target: SequenceSpec, weights: dict[str, np.ndarray], inputs: Any, mask: Any,
+                   exact: np.ndarray, bound: np.ndarray, dtype: str, accumulate: str) -> list[MutationOutcome]:
+    """Each mutant, judged in float64 on the reference: rejected where it lands beyond every pair of runs within bound."""
+    out = []
+    for m in mutants(source, target, weights):
+        y = reference.forward(m.spec, m.weights, inputs, mask)
+        if y.shape != exact.shape:
+            ratio = math.inf
+        else:
+            own = reference.error_bound(m.spec, m.weights, inputs, dtype, mask, accumulate=accumulate)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = float(np.nan_to_num(np.abs(y - exact) / (MARGIN * (3 * bound + own)), nan=0.0).max(initial=0.0))
+        out.append(MutationOutcome(m.name, m.description, "rejected" if ratio > 1 else "not rejected", ratio,
+                                   convention=convention_of(m.name)))
+    return out
+
+
+def _check_converted(target: SequenceSpec, converted: Any) -> dict[str, np.ndarray]:
+    """The converter's result as float64 arrays under ``target``'s names and shapes, else VerificationError."""
+    if not isinstance(converted, dict):
+        raise VerificationError(f"converter returned {type(converted).__name__}: expected a dict of tensors keyed by "
+                                f"{target.describe()}'s parameter names {sorted(tensor_shapes(target))}")
+    expected = tensor_shapes(target)
+    if set(converted) != set(expected):
+        missing, extra = sorted(set(expected) - set(converted)), sorted(set(converted) - set(expected))
+        raise VerificationError(f"converter returned keys missing={missing} extra={extra}: "
+                                f"{target.describe()} expects {sorted(expected)}")
+    out = {}
+    for k, v in converted.items():
+        if hasattr(v, "detach"):
+            v = v.detach().cpu().double().numpy()
+        try:
+            a = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise VerificationError(f"converter returned {k!r} that is not an array ({type(v).__name__}): {exc}") from None
+        if a.shape != tuple(expected[k]):
+            raise VerificationError(f"converter returned {k!r} of shape={a.shape}: {target.describe()} expects {tuple(expected[k])}")
+        out[k] = a
+    return out
+
+
+def verify_sequence_pair(source: SequenceSpec, target: SequenceSpec, *, source_backend: str | None = None,
+                         target_backend: str | None = None, dtype: str = "float32",
+                         converter: Callable[[dict[str, Any]], dict[str, Any]] | None = None, seed: int = 0,
+                         steps: int = 5, batch: int | None = None, mask: Any = None, mutants: bool = True) -> SequenceResult:
+    """Convert drawn weights (with ``converter``, else :func:`equivcheck.convert`), run both layers, judge: a
+    :class:`SequenceResult` (a :class:`~equivcheck.judge.Case`); raises only for bad arguments.
+
+    ``pass``: the layers agree within their bounds (per element, a running error analysis from the
+    dtype, the fan-in and the recurrence: :func:`error_bound`) and every mutant is rejected;
+    ``inconclusive``: they agree but some mutant would pass too, or the source itself is out of
+    its bound; ``fail``: they disagree (the reason names the mistake when :func:`identify` recognises
+    it); ``skip``: a layer does not run here (not installed, or not in this dtype).
+    In float16/bfloat16 the batch is larger and the data are redrawn (up to ``DRAWS`` times) until
+    the reference rejects every mutant.
+    """
+    np_dtype(dtype)
+    low = dtype in ("float16", "bfloat16")
+    plan(source, target)  # a pair no conversion makes equivalent is an error, not a failure
+    source_backend = source_backend or backend_of(source)
+    target_backend = target_backend or backend_of(target)
+    case = SequenceResult(source, target, source_backend, target_backend, dtype, "error", seed=seed)
+    for name, layer in ((source_backend, source), (target_backend, target)):
+        if name not in ("numpy", backend_of(layer)):
+            case.verdict = "skip"
+            case.reason = f"{name} does not run {layer.name or layer.describe()} (its layers run on {backend_of(layer)} or numpy)"
+            return case
+        if low and name not in LOW_PRECISION:
+            case.verdict, case.reason = "skip", f"{name} does not run recurrent or attention layers in {dtype} here"
+            return case
+    accumulate = _accumulation((source_backend, target_backend), dtype)
+    n = batch or (LOW_PRECISION_BATCH if low else 2)
+    for attempt in range(DRAWS if low and mutants else 1):
+        weights, inputs = draw(source, seed=seed + attempt, batch=n, steps=steps)
+        weights, inputs = {k: _rounded(v, dtype) for k, v in weights.items()}, _rounded(inputs, dtype)  # exact in dtype
+        exact = reference.forward(source, weights, inputs, mask)
+        bound = reference.error_bound(source, weights, inputs, dtype, mask, accumulate=accumulate)
+        outcomes = _judge_mutants(source, target, weights, inputs, mask, exact, bound, dtype, accumulate) if mutants else []
+        if all(o.outcome == "rejected" for o in outcomes):
+            break
+    if attempt:
+        case.notes.append(f"data drawn {attempt + 1} times (seeds {seed}..{seed + attempt}) for the mutants to be rejected")
+    case.mutations = outcomes
+    case.rows = tuple((o.name, o.description, o.max_error_ratio, o.outcome == "rejected") for o in outcomes)
+    try:
+        converted = _check_converted(target, converter({k: v.astype(np_dtype(dtype)) for k, v in weights.items()}) if converter is not None else convert(source, target, weights))
+        y_src = run(source_backend, source, weights, inputs, dtype=dtype, mask=mask)
+        y_dst = run(target_backend, target, converted, inputs, dtype=dtype, mask=mask)
+    except BackendUnavailable as exc:
+        case.verdict, case.reason = "skip", str(exc)
+        return case
+    except VerificationError as exc:
+        case.verdict, case.reason = "fail", str(exc)
+        return case
+    fan = source.fan_in
+    case.source_comparison = _comparison(y_src, exact, bound, dtype, accumulate, fan)
+    if y_dst.shape != y_src.shape:
+        case.verdict, case.reason = "fail", f"the target gives outputs of shape={y_dst.shape}, the source {y_src.shape}"
+        return case
+    case.comparison = _comparison(y_dst, y_src, 2 * bound, dtype, accumulate, fan)
+    case.max_error, case.bound = case.comparison.max_abs_error, case.comparison.bound_at_worst
+    if not case.source_comparison.passed:
+        case.verdict = "inconclusive"
+        case.reason = (f"the source layer on {source_backend} is itself out of its bound from the float64 reference: "
+                       f"{case.source_comparison.summary()}")
+        return case
+    if not case.comparison.passed:
+        case.verdict = "fail"
+        wrong = identify_mutant(source, target, weights, converted, dtype)
+        named = identify(source, target, weights, converted, dtype) if wrong is None else wrong.description
+        case.reason = (f"{target.describe()} disagrees with {source.describe()}: {case.comparison.summary()}; {named}")
+        if wrong is not None:
+            right = plan(source, target).code("numpy")
+            case.diagnosis = {"mutant": wrong.name, "convention": convention_of(wrong.name), "description": wrong.description,
+                              "code": right, "right": right}
+        return case
+    missed = [o.name for o in outcomes if o.outcome != "rejected"]
+    if missed:
+        case.verdict = "inconclusive"
+        case.reason = f"agree, but these mistakes would pass on the drawn data too: {', '.join(missed)}"
+    else:
+        case.verdict = "pass"
+        case.reason = (f"agree within the bound (max error {case.max_error:.3g}, {case.comparison.max_error_ratio:.3f} of it); "
+                       f"{len(outcomes)} mutants rejected")
+    return case
+
+
+# -- the checker's side ----------------------------------------------------------------------
+_MODULES = {"torch": "torch", "keras": "keras", "onnxruntime": "onnxruntime", "flax": "flax"}
+
+
+def resolve_backend(spec: SequenceSpec, dtype: str, allowed: tuple[str, ...] | None = None) -> tuple[str, str]:
+    """``(backend, note)``: the framework that runs ``spec``'s layer in ``dtype``, else numpy (the reference) saying why."""
+    import importlib.util
+
+    name = backend_of(spec)
+    label = spec.name or spec.describe()
+    if name == "numpy":
+        return name, ""
+    if allowed is not None and name not in allowed:
+        return "numpy", f"{label} ran on numpy: backend {name!r} is not among the allowed backends ({', '.join(allowed)})"
+    if importlib.util.find_spec(_MODULES[name]) is None:
+        return "numpy", f"{label} ran on numpy: backend {name!r} is not installed"
+    if dtype in ("float16", "bfloat16") and name not in LOW_PRECISION:
+        return "numpy", f"{label} ran on numpy: {name} does not run recurrent or attention layers in {dtype} here"
+    return name, ""
+
+
+def _spec_call(spec: SequenceSpec) -> str:
+    """Python that rebuilds a preset spec (``ec.spec('torch:lstm', input_size=5, units=6)``), else its repr."""
+    from equivcheck.sequence.presets import spec as preset
+
+    if isinstance(spec, RecurrentSpec):
+        kw: dict[str, Any] = dict(input_size=spec.input_size, units=spec.units)
+        if spec.bidirectional:
+            kw["bidirectional"] = True
+        if spec.cell == "gru" and spec.storage in ("keras", "onnx"):
+            kw["reset_after"] = spec.reset_after
+    else:
+        kw = dict(embed_dim=spec.embed_dim, heads=spec.heads)
+    with contextlib.suppress(EquivcheckError, ValueError):
+        if spec.name and preset(spec.name, **kw) == spec:
+            return f"ec.spec({spec.name!r}, {', '.join(f'{k}={v!r}' for k, v in kw.items())})"
+    return f"ec.{spec!r}"
+
+
+def failure_message(case: Case, converter: str) -> str:
+    """The assertion message of a failed recurrent or attention check: the case, the mistake, the right plan, a reproducer."""
+    lines = [f"{converter} does not convert {case.title()} correctly ({case.verdict})",
+             f"  source     {case.source.describe()}",
+             f"  target     {case.target.describe()}",
+             f"  run on     {case.source_backend} → {case.target_backend}, {case.dtype}, seed={case.seed}"]
+    if case.diagnosis:
+        lines.append(f"  mistake    {case.diagnosis['description']}")
+    lines.append(f"  result     {case.reason}")
+    with contextlib.suppress(EquivcheckError):
+        code = plan(case.source, case.target).code("numpy").splitlines()
+        lines += [f"  right      {code[0]}", *(f"             {line}" for line in code[1:])]
+    lines += [f"  note       {n}" for n in case.notes]
+    lines += ["  reproduce:", "    import equivcheck as ec", "    # converter: your function, a dict of named tensors in and out",
+              f"    source = {_spec_call(case.source)}", f"    target = {_spec_call(case.target)}",
+              f"    case = ec.verify_pair(source, target, converter=converter, source_backend={case.source_backend!r}, "
+              f"target_backend={case.target_backend!r}, dtype={case.dtype!r}, seed={case.seed})",
+              "    print(case.verdict, case.reason)"]
+    return "\n".join(lines)
