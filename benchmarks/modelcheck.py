@@ -21,7 +21,7 @@ def to_keras(model, size: int):
     import keras
     from torch import nn
 
-    from equivcheck.plan import plan
+    from equivcheck.planning import plan
     from equivcheck.presets import spec
 
     L = keras.layers

@@ -1,7 +1,8 @@
 """Soundness of the verdict per backend, layer kind and dtype, through the public API, natively and as an older CPU.
 
 For each backend, layer kind (:data:`equivcheck.backends.probe.LAYER_KINDS`, under the backend's
-own preset) and dtype, as a user would: ``ec.verify_pair`` with the right conversion (a
+own preset; and lstm, gru and mha on torch and Keras, whose converters take and give named tensors) and
+dtype, as a user would: ``ec.verify_pair`` with the right conversion (a
 verdict other than ``pass`` is a false alarm; ``inconclusive`` is counted apart) and with a
 converter that swaps one pair of distinct weights (caught when the verdict is ``fail``), and
 ``ec.check_converter`` with the same swapping converter (caught when it raises
@@ -43,6 +44,66 @@ def swapper(seed: int):
         return k, bias
 
     return swap_one_pair
+
+
+def named_swapper(seed: int):
+    """A converter of named tensors (recurrent and attention layers) that keeps them all but swaps one pair of
+    distinct weights in one tensor (the same tensor and pair each call)."""
+
+    def swap_one_pair(weights):
+        out = {k: np.array(v, copy=True) for k, v in weights.items()}
+        rng = np.random.default_rng(seed)
+        names = sorted(k for k, v in out.items() if np.unique(v).size > 1)
+        flat = out[names[rng.integers(len(names))]].reshape(-1)
+        for _ in range(100):
+            a, b = rng.choice(flat.size, 2, replace=False)
+            if flat[a] != flat[b]:
+                flat[[a, b]] = flat[[b, a]]
+                break
+        return out
+
+    return swap_one_pair
+
+
+#: Recurrent and attention rows: the backends that run them, and each kind's preset sizes.
+SEQUENCE_BACKENDS = ("torch", "keras")
+SEQUENCE_KINDS = {"lstm": {"input_size": 5, "units": 6}, "gru": {"input_size": 5, "units": 6},
+                  "mha": {"embed_dim": 8, "heads": 2}}
+
+
+def measure_sequence(trials: int, names: tuple[str, ...]) -> list[list]:
+    """The same three measures for recurrent and attention layers (a spec converted to itself)."""
+    import importlib.util
+
+    import equivcheck as ec
+
+    out = []
+    for backend in (b for b in SEQUENCE_BACKENDS if b in names and importlib.util.find_spec(b) is not None):
+        for kind, sizes in SEQUENCE_KINDS.items():
+            spec = ec.spec(f"{backend}:{kind}", **sizes)
+            for dtype in DTYPES:
+                alarms = inconclusive = caught = checker_caught = checker_tried = 0
+                accumulate = ""
+                for seed in range(trials):
+                    right = ec.verify_pair(spec, spec, source_backend=backend, target_backend=backend, dtype=dtype,
+                                           seed=seed)
+                    alarms += right.verdict not in ("pass", "inconclusive")
+                    inconclusive += right.verdict == "inconclusive"
+                    accumulate = right.comparison.accumulate if right.comparison is not None else accumulate
+                    wrong = ec.verify_pair(spec, spec, source_backend=backend, target_backend=backend, dtype=dtype,
+                                           seed=seed, converter=named_swapper(seed), mutants=False)
+                    caught += wrong.verdict == "fail"
+                    if seed % 3 == 0:
+                        checker_tried += 1
+                        try:
+                            ec.check_converter(named_swapper(seed), spec, spec, dtypes=[dtype], seed=seed)
+                        except ec.ConversionCheckFailed:
+                            checker_caught += 1
+                        except ec.CheckSkipped:
+                            checker_tried -= 1
+                out.append([backend, kind, dtype, f"{accumulate} sums, running bound", alarms, inconclusive, trials,
+                            caught / trials, checker_caught / max(checker_tried, 1)])
+    return out
 
 
 def cpu() -> str:
@@ -93,7 +154,7 @@ def measure(trials: int, names: tuple[str, ...]) -> list[list]:
                 summary = f"{facts.accumulate}, {facts.roundings}×"
                 out.append([backend, kind, dtype, summary, alarms, inconclusive, trials, caught / trials,
                             checker_caught / max(checker_tried, 1)])
-    return out
+    return out + measure_sequence(trials, names)
 
 
 def rows(trials: int = 60, backends: str = BACKENDS, older_cpu: bool = True) -> list[list]:

@@ -21,23 +21,27 @@ from equivcheck.errors import (
     SpecError,
     VerificationError,
 )
-from equivcheck.explore import explore
-from equivcheck.identify import Identification, identify
-from equivcheck.mapping import Flip, Mapping, Reshape, Transpose
-from equivcheck.plan import canonical, convert, plan
-from equivcheck.presets import PRESETS, build, spec
-from equivcheck.specs import ConvSpec, DenseSpec, Shape
-from equivcheck.verify import Case, verify, verify_pair
+from equivcheck.version import __version__ as __version__
 
-__version__ = "0.1.0"
-
-# Imported on first use: they pull in more of the package (and a framework only when given a model).
-_LAZY = {"convolutionalize": "equivcheck.models", "verify_model": "equivcheck.models",
-         "check_models": "equivcheck.modelcheck", "ModelCheck": "equivcheck.modelcheck",
-         "check_converter": "equivcheck.checker", "check_model_converter": "equivcheck.modelcheck"}
+# Every other public name is imported on first use, from the module that defines it: `import equivcheck`
+# costs little more than its error classes, and a framework only arrives with a model or a layer of it.
+_LAZY = {
+    **dict.fromkeys(("explore",), "equivcheck.exploration"),
+    **dict.fromkeys(("Identification", "identify"), "equivcheck.identification"),
+    **dict.fromkeys(("Flip", "Mapping", "Reshape", "Transpose"), "equivcheck.mapping"),
+    **dict.fromkeys(("canonical", "convert", "plan"), "equivcheck.planning"),
+    **dict.fromkeys(("PRESETS", "build", "spec"), "equivcheck.presets"),
+    **dict.fromkeys(("ConvSpec", "DenseSpec", "Shape"), "equivcheck.specs"),
+    **dict.fromkeys(("Case", "verify", "verify_pair"), "equivcheck.verification"),
+    **dict.fromkeys(("convolutionalize", "verify_model"), "equivcheck.models"),
+    **dict.fromkeys(("check_models", "ModelCheck", "check_model_converter"), "equivcheck.modelcheck"),
+    **dict.fromkeys(("check_converter",), "equivcheck.checker"),
+    **dict.fromkeys(("RecurrentSpec", "AttentionSpec", "NamedMapping", "verify_sequence_pair"), "equivcheck.sequence"),
+}
 
 __all__ = [
     "PRESETS",
+    "AttentionSpec",
     "BackendUnavailable",
     "Case",
     "CheckSkipped",
@@ -52,7 +56,9 @@ __all__ = [
     "Mapping",
     "MappingError",
     "ModelCheck",
+    "NamedMapping",
     "NoMapping",
+    "RecurrentSpec",
     "Reshape",
     "Shape",
     "SpecError",
@@ -72,13 +78,20 @@ __all__ = [
     "verify",
     "verify_model",
     "verify_pair",
+    "verify_sequence_pair",
 ]
 
 
 def __getattr__(name: str) -> object:
-    """Whole-model functions, imported on first use."""
+    """A public name, imported on first use (and kept, so the next look-up is plain)."""
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'equivcheck' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

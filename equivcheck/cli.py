@@ -68,6 +68,27 @@ def _spec_flags(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("--no-bias", action="store_true", help="layers without a bias")
 
 
+def _sequence_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of recurrent (lstm, gru, rnn) and attention (mha) layers; ``--units`` is shared with the dense flags."""
+    p.add_argument("--input-size", type=_count, metavar="N", help="recurrent layers (lstm, gru, rnn): input features per step")
+    p.add_argument("--embed-dim", type=_count, metavar="E", help="attention layers (mha): embedding width")
+    p.add_argument("--heads", type=_count, metavar="H", help="attention layers: number of heads")
+    p.add_argument("--bidirectional", action="store_true", help="recurrent layers: bidirectional")
+    p.add_argument("--reset-after", choices=("true", "false"), help="keras:gru reset_after / onnx:gru linear_before_reset")
+
+
+def _is_sequence(args: argparse.Namespace) -> bool:
+    from equivcheck.sequence.presets import is_sequence_name
+
+    return is_sequence_name(args.source) or is_sequence_name(args.target)
+
+
+def _sequence_specs(args: argparse.Namespace) -> tuple[Any, Any]:
+    from equivcheck.sequence.presets import spec_from_flags
+
+    return spec_from_flags(args.source, vars(args)), spec_from_flags(args.target, vars(args))
+
+
 def _one_or_tuple(values: tuple[int, ...] | None) -> Any:
     return values[0] if values is not None and len(values) == 1 else values
 
@@ -97,8 +118,11 @@ def _print_json(obj: Any) -> None:
 
 # -- commands ------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
-    from equivcheck.plan import plan
+    from equivcheck.planning import plan
+    from equivcheck.sequence import presets as sequence_presets
 
+    if sequence_presets.is_sequence_name(args.source) or sequence_presets.is_sequence_name(args.target):
+        return _plan_sequence(args)
     src, dst = specs_from_args(args)
     m = plan(src, dst)
     code = {lang: m.code(lang) for lang in ("numpy", "torch", "einops")}
@@ -114,9 +138,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_sequence(args: argparse.Namespace) -> int:
+    """``plan`` for recurrent and attention layers: one line of code per target tensor."""
+    from equivcheck.planning import plan
+    from equivcheck.sequence.presets import spec_from_flags
+
+    src, dst = (spec_from_flags(name, vars(args)) for name in (args.source, args.target))
+    m = plan(src, dst)
+    code = {lang: m.code(lang) for lang in ("numpy", "torch", "einops")}
+    if args.json:
+        _print_json({"source": src.describe(), "target": dst.describe(), "code": code})
+        return 0
+    print(f"from  {src.describe()}\nto    {dst.describe()}")
+    for lang, text in code.items():
+        print(f"# {lang}\n{text}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from equivcheck.files import convert_file
 
+    if _is_sequence(args):  # named tensors: the file's keys are the source framework's parameter names
+        from equivcheck.sequence.files import convert_named_file
+
+        src, dst = _sequence_specs(args)
+        written = convert_named_file(src, dst, args.input, args.output, force=args.force)
+        print(f"wrote {args.output} ({', '.join(written)})")
+        return 0
     src, dst = specs_from_args(args)
     convert_file(src, dst, args.input, args.output, force=args.force, kernel_key=args.kernel_key, bias_key=args.bias_key)
     print(f"wrote {args.output}")
@@ -127,7 +175,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from equivcheck.presets import PRESETS
 
     if args.markdown:
-        from equivcheck.presets import presets_markdown
+        from equivcheck.report.presets_table import presets_markdown
 
         print(presets_markdown(), end="")
         return 0
@@ -196,8 +244,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Each layer on its own framework (a row per dtype), plus a row per ``--backends`` name running both layers."""
     from equivcheck import backends
     from equivcheck.checker import resolve_backend
-    from equivcheck.verify import verify_pair
+    from equivcheck.verification import verify_pair
 
+    if _is_sequence(args):
+        return _verify_sequence(args)
     src, dst = specs_from_args(args)
     extra = [b for b in (args.backends or "").split(",") if b]
     for name in extra:
@@ -233,6 +283,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if all(c.verdict in ("pass", "skip") for c in cases) else EXIT_FAIL
 
 
+def _verify_sequence(args: argparse.Namespace) -> int:
+    """``verify`` for recurrent and attention layers: each layer on its own framework, a row per dtype."""
+    from equivcheck.sequence.verify import resolve_backend
+    from equivcheck.verification import verify_pair
+
+    src, dst = _sequence_specs(args)
+    if args.backends:
+        raise UsageError("--backends does not apply to recurrent or attention layers: each runs on its own framework")
+    cases = []
+    for dtype in [d for d in args.dtype.split(",") if d]:
+        (sb, s_note), (tb, t_note) = resolve_backend(src, dtype), resolve_backend(dst, dtype)
+        case = verify_pair(src, dst, source_backend=sb, target_backend=tb, dtype=dtype, seed=args.seed)
+        case.notes[:0] = [n for n in (s_note, t_note) if n]
+        cases.append(case)
+    if args.json:
+        _print_json({"cases": [c.to_dict() for c in cases]})
+    else:
+        print(f"from  {src.describe()}\nto    {dst.describe()}")
+        for c in cases:
+            rejected = sum(m.outcome == "rejected" for m in c.mutations)
+            print(f"{c.verdict:12s} {c.source_backend} → {c.target_backend} {c.dtype:8s} mutants rejected "
+                  f"{rejected}/{len(c.mutations)}: {'; '.join(x for x in (c.reason, *c.notes) if x)}")
+    if args.report:
+        from equivcheck.report import write_report
+
+        paths = write_report(args.report, cases, seed=args.seed, command="verify")
+        if not args.json:
+            print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if all(c.verdict in ("pass", "skip") for c in cases) else EXIT_FAIL
+
+
 def _explore_side(preset: str | None, obj: str | None, role: str, flag: str, obj_flag: str) -> Any:
     """A preset name (built by explore, which borrows units from a real layer on the other side) or an object."""
     if preset and obj:
@@ -240,8 +321,8 @@ def _explore_side(preset: str | None, obj: str | None, role: str, flag: str, obj
     if not preset and not obj:
         raise UsageError(f"the {role} is missing: pass {flag} PRESET:LAYER, or {obj_flag} MODULE:ATTR or MODEL.onnx[:NODE] or MODEL.tflite")
     if obj:
-        from equivcheck.explore.objects import load_object
-        from equivcheck.explore.runtimes import split_model_path
+        from equivcheck.exploration.objects import load_object
+        from equivcheck.exploration.runtimes import split_model_path
 
         # MODEL.onnx[:NODE] / MODEL.tflite go to explore as the path; anything else is MODULE:ATTR
         return obj if split_model_path(obj) else load_object(obj)
@@ -250,10 +331,15 @@ def _explore_side(preset: str | None, obj: str | None, role: str, flag: str, obj
 
 def cmd_explore(args: argparse.Namespace) -> int:
     """Print the exploration (or one JSON object); ``--report DIR`` writes the standard report files there."""
-    from equivcheck.explore import explore
+    from equivcheck.exploration import explore
 
     source = _explore_side(args.source, args.source_obj, "source", "--from", "--source")
-    target = _explore_side(args.target, args.target_obj, "target", "--to", "--target")
+    from equivcheck.sequence.explore import is_recurrent_object
+
+    if is_recurrent_object(source) and not (args.target or args.target_obj):  # its gate order, against its own preset
+        target = None
+    else:
+        target = _explore_side(args.target, args.target_obj, "target", "--to", "--target")
     shape = shape_from_args(args).given()
     result = explore(source, target, seed=args.seed, backend=args.backend, probe=args.probe, **shape)
     data = result.to_dict()
@@ -286,7 +372,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_convolutionalize(args: argparse.Namespace) -> int:
-    from equivcheck.models import convolutionalize_file
+    from equivcheck.models.commands import convolutionalize_file
 
     convolutionalize_file(args.input, args.output, force=args.force)
     print(f"wrote {args.output}")
@@ -308,7 +394,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_verify_model(args: argparse.Namespace) -> int:
-    from equivcheck.models import verify_model_cli
+    from equivcheck.models.commands import verify_model_cli
 
     return verify_model_cli(args)
 
@@ -326,11 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("plan", cmd_plan, "print the weight mapping between two layers and its code")
     _spec_flags(p)
+    _sequence_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     formats = ".npz/.npy/.safetensors/.pt/.h5/.keras/.onnx/.tflite"
     p = add("convert", cmd_convert, f"convert the weights in a {formats} file (written atomically)")
     _spec_flags(p)
+    _sequence_flags(p)
     p.add_argument("input", metavar="IN", help=f"weights to read: {formats} (models are read, never run)")
     p.add_argument("output", metavar="OUT", help="where to write the converted weights: .npz, .npy (no bias), .safetensors or .pt/.pth")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
@@ -348,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", cmd_verify, "convert with the planner and check the real layers agree")
     _spec_flags(p)
+    _sequence_flags(p)
     p.add_argument("--backends", default=None, metavar="NAMES",
                    help="comma-separated backends that also run both layers, a row each (default: none; each layer "
                         "always runs on its own preset's framework, e.g. keras -> torch)")
@@ -391,40 +480,133 @@ def build_parser() -> argparse.ArgumentParser:
 
     text = "check a converted model against its source layer by layer: the first wrong layer, its mistake and the fix"
     p = add("check-models", cmd_check_models, text)
-    p.add_argument("source", metavar="SRC", help=".keras model or torch state dict")
-    p.add_argument("converted", metavar="DST", help=".keras model or torch state dict")
+    p.add_argument("source", metavar="SRC", help=".keras, .onnx or .tflite model, or torch state dict (with --model)")
+    p.add_argument("converted", metavar="DST", help=".keras, .onnx or .tflite model, or torch state dict (with --model)")
     p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
                    help="the source model's input, batch first (default: what a model records)")
     p.add_argument("--model", metavar="MODULE:FACTORY", help="builds the torch architecture for a state-dict file")
-    p.add_argument("--dtype", default="float32", help="comma-separated dtypes to run in (torch models are cast)")
+    p.add_argument("--dtype", default="float32", help="comma-separated dtypes to run in (torch and Keras models are cast)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the designed inputs (default: 0)")
     p.add_argument("--no-mutants", action="store_true", help="skip showing the data rejects each plausible mistake")
     p.add_argument("--report", metavar="DIR", help="write equivcheck.json/.md/.html and modelcheck.md to DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--fix", metavar="OUT", help="write DST repaired (failing layers' weights from SRC through the right "
+                   "mapping) to OUT, in DST's format; exit 0 only when the repaired model passes")
+    p.add_argument("--force", action="store_true", help="replace an existing --fix OUT")
     return parser
 
 
 def _version() -> str:
-    from equivcheck import __version__
+    from equivcheck.version import __version__
 
     return f"equivcheck {__version__}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+class _OutputError(EquivcheckError):
+    """Standard output could not be written (a full device, a closed pipe)."""
+
+
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs: a write error becomes an :class:`_OutputError` (one line, exit 2),
+    and a character the stream cannot encode (a file name that is not UTF-8) is written escaped."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except UnicodeEncodeError:
+            encoding = getattr(self.stream, "encoding", None) or "utf-8"
+            return self.stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+        except OSError as exc:
+            raise _OutputError(_output_failed(exc)) from None
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            raise _OutputError(_output_failed(exc)) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _output_failed(exc: OSError) -> str:
+    import errno
+
+    hint = "; free space or write somewhere else" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+    return f"standard output cannot be written ({exc.strerror or exc}): its output is incomplete{hint}"
+
+
+def _drop_pending_output(stream: Any) -> None:
+    """Point the failed stream's descriptor at /dev/null, so the interpreter's last flush cannot fail again."""
+    import os
+
     try:
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError, AttributeError):
+        return
+    os.dup2(null, fd)
+    os.close(null)
+
+
+def _check_argv(argv: Sequence[str]) -> None:
+    """Refuse, before any work, an argument that is not valid UTF-8 (a file name in another encoding)."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"argument {arg!r} is not valid UTF-8 (a file name in another encoding?): rename the file "
+                             "or link it under a UTF-8 name") from None
+        except AttributeError:
+            pass
+
+
+def _one_line_warnings(shown: Callable[..., Any]) -> Callable[..., Any]:
+    """``warnings.showwarning`` for a command: equivcheck's own warnings as one line, ``equivcheck: warning: ...``
+    (no file name, no source line); any other warning as before."""
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if not category.__module__.startswith("equivcheck"):
+            return shown(message, category, filename, lineno, file, line)
+        text = str(message).splitlines()[0] if str(message) else category.__name__
+        print(f"equivcheck: warning: {text}", file=sys.stderr if file is None else file)
+        return None
+
+    return show
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    parser = build_parser()
+    stdout, shown = sys.stdout, warnings.showwarning
+    guarded = sys.stdout = _GuardedStdout(stdout)
+    warnings.showwarning = _one_line_warnings(shown)
+    try:
+        _check_argv(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
             return EXIT_USAGE
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except EquivcheckError as exc:
+        if isinstance(exc, _OutputError):
+            _drop_pending_output(stdout)
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"equivcheck: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("equivcheck: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if sys.stdout is guarded:
+            sys.stdout = stdout
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Data that can tell conventions apart: seeded numpy weights and inputs for a layer spec.
 
-Used by :func:`equivcheck.verify.verify_pair`, the checker and the hypothesis strategies in
+Used by :func:`equivcheck.verification.verify_pair`, the checker and the hypothesis strategies in
 :mod:`equivcheck.strategies` (this module needs no hypothesis). Never all-zero or all-equal
 arrays, kernels or inputs that a flip of a spatial axis leaves unchanged, or a bias with
 repeated values. Inputs are *sparse*: each sample holds at most :data:`NONZEROS` non-zero values
@@ -118,7 +118,7 @@ def sample_weights(spec: LayerSpec, dtype: str, rng: np.random.Generator, *,
     form is changed by a flip of any spatial axis; the bias (a quarter of the output scale
     under :func:`sample_inputs`) has distinct values.
     """
-    from equivcheck.plan import canonical
+    from equivcheck.planning import canonical
 
     scale = 1.0 / math.sqrt(fan_in(spec))
     to_canonical = canonical(spec)

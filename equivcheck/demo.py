@@ -36,9 +36,9 @@ SMALL_CFG: tuple[int | str, ...] = (8, "M", 16, "M", 16, "M")  # a VGG in miniat
 
 def plan_cases(seed: int = 0) -> tuple[list[dict[str, Any]], list[Any]]:
     """Every preset's dense → every preset's conv: the fc6 plan's code, and a small-shape check each."""
-    from equivcheck.plan import plan
+    from equivcheck.planning import plan
     from equivcheck.presets import PRESETS, spec
-    from equivcheck.verify import verify_pair
+    from equivcheck.verification import verify_pair
 
     rows, cases = [], []
     for a in PRESETS:

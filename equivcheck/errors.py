@@ -67,7 +67,7 @@ class ConversionCheckFailed(EquivcheckError, AssertionError):
     """A converter gave weights on which the target layer disagrees with the source.
 
     ``record`` is the failing check's record (:class:`equivcheck.checker.CheckRecord`) and
-    ``case`` its :class:`equivcheck.verify.Case`, for code that catches the failure.
+    ``case`` its :class:`equivcheck.verification.Case`, for code that catches the failure.
     """
 
     def __init__(self, message: str, record: Any = None) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from equivcheck.errors import EquivcheckError, NoMapping
 from equivcheck.mapping import Mapping
 from equivcheck.mutations import Mutant, mutants
-from equivcheck.plan import plan
+from equivcheck.planning import plan
 from equivcheck.presets import PRESETS, spec
 from equivcheck.specs import ConvSpec, DenseSpec, LayerSpec
 

@@ -1,7 +1,7 @@
 """The judge: one converted layer pair judged once, into the :class:`Case` every report draws from.
 
 Every layer-level check hands the judge the same things — two specs, two backends, the dtype and
-a converter (or the planned conversion): :func:`equivcheck.verify.verify_pair`, the checker's
+a converter (or the planned conversion): :func:`equivcheck.verification.verify_pair`, the checker's
 cases, explore's confirming run and the soundness benchmark all go through :func:`judge_pair`;
 a whole-model check replays its pairs on captured data and uses the same mutant engine
 (:func:`mutant_outcomes`) and diagnosis (:func:`equivcheck.diagnosis.diagnose_pair`).
@@ -11,7 +11,7 @@ and inputs from those facts (sparser where a backend sums below float32, so that
 weight still shows above the rounding), plans once, runs the two real layers, compares each
 with the exact float64 result under its own probed bound, rejects every mutant of
 :mod:`equivcheck.mutations` on the same data and, on a failure, names the mistake
-(:func:`equivcheck.identify.identify`, once).
+(:func:`equivcheck.identification.identify`, once).
 
 A mutant is judged in float64 on the reference: it is rejected only where its exact output
 moves from the right one by more than the two bounds together, so that no run of the real
@@ -39,8 +39,8 @@ from equivcheck.dtypes import np_dtype
 from equivcheck.errors import EquivcheckError, SpecError, VerificationError
 from equivcheck.mapping import Mapping
 from equivcheck.memory import require_memory
-from equivcheck.plan import convert as planned_convert
-from equivcheck.plan import plan
+from equivcheck.planning import convert as planned_convert
+from equivcheck.planning import plan
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, fan_in
 
 __all__ = [
@@ -336,7 +336,7 @@ def _run(backend: str, spec: LayerSpec, dtype: str, kernel: np.ndarray, bias: np
 
 def _identify(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None,
               new_kernel: np.ndarray, new_bias: np.ndarray | None) -> Any:
-    from equivcheck.identify import identify
+    from equivcheck.identification import identify
 
     return identify(source, target, new_kernel, new_bias, source_kernel=kernel, source_bias=bias)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from equivcheck.errors import EquivcheckError
 from equivcheck.mapping import Flip, Mapping
-from equivcheck.plan import plan
+from equivcheck.planning import plan
 from equivcheck.specs import ConvSpec, DenseSpec, LayerSpec
 
 __all__ = ["Convention", "Mutant", "convention_of", "mutants"]

@@ -17,9 +17,13 @@ import numpy as np
 from equivcheck import _arrays
 from equivcheck.errors import NoMapping, SpecError
 from equivcheck.mapping import Mapping
+from equivcheck.sequence import named as sequence_named
+from equivcheck.sequence.specs import AttentionSpec, RecurrentSpec
 from equivcheck.specs import ConvSpec, DenseSpec, LayerSpec
 
 __all__ = ["canonical", "convert", "plan"]
+
+SEQUENCE_SPECS = (RecurrentSpec, AttentionSpec)
 
 
 @lru_cache(maxsize=1024)
@@ -136,8 +140,11 @@ def plan(source: LayerSpec, target: LayerSpec) -> Mapping:
 
     The two layers compute the same function (up to the shape of their outputs: a dense
     layer's ``(units,)`` is a full-map conv's ``(units, 1, 1)``) once the kernel goes through
-    the mapping and the bias is carried over unchanged.
+    the mapping and the bias is carried over unchanged. Recurrent and attention specs get a
+    :class:`~equivcheck.sequence.named.NamedMapping`: one plan per target tensor.
     """
+    if isinstance(source, SEQUENCE_SPECS) or isinstance(target, SEQUENCE_SPECS):
+        return sequence_named.plan(source, target)
     for role, s in (("source", source), ("target", target)):
         if not isinstance(s, (DenseSpec, ConvSpec)):
             raise SpecError(f"{role}={s!r} is not a spec: build one with equivcheck.spec('keras:dense', ...)")
@@ -153,8 +160,11 @@ def convert(source: LayerSpec, target: LayerSpec, kernel: Any, bias: Any = None)
     """Convert ``(kernel, bias)`` of ``source`` into ``target``'s; arrays keep their kind.
 
     A missing source bias becomes zeros when the target has one; a source bias that the
-    target cannot hold is refused unless it is all zeros.
+    target cannot hold is refused unless it is all zeros. Recurrent and attention specs take and
+    give a dict of named tensors (``kernel`` is that dict; ``bias`` is not used).
     """
+    if isinstance(source, SEQUENCE_SPECS) or isinstance(target, SEQUENCE_SPECS):
+        return sequence_named.convert(source, target, kernel)
     m = plan(source, target)
     check_weights("kernel", kernel, m.in_shape, source)
     if bias is not None:

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 _PROPERTY = "equivcheck"  # the user_properties key of a test's rows and records
+_MODELS = "equivcheck-modelchecks"  # the user_properties key of a test's whole-model checks (ModelCheck.to_dict())
 
 _OPTIONS = (  # (name, ini name, help)
     ("backends", "equivcheck_backends", "comma-separated backends the checks may run layers on (default: every installed one)"),
@@ -46,6 +47,7 @@ class _State:
         self.values = values
         self.rows: list[dict[str, Any]] = []
         self.records: list[dict[str, Any]] = []  # report records (with --equivcheck-report)
+        self.modelchecks: list[dict[str, Any]] = []  # whole-model checks run by the tests (with --equivcheck-report)
         self.report_paths: list[str] = []
         self.report_problem = ""
 
@@ -160,7 +162,11 @@ def equivcheck(request: pytest.FixtureRequest) -> Any:
     yield checker
     state = request.config.stash[_STATE]
     rows = [r.summary() | {"index": i} for i, r in enumerate(checker.records)]
-    records = [r.report_record() for r in checker.records] if state.values["report"] else []
+    records = []
+    if state.values["report"]:
+        from equivcheck.report.records import check_record
+
+        records = [check_record(r) for r in checker.records]
     if rows or records:  # with the test's report: to the controller as soon as the test is done
         request.node.user_properties.append((_PROPERTY, json.dumps({"rows": rows, "records": records}, default=str)))
 
@@ -188,6 +194,22 @@ def _pytest_checker() -> type:
     return PytestChecker
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """With a report: every model check the test runs (check_models, check_model_converter) becomes a report case."""
+    state = item.config.stash.get(_STATE, None)
+    if state is None or not state.values["report"]:
+        yield
+        return
+    from equivcheck.modelcheck.listen import listening
+
+    with listening() as found:
+        yield
+    if found:
+        checks = [{**r.to_dict(), "test": item.nodeid} for r in found]
+        item.user_properties.append((_MODELS, json.dumps(checks, default=str)))
+
+
 class _Collector:
     """Takes each finished test's rows and records from its test report (the controller's, under xdist)."""
 
@@ -202,6 +224,8 @@ class _Collector:
                 sent = json.loads(value)
                 self.state.rows += sent["rows"]
                 self.state.records += sent["records"]
+            elif key == _MODELS:
+                self.state.modelchecks += json.loads(value)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -213,10 +237,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from equivcheck.report import write_report
 
     rows = sorted(state.rows, key=lambda r: (r["test"], r["index"]))
+    extra: dict[str, Any] = {"pytest checks": rows}
+    if state.modelchecks:
+        extra["modelchecks"] = state.modelchecks
     try:
         paths = write_report(report, state.records, seed=state.values["seed"],
                              command="pytest " + " ".join(config.invocation_params.args),
-                             extra={"pytest checks": rows}, failed=bool(session.testsfailed) or exitstatus not in (0, 5))
+                             extra=extra, failed=bool(session.testsfailed) or exitstatus not in (0, 5))
     except Exception as exc:  # the tests ran: say why there is no report instead of failing the session
         state.report_problem = f"{type(exc).__name__}: {exc}"
         return

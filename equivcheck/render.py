@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from equivcheck.verify import Case
+from equivcheck.verification import Case
 
 _STYLE = {"pass": "green", "fail": "red", "inconclusive": "yellow", "skip": "dim", "error": "red"}
 

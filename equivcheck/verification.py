@@ -12,9 +12,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from equivcheck.data import sample_inputs, sample_weights
-from equivcheck.errors import renamed
+from equivcheck.errors import SpecError, renamed
 from equivcheck.judge import Case, Converter, MutationOutcome, from_layout, input_spec, judge_pair, to_layout
+from equivcheck.sequence.specs import AttentionSpec, RecurrentSpec
 from equivcheck.specs import LayerSpec
+
+SEQUENCE_SPECS = (RecurrentSpec, AttentionSpec)
 
 __all__ = ["Case", "MutationOutcome", "draw", "from_layout", "input_spec", "to_layout", "verify", "verify_pair"]
 
@@ -55,6 +58,13 @@ def verify_pair(
     """
     if mutations is not None:
         mutants = renamed("mutations", "mutants", mutations)
+    if isinstance(source, SEQUENCE_SPECS) or isinstance(target, SEQUENCE_SPECS):  # recurrent and attention layers
+        from equivcheck.sequence.verify import verify_sequence_pair
+
+        if data is not None or tf32:
+            raise SpecError("data= and tf32= do not apply to recurrent or attention layers: leave them out")
+        return verify_sequence_pair(source, target, source_backend=source_backend, target_backend=target_backend,
+                                    dtype=dtype, converter=converter, seed=seed, batch=batch, mutants=mutants)
     return judge_pair(source, target, source_backend=source_backend, target_backend=target_backend, dtype=dtype,
                       converter=converter, seed=seed, batch=batch, mutants=mutants, tf32=tf32, data=data)
 

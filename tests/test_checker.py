@@ -144,7 +144,7 @@ def test_identify_two_mistakes_other_presets_and_value_changes():
 
 
 def test_explore_and_the_checker_run_a_preset_on_the_same_framework():
-    from equivcheck.explore.sides import _backend_for
+    from equivcheck.exploration.sides import _backend_for
 
     for name in ("theano:conv", "flax:dense", "keras:dense", "caffe:dense", "onnx:dense"):
         layer = ec.spec(name, **SHAPE) if name.endswith("dense") else ec.spec(name, channels=2, spatial=(3, 3), units=2)

@@ -11,11 +11,11 @@ import pytest
 
 import equivcheck as ec
 from equivcheck.errors import EquivcheckError, SpecError
-from equivcheck.explore import BlackBox, explore, pair_mapping, probe_layer
-from equivcheck.explore import probe as probe_module
-from equivcheck.explore.atoms import NotAPermutation, mapping_from_lines
-from equivcheck.explore.probe import index_digits, probe_side
-from equivcheck.explore.sides import Shape, preset_spec, spec_side
+from equivcheck.exploration import BlackBox, explore, pair_mapping, probe_layer
+from equivcheck.exploration import probe as probe_module
+from equivcheck.exploration.atoms import NotAPermutation, mapping_from_lines
+from equivcheck.exploration.probe import index_digits, probe_side
+from equivcheck.exploration.sides import Shape, preset_spec, spec_side
 from equivcheck.presets import PRESETS
 
 from .backends._support import fails_for_real

@@ -15,8 +15,8 @@ import pytest
 
 import equivcheck as ec
 from equivcheck.errors import EquivcheckError, SpecError
-from equivcheck.explore import explore
-from equivcheck.explore.objects import make_side
+from equivcheck.exploration import explore
+from equivcheck.exploration.objects import make_side
 from equivcheck.specs import Shape
 
 rng = np.random.default_rng(0)
@@ -289,7 +289,7 @@ def test_tflite_bad_models(keras, convert):
 
 
 def test_tflite_model_fixed_to_one_sample_runs_sample_by_sample(tf, monkeypatch):
-    from equivcheck.explore import runtimes_tflite as runtimes
+    from equivcheck.exploration import runtimes_tflite as runtimes
 
     w, b = tf.constant(_random(6, 4)), tf.constant(_random(4))
     fn = tf.function(lambda x: tf.matmul(tf.reshape(x, [1, 6]), w) + b,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import equivcheck as ec
-from equivcheck.identify import identify, probe_weights
+from equivcheck.identification import identify, probe_weights
 from equivcheck.mutations import mutants
 
 SRC = ec.spec("keras:dense", channels=3, spatial=(2, 4), units=5)

@@ -19,15 +19,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "equivcheck"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("equivcheck.errors", "equivcheck.version", "equivcheck.dtypes", "equivcheck.memory", "equivcheck.specs",
               "equivcheck.presets", "equivcheck.serialize", "equivcheck.sequence.specs", "equivcheck.sequence.presets")),
-    ("mapping", ("equivcheck.ops", "equivcheck.mapping", "equivcheck.plan", "equivcheck._codegen", "equivcheck._arrays",
+    ("mapping", ("equivcheck.ops", "equivcheck.mapping", "equivcheck.planning", "equivcheck._codegen", "equivcheck._arrays",
                  "equivcheck._copy", "equivcheck._fastcopy", "equivcheck.sequence.named")),
     ("data and files", ("equivcheck.data", "equivcheck.files", "equivcheck._readers",
                         "equivcheck._readers_runtimes", "equivcheck.sequence.reference")),
     # strategies draw backends too: they sit on the registry
     ("backends", ("equivcheck.backends", "equivcheck.sequence.backends", "equivcheck.strategies")),
-    ("judging", ("equivcheck.compare", "equivcheck.backends.probe", "equivcheck.mutations", "equivcheck.identify",
+    ("judging", ("equivcheck.compare", "equivcheck.backends.probe", "equivcheck.mutations", "equivcheck.identification",
                  "equivcheck.diagnosis", "equivcheck.judge")),
-    ("checks", ("equivcheck.verify", "equivcheck.checker", "equivcheck.explore", "equivcheck.modelcheck",
+    ("checks", ("equivcheck.verification", "equivcheck.checker", "equivcheck.exploration", "equivcheck.modelcheck",
                 "equivcheck.models", "equivcheck.sequence")),
     ("report", ("equivcheck.report", "equivcheck.render")),
     ("faces", ("equivcheck", "equivcheck.cli", "equivcheck.plugin", "equivcheck.demo", "equivcheck.__main__",
@@ -150,7 +150,7 @@ def test_no_private_name_crosses_a_module():
     assert not private, "\n".join(private)
 
 
-@pytest.mark.parametrize("module", ["equivcheck.specs", "equivcheck.plan", "equivcheck.judge"])
+@pytest.mark.parametrize("module", ["equivcheck.specs", "equivcheck.planning", "equivcheck.judge"])
 def test_the_walk_sees_imports(module):
     """The walk itself: modules known to import others are seen doing so."""
     assert GRAPH[module], f"{module} imports nothing according to the walk"

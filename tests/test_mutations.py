@@ -9,7 +9,7 @@ from hypothesis import given, settings
 import equivcheck as ec
 from equivcheck import strategies as es
 from equivcheck.mutations import mutants
-from equivcheck.verify import verify_pair
+from equivcheck.verification import verify_pair
 
 SHAPE = dict(channels=3, spatial=(2, 4), units=2)
 

@@ -10,7 +10,7 @@ import pytest
 
 import equivcheck as ec
 from equivcheck.presets import PRESETS
-from equivcheck.verify import verify_pair
+from equivcheck.verification import verify_pair
 
 FC6 = dict(channels=512, spatial=(7, 7), units=4096)
 

@@ -13,7 +13,7 @@ import equivcheck as ec
 from equivcheck import strategies as es
 from equivcheck.errors import SpecError
 from equivcheck.mutations import mutants
-from equivcheck.plan import canonical
+from equivcheck.planning import canonical
 
 FAST = settings(max_examples=20, deadline=None)
 

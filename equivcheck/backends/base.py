@@ -76,7 +76,7 @@ def kernel_layout_mapping(spec: ConvSpec, layout: str) -> Mapping:
     input, ``O`` its output channels, as in :class:`~equivcheck.specs.ConvSpec`), or ``I``,
     ``M`` and the spatial letters for a depthwise kernel ``(…, in, multiplier)``.
     """
-    from equivcheck.plan import canonical
+    from equivcheck.planning import canonical
 
     m = canonical(spec)
     base = ("IO" if spec.transposed else "OI") + spec.letters

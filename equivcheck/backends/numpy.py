@@ -42,7 +42,7 @@ def dense_forward(spec: DenseSpec, kernel: np.ndarray, bias: np.ndarray | None, 
 
 def conv_forward(spec: ConvSpec, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> np.ndarray:
     """A (transposed) convolution of any rank, with stride, dilation, padding and groups."""
-    from equivcheck.plan import canonical
+    from equivcheck.planning import canonical
 
     cdt = _compute_dtype(x.dtype)
     xc = to_channels_first(x, spec.data_format).astype(cdt)

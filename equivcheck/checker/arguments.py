@@ -6,6 +6,9 @@ from typing import Any
 
 from equivcheck.errors import SpecError
 from equivcheck.presets import build
+from equivcheck.sequence.presets import is_sequence_name
+from equivcheck.sequence.presets import spec as sequence_spec
+from equivcheck.sequence.specs import AttentionSpec, RecurrentSpec
 from equivcheck.specs import ConvSpec, DenseSpec, LayerSpec
 
 _INT_ARGS = ("channels", "units", "groups", "multiplier")
@@ -62,3 +65,31 @@ def build_side(name: Any, args: dict[str, Any], role: str) -> LayerSpec:
     if not isinstance(name, str):
         raise SpecError(f"{role}={name!r} is not a layer: expected 'PRESET:LAYER' (e.g. 'keras:dense') or a spec")
     return build(name, **{k: v for k, v in args.items() if v is not None})
+
+
+def sequence_pair(source: Any, target: Any, args: dict[str, Any]) -> tuple[Any, Any] | None:
+    """The (source, target) recurrent or attention specs when either side names one, else None.
+
+    ``args``: the shape arguments (``input_size``, ``units``, ``embed_dim``, ``heads``, ``head_dim``,
+    ``bidirectional``, ``reset_after``); each side takes those that apply to it. Fixed values only.
+    """
+    sides = (source, target)
+    if not any(isinstance(s, (RecurrentSpec, AttentionSpec)) or is_sequence_name(s) for s in sides):
+        return None
+    given = {k: v for k, v in args.items() if v is not None}
+    for key, value in given.items():
+        if is_strategy(value) or isinstance(value, (tuple, list, range)):
+            raise SpecError(f"{key}={value!r} is a range: recurrent and attention layers are checked at fixed sizes; "
+                            "pass an integer")
+    out = []
+    for role, side in zip(("source", "target"), sides):
+        if isinstance(side, (RecurrentSpec, AttentionSpec)):
+            out.append(side)
+            continue
+        if not is_sequence_name(side):
+            raise SpecError(f"{role}={side!r} is not a recurrent or attention layer while the other side is: "
+                            "expected e.g. 'torch:lstm', 'keras:gru' or 'torch:mha'")
+        keys = (("embed_dim", "heads", "head_dim") if side.endswith(":mha") else
+                ("input_size", "units", "bidirectional") + (("reset_after",) if side in ("keras:gru", "onnx:gru") else ()))
+        out.append(sequence_spec(side, **{k: given[k] for k in keys if k in given}))
+    return out[0], out[1]

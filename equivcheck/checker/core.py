@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from equivcheck.checker.arguments import build_side, is_strategy, split_args
+from equivcheck.checker.arguments import build_side, is_strategy, sequence_pair, split_args
 from equivcheck.checker.messages import converter_code, converter_patch, failure_message, identify_conventions
 from equivcheck.checker.options import Options, derive_seed, resolve_backend
 from equivcheck.errors import (
@@ -20,7 +20,7 @@ from equivcheck.errors import (
     framework_message,
 )
 from equivcheck.judge import Case, judge_pair
-from equivcheck.plan import plan
+from equivcheck.planning import plan
 from equivcheck.specs import LayerSpec
 
 
@@ -178,6 +178,12 @@ class Checker:
         native: bool = False,
         source_options: dict[str, Any] | None = None,
         target_options: dict[str, Any] | None = None,
+        input_size: Any = None,
+        embed_dim: Any = None,
+        heads: Any = None,
+        head_dim: Any = None,
+        bidirectional: bool = False,
+        reset_after: bool | None = None,
     ) -> list[Case]:
         """Check ``convert(kernel, bias) -> (kernel, bias)`` from ``source`` to ``target``.
 
@@ -195,10 +201,18 @@ class Checker:
         with ``native=True``, the source framework's own tensors in its own dtype (``torch.Tensor``,
         ``tf.Tensor``, ``jax.Array``; numpy for the reference, scipy, ONNX Runtime and TFLite). It
         may return numpy arrays or any framework's tensors.
+
+        Recurrent and attention layers (``"torch:lstm"``, ``"keras:mha"`` …, sized by ``input_size``,
+        ``units``, ``bidirectional``, ``reset_after`` or ``embed_dim``, ``heads``, ``head_dim``):
+        ``convert(weights) -> weights``, dicts of tensors keyed by each framework's parameter names.
         """
         __tracebackhide__ = True  # pytest shows the message, not this frame
         if not callable(convert):
             raise SpecError(f"convert={convert!r} is not callable: expected a function (kernel, bias) -> (kernel, bias)")
+        sequence = sequence_pair(source, target, dict(input_size=input_size, units=units, embed_dim=embed_dim, heads=heads,
+                                                      head_dim=head_dim, bidirectional=bidirectional, reset_after=reset_after))
+        if sequence is not None:
+            return self._check_sequence(convert, *sequence, dtypes, seed, native)
         args = dict(channels=channels, spatial=spatial, units=units, kernel_size=kernel_size, stride=stride,
                     dilation=dilation, padding=padding, groups=groups, multiplier=multiplier,
                     output_padding=output_padding, bias=bias)
@@ -349,6 +363,35 @@ class Checker:
             self.records[before:] = self.records[-1:]
             raise ConversionCheckFailed(str(exc), exc.record) from None
         return self._done([r.case for r in self.records[before:]])
+
+    def _check_sequence(self, convert: Callable, source: Any, target: Any, dtypes: Sequence[str] | str | None,
+                        seed: int | None, native: bool) -> list[Case]:
+        """``convert(weights) -> weights`` between recurrent or attention layers, once per dtype (fixed sizes)."""
+        __tracebackhide__ = True
+        from equivcheck.sequence.verify import SequenceResult, failure_message, resolve_backend, verify_sequence_pair
+
+        if native:
+            raise SpecError("native=True does not apply to recurrent or attention layers yet: the converter gets numpy arrays")
+        plan(source, target)  # a pair no conversion makes equivalent is an error, not a failure
+        name, run_seed, cases = converter_code(convert)[0], self._seed(seed), []
+        for dtype in self._dtypes(dtypes):
+            (sb, snote), (tb, tnote) = (resolve_backend(s, dtype, self.options.backends) for s in (source, target))
+            data_seed = derive_seed(run_seed, dtype)
+            try:
+                case = verify_sequence_pair(source, target, source_backend=sb, target_backend=tb, dtype=dtype,
+                                            converter=_Guarded(convert), seed=data_seed)
+            except _Raised as exc:
+                case = SequenceResult(source, target, sb, tb, dtype, "error", seed=data_seed,
+                                      reason=f"the converter raised {framework_message(exc.__cause__ or exc)}")
+            notes = [n for n in (snote, tnote) if n]
+            record = CheckRecord(case, test=self.test, converter=name, notes=notes)
+            mistake = (case.diagnosis or {}).get("description", "")
+            record.identify = lambda mistake=mistake: mistake
+            self.records.append(record)
+            cases.append(case)
+            if record.failed:
+                raise ConversionCheckFailed(failure_message(case, name), record)
+        return self._done(cases)
 
     def _done(self, cases: list[Case]) -> list[Case]:
         if cases and all(c.verdict == "skip" for c in cases):

@@ -14,7 +14,7 @@ import numpy as np
 
 from equivcheck._arrays import to_numpy
 from equivcheck.errors import EquivcheckError
-from equivcheck.identify import IDENTIFY_MAX_ELEMENTS, Identification, identify, preset_kwargs, probe_weights
+from equivcheck.identification import IDENTIFY_MAX_ELEMENTS, Identification, identify, preset_kwargs, probe_weights
 from equivcheck.presets import PRESETS, spec
 from equivcheck.specs import LayerSpec
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 # -- conventions -------------------------------------------------------------------------
-#: What a converter's kernel is (kept under its old name): see :class:`equivcheck.identify.Identification`.
+#: What a converter's kernel is (kept under its old name): see :class:`equivcheck.identification.Identification`.
 Conventions = Identification
 
 

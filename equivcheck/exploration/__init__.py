@@ -5,11 +5,11 @@
     >>> r.code["numpy"]
     'w.reshape(7, 7, 512, 4096).transpose(3, 2, 0, 1)'
 
-Each side is probed on its own (:mod:`equivcheck.explore.probe`) for the mapping from its
+Each side is probed on its own (:mod:`equivcheck.exploration.probe`) for the mapping from its
 stored kernel to the canonical ``(out, in, *k)`` tensor; the pair's mapping is the source's
 followed by the inverse of the target's. It is then named in terms of conventions
-(:mod:`~equivcheck.explore.conventions`) and checked on random data
-(:mod:`~equivcheck.explore.check`). See ``docs/explore.md``.
+(:mod:`~equivcheck.exploration.conventions`) and checked on random data
+(:mod:`~equivcheck.exploration.check`). See ``docs/explore.md``.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Any
 
 from equivcheck.backends.base import IMPORT_SECONDS
 from equivcheck.errors import SpecError
-from equivcheck.explore.check import Verification, nearest_candidate, verify_mapping
-from equivcheck.explore.conventions import candidates, convention_rows, holding, matching_presets
-from equivcheck.explore.objects import make_side
-from equivcheck.explore.probe import STRATEGIES, Probed, probe_side
-from equivcheck.explore.result import Exploration, SideReport
-from equivcheck.explore.sides import BlackBox, Side
+from equivcheck.exploration.check import Verification, nearest_candidate, verify_mapping
+from equivcheck.exploration.conventions import candidates, convention_rows, holding, matching_presets
+from equivcheck.exploration.objects import make_side
+from equivcheck.exploration.probe import STRATEGIES, Probed, probe_side
+from equivcheck.exploration.result import Exploration, SideReport
+from equivcheck.exploration.sides import BlackBox, Side
 from equivcheck.mapping import Mapping
 from equivcheck.specs import ConvSpec, Shape
 
@@ -78,7 +78,7 @@ def _make_sides(source: Any, target: Any, shape: Shape, backend: str | None) -> 
     """Both sides; a layer that knows its map lends channels, spatial and units to a preset name on the other side."""
     from dataclasses import replace
 
-    from equivcheck.explore.objects import is_preset_name
+    from equivcheck.exploration.objects import is_preset_name
 
     objs = [source, target]
     named = [isinstance(o, str) and is_preset_name(o) for o in objs]
@@ -161,13 +161,19 @@ def explore(
     layer or model, a :class:`BlackBox`, a callable ``fn(x, kernel, bias)`` carrying
     ``kernel_shape``, or ``"module:attr"`` naming one; an exported model: an ONNX ``ModelProto``,
     ``.onnx`` path or ``InferenceSession`` (one linear node, or ``(model, "NODE")`` /
-    ``"model.onnx:NODE"``), TFLite bytes or a ``.tflite`` path (:mod:`equivcheck.explore.runtimes`).
+    ``"model.onnx:NODE"``), TFLite bytes or a ``.tflite`` path (:mod:`equivcheck.exploration.runtimes`).
     Shape keywords fill in what a layer does
     not carry (a torch ``Linear`` does not know the map it reads: ``channels=512,
     spatial=(7, 7)``). ``probe`` picks the strategy: ``"auto"``, ``"lines"`` or ``"selectors"``.
     Never raises because no mapping exists: the result says ``found=False`` and why.
     ``seconds`` on the result leaves out importing frameworks (``import_seconds``).
+    A recurrent layer on either side (``nn.LSTM``, a Keras ``GRU``, a ``RecurrentBlackBox``, ``"keras:lstm"``):
+    its gate order, found by probing (:func:`equivcheck.sequence.explore.explore_recurrent`).
     """
+    from equivcheck.sequence.explore import explore_recurrent, is_recurrent_object
+
+    if is_recurrent_object(source) or is_recurrent_object(target):
+        return explore_recurrent(source, target, seed=seed)
     if probe not in STRATEGIES:
         raise SpecError(f"probe={probe!r} is not valid: expected one of {', '.join(STRATEGIES)}")
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """From observed weight positions to a :class:`~equivcheck.mapping.Mapping`.
 
 Probing tells, for points of a layer's *canonical* kernel (``(out, in, *k)``, see
-:func:`equivcheck.plan.canonical`), which stored weight acts there: its flat index ``t`` in
+:func:`equivcheck.planning.canonical`), which stored weight acts there: its flat index ``t`` in
 the stored kernel. Every reshape/transpose/flip mapping makes ``t`` a sum of one term per
 canonical axis, and each term a mixed-radix number of *atoms* (size, signed stride):
 

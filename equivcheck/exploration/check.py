@@ -17,9 +17,9 @@ import numpy as np
 
 from equivcheck._arrays import aligned_empty
 from equivcheck.compare import Comparison, compare
-from equivcheck.explore.atoms import stored_index
-from equivcheck.explore.conventions import Candidate
-from equivcheck.explore.probe import Probed
+from equivcheck.exploration.atoms import stored_index
+from equivcheck.exploration.conventions import Candidate
+from equivcheck.exploration.probe import Probed
 from equivcheck.mapping import Mapping, Reshape, Transpose
 from equivcheck.specs import ConvSpec, fan_in
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from equivcheck.errors import EquivcheckError
-from equivcheck.explore.atoms import signature
-from equivcheck.explore.sides import Side
+from equivcheck.exploration.atoms import signature
+from equivcheck.exploration.sides import Side
 from equivcheck.mapping import Mapping
-from equivcheck.plan import canonical
+from equivcheck.planning import canonical
 from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, DenseSpec
 
 __all__ = ["Candidate", "ConventionRow", "candidates", "convention_rows", "matching_presets"]
@@ -138,7 +138,7 @@ def data_format_rows(role: str, side: Side) -> list[ConventionRow]:
 
 def matching_presets(side: Side, found: Mapping) -> list[str]:
     """Presets whose layer of this shape stores its kernel the way the probe found (and reads this data format)."""
-    from equivcheck.identify import as_preset, layer_kinds
+    from equivcheck.identification import as_preset, layer_kinds
     from equivcheck.presets import PRESETS
 
     g = side.geometry

@@ -1,6 +1,6 @@
 """Sides made of real objects: torch modules and Keras layers or models, ``"module:attr"`` names, and
 :func:`make_side`, which turns whatever the user passes (a preset name, a spec, a layer, a
-callable) into a :class:`~equivcheck.explore.sides.Side`.
+callable) into a :class:`~equivcheck.exploration.sides.Side`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from equivcheck.errors import SpecError
-from equivcheck.explore.runtimes import runtime_side
-from equivcheck.explore.sides import (
+from equivcheck.exploration.runtimes import runtime_side
+from equivcheck.exploration.sides import (
     BlackBox,
     CallableSide,
     LayerSide,
@@ -281,7 +281,7 @@ def is_preset_name(text: str) -> bool:
 
 def make_side(obj: Any, shape: Shape, backend: str | None = None) -> Side:
     """A :class:`Side` for a preset name, spec, backend layer, torch/Keras layer, BlackBox, callable, or an
-    ONNX/TFLite model (see :mod:`equivcheck.explore.runtimes`)."""
+    ONNX/TFLite model (see :mod:`equivcheck.exploration.runtimes`)."""
     from equivcheck.backends.base import Layer
 
     if isinstance(obj, Side):

@@ -22,7 +22,7 @@ Two strategies, each a fixed handful of forward calls whatever the kernel size:
     digit-maps reads the whole input-side arrangement in one call.
 
 Either way the result is the stored flat index at points on every axis line through the
-origin, which :func:`equivcheck.explore.atoms.mapping_from_lines` turns into the mapping, and
+origin, which :func:`equivcheck.exploration.atoms.mapping_from_lines` turns into the mapping, and
 more observed points that the mapping must reproduce exactly.
 """
 
@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from equivcheck.errors import NotAPermutation, ProbeFailure, SpecError
-from equivcheck.explore.atoms import line_atoms, mapping_from_lines, stored_index
-from equivcheck.explore.sides import Side
+from equivcheck.exploration.atoms import line_atoms, mapping_from_lines, stored_index
+from equivcheck.exploration.sides import Side
 from equivcheck.mapping import Mapping
 from equivcheck.memory import require_memory
 from equivcheck.specs import ConvSpec

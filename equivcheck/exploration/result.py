@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from equivcheck.explore.check import Verification
-from equivcheck.explore.conventions import ConventionRow
-from equivcheck.explore.probe import Probed
+from equivcheck.exploration.check import Verification
+from equivcheck.exploration.conventions import ConventionRow
+from equivcheck.exploration.probe import Probed
 from equivcheck.mapping import Mapping
 
 __all__ = ["Exploration", "SideReport"]

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from equivcheck.errors import SpecError
-from equivcheck.explore.sides import dense_geometry
+from equivcheck.exploration.sides import dense_geometry
 from equivcheck.specs import ConvSpec, Shape
 
 __all__ = ["ONNX_DTYPES", "ONNX_LINEAR", "TFLITE_LINEAR", "conv_geometry", "declared_spatial", "dense_node_geometry"]

@@ -24,7 +24,7 @@ import sys
 from typing import Any
 
 from equivcheck.errors import SpecError
-from equivcheck.explore.sides import Side
+from equivcheck.exploration.sides import Side
 from equivcheck.specs import Shape
 
 __all__ = ["runtime_side", "split_model_path"]  # the sides: runtimes_onnx.OnnxSide, runtimes_tflite.TfliteSide
@@ -59,11 +59,11 @@ def runtime_side(obj: Any, shape: Shape) -> Side | None:
         if path.lower().endswith(".tflite"):
             if (named or node) is not None:
                 raise SpecError(f"model={obj!r}: a TFLite model is explored whole (one linear op), not by NODE")
-            from equivcheck.explore.runtimes_tflite import TfliteSide
+            from equivcheck.exploration.runtimes_tflite import TfliteSide
 
             return TfliteSide(_read(path), shape, label=f"tflite {os.path.basename(path)}")
         from equivcheck._readers_runtimes import onnx_declared_bytes
-        from equivcheck.explore.runtimes_onnx import OnnxSide
+        from equivcheck.exploration.runtimes_onnx import OnnxSide
         from equivcheck.memory import require_memory
 
         if os.path.isfile(path):  # its graph and external data checked, and what loading it allocates, before onnx reads it
@@ -71,14 +71,14 @@ def runtime_side(obj: Any, shape: Shape) -> Side | None:
         return OnnxSide(path, shape, node=node or named)
     if isinstance(obj, (bytes, bytearray, memoryview)):
         from equivcheck._readers_runtimes import check_tflite
-        from equivcheck.explore.runtimes_tflite import TfliteSide
+        from equivcheck.exploration.runtimes_tflite import TfliteSide
 
         data = bytes(obj)
         check_tflite(data, "the tflite model")
         return TfliteSide(data, shape)
     if not _is_onnx(obj):
         return None
-    from equivcheck.explore.runtimes_onnx import OnnxSide
+    from equivcheck.exploration.runtimes_onnx import OnnxSide
 
     return OnnxSide(obj, shape, node=node)
 

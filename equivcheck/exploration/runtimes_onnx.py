@@ -1,4 +1,4 @@
-"""One linear node of an ONNX graph as an explore side: :class:`OnnxSide` (see :mod:`equivcheck.explore.runtimes`)."""
+"""One linear node of an ONNX graph as an explore side: :class:`OnnxSide` (see :mod:`equivcheck.exploration.runtimes`)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import numpy as np
 
 from equivcheck.backends.onnxruntime import node_attribute, read_onnx_model
 from equivcheck.errors import SpecError, framework_message
-from equivcheck.explore.runtime_geometry import (
+from equivcheck.exploration.runtime_geometry import (
     ONNX_DTYPES,
     ONNX_LINEAR,
     conv_geometry,
     declared_spatial,
     dense_node_geometry,
 )
-from equivcheck.explore.sides import Side
+from equivcheck.exploration.sides import Side
 from equivcheck.specs import CHANNELS_FIRST, ConvSpec, Shape
 
 __all__ = ["OnnxSide"]

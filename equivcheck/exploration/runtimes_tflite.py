@@ -1,4 +1,4 @@
-"""One linear op of a TFLite model as an explore side: :class:`TfliteSide` (see :mod:`equivcheck.explore.runtimes`)."""
+"""One linear op of a TFLite model as an explore side: :class:`TfliteSide` (see :mod:`equivcheck.exploration.runtimes`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from equivcheck.errors import EquivcheckError, ProbeError, SpecError, framework_message
-from equivcheck.explore.runtime_geometry import TFLITE_LINEAR, conv_geometry, declared_spatial, dense_node_geometry
-from equivcheck.explore.sides import Side
+from equivcheck.exploration.runtime_geometry import TFLITE_LINEAR, conv_geometry, declared_spatial, dense_node_geometry
+from equivcheck.exploration.sides import Side
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, Shape
 
 __all__ = ["TfliteSide"]

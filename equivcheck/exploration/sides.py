@@ -73,7 +73,7 @@ class BlackBox:
         if shape is None:
             raise SpecError(
                 f"callable {name} has no kernel_shape: set fn.kernel_shape = (...) or wrap it, "
-                "equivcheck.explore.BlackBox(fn, kernel_shape=...)"
+                "equivcheck.exploration.BlackBox(fn, kernel_shape=...)"
             )
         try:
             params = [

@@ -63,7 +63,7 @@ class Dense:
     matrix: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from equivcheck.plan import canonical
+        from equivcheck.planning import canonical
 
         canon = canonical(self.spec).apply(np.asarray(self.kernel))  # (units, C, *spatial)
         self.matrix = np.ascontiguousarray(canon.reshape(self.spec.units, -1))
@@ -241,7 +241,7 @@ class Head:
 
     def describe(self, preset: str, rank: int) -> list[dict[str, Any]]:
         """One entry per Dense: its spec, the conv spec it becomes and the kernel mapping's code."""
-        from equivcheck.plan import plan
+        from equivcheck.planning import plan
         from equivcheck.presets import spec
 
         rows = []

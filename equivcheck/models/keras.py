@@ -254,7 +254,7 @@ def flexible_body(a: Analysis) -> Any:
 
 def _conv_head(a: Analysis, head: Head) -> list[tuple[Any, Any]]:
     """New head layers, each with its weights (list) or None."""
-    from equivcheck.plan import plan
+    from equivcheck.planning import plan
     from equivcheck.presets import spec
 
     keras = _keras()

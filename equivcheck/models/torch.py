@@ -275,7 +275,7 @@ def _head_modules(a: Analysis, head: Head) -> list[tuple[str, Any]]:
     import torch
     from torch import nn
 
-    from equivcheck.plan import plan
+    from equivcheck.planning import plan
     from equivcheck.presets import spec
 
     conv_class = getattr(nn, f"Conv{a.rank}d")

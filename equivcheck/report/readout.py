@@ -19,59 +19,17 @@ from typing import Any
 import numpy as np
 
 from equivcheck.errors import EquivcheckError
+from equivcheck.modelcheck.readout import MAX_READOUT, kernel_readout
 
 __all__ = ["MAX_READOUT", "add_model_pictures", "kernel_readout", "layer_picture"]
-
-MAX_READOUT = 64  # cells per side of a stored read-out (a larger kernel map is sampled)
-_SEARCH = 2_000_000  # source weights searched for the converted kernel's values
-
-
-def _cells(a: np.ndarray) -> list[list[int | None]]:
-    return [[None if not math.isfinite(v) else int(v) for v in row] for row in a.tolist()]
-
-
-def kernel_readout(source: Any, target: Any, kernel: np.ndarray, new_kernel: np.ndarray) -> dict[str, Any] | None:
-    """Where a converted kernel's weights come from, found by value in the source kernel.
-
-    ``source``/``target``: the two layers' specs; ``kernel``/``new_kernel``: their stored kernels.
-    Returns ``{"position", "channel", "step"}``: for the converted kernel's output 0, input
-    channel 0 (every input channel of output 0 for a flat dense layer), the source map position
-    (row-major) and the input channel of the source weight each holds — ``None`` where it holds
-    none of the source's (first output channels') weights — every ``step``-th cell per side
-    (at most :data:`MAX_READOUT`). ``None`` when the kernels do not have the specs' shapes.
-    """
-    from equivcheck.plan import canonical
-    from equivcheck.report.pictures import _grid, _has_map
-
-    kernel, new_kernel = np.asarray(kernel), np.asarray(new_kernel)
-    if tuple(kernel.shape) != tuple(source.kernel_shape) or tuple(new_kernel.shape) != tuple(target.kernel_shape):
-        return None
-    cs = np.asarray(canonical(source).apply(kernel), dtype=np.float64)
-    ct = np.asarray(canonical(target).apply(new_kernel), dtype=np.float64)
-    per_out = max(1, math.prod(cs.shape[1:]))
-    head = cs[: max(1, min(cs.shape[0], _SEARCH // per_out))]
-    flat = head.reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    ordered = flat[order]
-    values = ct[0, 0] if _has_map(ct.shape) else ct[0].reshape(-1)
-    at = np.clip(np.searchsorted(ordered, values), 0, len(ordered) - 1)
-    found = ordered[at] == values
-    where = np.unravel_index(order[at], head.shape)
-    spatial = head.shape[2:]
-    position = np.ravel_multi_index(where[2:], spatial) if spatial else np.zeros(values.shape, dtype=np.int64)
-    grids = []
-    for index in (position, where[1]):
-        grids.append(_grid(np.where(found, index, np.nan)))
-    step = max(1, math.ceil(max(grids[0].shape) / MAX_READOUT))
-    return {"position": _cells(grids[0][::step, ::step]), "channel": _cells(grids[1][::step, ::step]), "step": step}
 
 
 def _right_readout(source: Any, target: Any) -> dict[str, Any] | None:
     """The right mapping's read-out, on specs with channels cut (map positions do not depend on them)."""
-    from equivcheck.plan import plan
-    from equivcheck.report.pictures import _small
+    from equivcheck.planning import plan
+    from equivcheck.report.pictures import small
 
-    s, t = _small(source), _small(target)
+    s, t = small(source), small(target)
     kernel = np.arange(math.prod(s.kernel_shape), dtype=np.float64).reshape(s.kernel_shape)
     return kernel_readout(s, t, kernel, plan(s, t).apply(kernel))
 
@@ -117,23 +75,23 @@ def layer_picture(row: dict[str, Any], check: dict[str, Any]) -> dict[str, Any] 
 
 def _readout_figure(label: str, row: dict[str, Any], right: tuple[np.ndarray, np.ndarray],
                     got: tuple[np.ndarray, np.ndarray], wrong: np.ndarray) -> dict[str, Any]:
-    from equivcheck.report.pictures import _OUTCOME_COLOUR, _mosaic, _panel, _png
+    from equivcheck.report.pictures import OUTCOME_COLOUR, mosaic, panel, png
 
     hi_pos = float(np.nanmax([np.nanmax(right[0]), np.nanmax(got[0]) if np.isfinite(got[0]).any() else 0])) or 1.0
     hi_ch = float(np.nanmax([np.nanmax(right[1]), np.nanmax(got[1]) if np.isfinite(got[1]).any() else 0])) or 1.0
     mistake = str(row.get("mistake") or "this converter")
-    columns = [("right mapping", _OUTCOME_COLOUR["right"]), (f"converted\n({mistake})", _OUTCOME_COLOUR["not rejected"])]
-    panels = [[_panel(right[0], "viridis", hi_pos), _panel(got[0], "viridis", hi_pos)],
-              [_panel(right[1], "cividis", hi_ch), _panel(got[1], "cividis", hi_ch)],
-              [None, _panel(wrong, "Reds", 1.0)]]
+    columns = [("right mapping", OUTCOME_COLOUR["right"]), (f"converted\n({mistake})", OUTCOME_COLOUR["not rejected"])]
+    panels = [[panel(right[0], "viridis", hi_pos), panel(got[0], "viridis", hi_pos)],
+              [panel(right[1], "cividis", hi_ch), panel(got[1], "cividis", hi_ch)],
+              [None, panel(wrong, "Reds", 1.0)]]
     title = f"{label}: where the converted kernel reads its weights from"
-    fig = _mosaic(title, columns, ["read from: position", "read from: channel", "reads a wrong weight"], panels, {1})
+    fig = mosaic(title, columns, ["read from: position", "read from: channel", "reads a wrong weight"], panels, {1})
     share = float(wrong.mean()) if wrong.size else 0.0
     caption = (f"For each converted kernel position (output 0, input channel 0): the source map position (row-major) "
                f"and input channel of the weight it holds — the right mapping's (left, a smooth ramp) and the converted "
                f"model's, found by value in the source kernel (right). Bottom: the {100 * share:.3g}% of positions "
                f"holding a weight from the wrong place (white: a weight found nowhere in the source).")
-    return {"title": title, "caption": caption, "png": _png(fig)}
+    return {"title": title, "caption": caption, "png": png(fig)}
 
 
 def add_model_pictures(extra: dict[str, Any]) -> dict[str, dict[str, Any]]:

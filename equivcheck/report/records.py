@@ -1,10 +1,10 @@
-"""Case records: a :class:`~equivcheck.verify.Case` as the plain dict a report stores.
+"""Case records: a :class:`~equivcheck.verification.Case` as the plain dict a report stores.
 
 A record is ``Case.to_dict()`` plus ``id`` (a content hash, so records sent twice — by two
 pytest-xdist workers, or a retry — collapse into one), ``title``, and, for a case that did not
 pass, ``error_map`` (its output error reduced to a small 2-D grid for a picture) and
 ``diagnosis`` (the mutant whose kernel the converter returned, found by
-:func:`equivcheck.verify.verify_pair`). Everything that needs the case's arrays is computed
+:func:`equivcheck.verification.verify_pair`). Everything that needs the case's arrays is computed
 before the record leaves the process, so a record can cross a process boundary as JSON and
 still give the same report.
 """
@@ -101,7 +101,7 @@ def _pool(grid: np.ndarray, cells: int) -> np.ndarray:
 
 
 def case_record(case: Any) -> dict[str, Any]:
-    """A :class:`~equivcheck.verify.Case` (or an existing record) as a report record."""
+    """A :class:`~equivcheck.verification.Case` (or an existing record) as a report record."""
     if isinstance(case, dict):
         record = dict(case)
     elif hasattr(case, "to_dict"):

@@ -14,7 +14,7 @@ import pytest
 
 import equivcheck as ec
 from equivcheck import backends
-from equivcheck.verify import verify_pair
+from equivcheck.verification import verify_pair
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed: pip install 'equivcheck[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'equivcheck[onnx]'")

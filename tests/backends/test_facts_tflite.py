@@ -175,7 +175,7 @@ def test_unsupported_says_why():
 
 def test_verify_tflite_dense_to_onnx_conv():
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'equivcheck[onnx]'")
-    from equivcheck.verify import verify_pair
+    from equivcheck.verification import verify_pair
 
     src = ec.spec("tflite:dense", channels=3, spatial=(3, 3), units=4)
     dst = ec.spec("onnx:conv", channels=3, spatial=(3, 3), units=4)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from equivcheck.verify import verify_pair
+from equivcheck.verification import verify_pair
 
 from ._support import BACKEND_NAMES, assert_verdict, preset_spec, require
 

@@ -12,7 +12,7 @@ import pytest
 import equivcheck as ec
 from equivcheck import backends
 from equivcheck.backends.base import Backend
-from equivcheck.verify import verify_pair
+from equivcheck.verification import verify_pair
 
 from ._support import BACKEND_NAMES, MODULES, require
 
@@ -79,7 +79,7 @@ def test_keras_on_another_backend_is_unavailable():
     code = (
         "import equivcheck as ec\n"
         "from equivcheck import backends\n"
-        "from equivcheck.verify import verify_pair\n"
+        "from equivcheck.verification import verify_pair\n"
         "s = ec.spec('keras:conv', channels=2, spatial=(3, 3), units=2)\n"
         "c = verify_pair(s, s, source_backend='numpy', target_backend='keras')\n"
         "print(backends.get('keras').available(), c.verdict)"
