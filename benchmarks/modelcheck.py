@@ -58,8 +58,8 @@ def rows(quick: bool = False, repeat: int = 3, batch: int = 2) -> list[tuple[str
     import numpy as np
     import torch
 
+    from equivcheck.fcn.vgg import VGG, vgg16
     from equivcheck.modelcheck import check_models
-    from equivcheck.models.vgg import VGG, vgg16
 
     torch.set_grad_enabled(False)
     if quick:

@@ -33,7 +33,7 @@ _LAZY = {
     **dict.fromkeys(("PRESETS", "build", "spec"), "equivcheck.presets"),
     **dict.fromkeys(("ConvSpec", "DenseSpec", "Shape"), "equivcheck.specs"),
     **dict.fromkeys(("Case", "verify", "verify_pair"), "equivcheck.verification"),
-    **dict.fromkeys(("convolutionalize", "verify_model"), "equivcheck.models"),
+    **dict.fromkeys(("convolutionalize", "verify_model"), "equivcheck.fcn"),
     **dict.fromkeys(("check_models", "ModelCheck", "check_model_converter"), "equivcheck.modelcheck"),
     **dict.fromkeys(("check_converter",), "equivcheck.checker"),
     **dict.fromkeys(("RecurrentSpec", "AttentionSpec", "NamedMapping", "verify_sequence_pair"), "equivcheck.sequence"),

@@ -269,7 +269,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"cases": [c.to_dict() for c in cases]})
     else:
-        from equivcheck.render import print_cases
+        from equivcheck.report.terminal import print_cases
 
         print_cases(cases)
         counts = {v: sum(c.verdict == v for c in cases) for v in ("pass", "fail", "inconclusive", "skip", "error")}
@@ -372,7 +372,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_convolutionalize(args: argparse.Namespace) -> int:
-    from equivcheck.models.commands import convolutionalize_file
+    from equivcheck.fcn.commands import convolutionalize_file
 
     convolutionalize_file(args.input, args.output, force=args.force)
     print(f"wrote {args.output}")
@@ -394,7 +394,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_verify_model(args: argparse.Namespace) -> int:
-    from equivcheck.models.commands import verify_model_cli
+    from equivcheck.fcn.commands import verify_model_cli
 
     return verify_model_cli(args)
 

@@ -130,7 +130,7 @@ def _keras_model(quick: bool, seed: int) -> Any:
 
     if quick:
         L = keras.layers
-        from equivcheck.models.vgg import valid_input_size
+        from equivcheck.fcn.vgg import valid_input_size
 
         size = valid_input_size(SMALL_CFG, 4)
         layers: list[Any] = [keras.Input((size, size, 3))]
@@ -146,7 +146,7 @@ def _keras_model(quick: bool, seed: int) -> Any:
 
 
 def _torch_model(quick: bool, seed: int) -> Any:
-    from equivcheck.models import vgg
+    from equivcheck.fcn import vgg
 
     model = vgg.VGG(SMALL_CFG, hidden=32, num_classes=10, map_size=4, padding=0) if quick else vgg.vgg16(seed=seed)
     he_init_torch(model, seed)
@@ -154,8 +154,8 @@ def _torch_model(quick: bool, seed: int) -> Any:
 
 
 def _models(quick: bool, seed: int, progress: Any, console: Any) -> list[Any]:
-    from equivcheck.models import convolutionalize, verify_model
-    from equivcheck.models.commands import print_verification
+    from equivcheck.fcn import convolutionalize, verify_model
+    from equivcheck.fcn.commands import print_verification
 
     results = []
     frameworks: list[tuple[str, Callable[[bool, int], Any]]] = [("torch", _torch_model), ("keras", _keras_model)]
@@ -244,7 +244,7 @@ def run(report_dir: str | os.PathLike[str] | None = "reports", quick: bool = Fal
     expected = all(check.verdict == want for want, check in conversions)
     ok = all(c.verdict == "pass" for c in cases) and all(r.passed for r in results) and expected
     if report_dir is not None:
-        from equivcheck.models.commands import write_model_report
+        from equivcheck.fcn.commands import write_model_report
 
         paths = write_model_report(report_dir, results, cases=cases, command="demo" + (" --quick" if quick else ""), seed=seed,
                                    extra={"model conversions": [check.to_dict() for _, check in conversions]})

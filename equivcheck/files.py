@@ -5,7 +5,7 @@ torch ``.pt``/``.pth`` with ``torch.load(..., weights_only=True)`` (a pickled mo
 refused), ``.safetensors`` and HDF5 (``.h5``, Keras ``.weights.h5``) hold plain arrays, and
 Keras ``.keras`` models load with ``safe_mode=True`` (a Lambda layer is refused). ONNX
 initializers, TFLite buffers and a ``.keras`` archive's weights are read as arrays without
-running or building the model (see :mod:`equivcheck._readers_runtimes`). Writes go
+running or building the model (see :mod:`equivcheck.model_weights`). Writes go
 to a temporary file in the target folder, are flushed to disk, then renamed over the target,
 so a reader never sees half a file and an interrupted write leaves nothing behind.
 
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck import _arrays, _readers, _readers_runtimes
+from equivcheck import _arrays, file_index, model_weights
 from equivcheck.errors import EquivcheckError, FileFormatError, SpecError
 from equivcheck.memory import require_memory
 from equivcheck.specs import LayerSpec
@@ -180,7 +180,7 @@ def load_arrays(path: str | os.PathLike[str], keys: Iterable[str] | None = None)
     against the memory guard before anything is inflated or read.
     """
     p = _input(path)
-    with _readers_runtimes.open_index(p) as index:
+    with model_weights.open_index(p) as index:
         if not index:
             raise FileFormatError(f"input={str(p)!r} holds no arrays")
         names = list(index) if keys is None else [_pick(index, k, (), "array", p) for k in keys]
@@ -273,7 +273,6 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
     return _arrays.to_numpy(t)
 
 
-_tensor_to_numpy = tensor_to_numpy  # the name models.commands still imports
 
 
 # -- Keras ------------------------------------------------------------------------------------
@@ -291,7 +290,7 @@ def load_keras_model(path: str | os.PathLike[str]) -> Any:
     if p.suffix != ".keras":
         raise FileFormatError(f"input={str(p)!r} has suffix {p.suffix!r}: expected a .keras model")
     try:  # what building it would allocate, from the archive alone: refused before Keras reads it
-        require_memory(f"loading {str(p)!r}", 2 * _readers.keras_declared_bytes(p, repr(str(p))))
+        require_memory(f"loading {str(p)!r}", 2 * file_index.keras_declared_bytes(p, repr(str(p))))
     except EquivcheckError:
         raise
     except (OSError, zipfile.BadZipFile, zlib.error, ValueError, KeyError, TypeError, OverflowError) as exc:
@@ -365,7 +364,7 @@ def convert_file(source: LayerSpec, target: LayerSpec, input: str | os.PathLike[
 
 def _read_weights(source: LayerSpec, p: Path, kernel_key: str | None, bias_key: str | None) -> tuple[np.ndarray, Any]:
     """The kernel and (if any) bias of ``source`` from ``p``, declared shapes and dtypes checked before reading."""
-    with _readers_runtimes.open_index(p) as index:
+    with model_weights.open_index(p) as index:
         if index.graph:
             k, b = _pick_linear(index, kernel_key, bias_key, p)
         else:
@@ -383,7 +382,7 @@ def _read_weights(source: LayerSpec, p: Path, kernel_key: str | None, bias_key: 
     return arrays[0], arrays[1] if len(arrays) > 1 else None
 
 
-def _pick_linear(index: _readers.Index, kernel_key: str | None, bias_key: str | None, p: Path) -> tuple[str, str | None]:
+def _pick_linear(index: file_index.Index, kernel_key: str | None, bias_key: str | None, p: Path) -> tuple[str, str | None]:
     """Kernel and bias names in a model graph: as named, else those of its one linear node."""
     if kernel_key is None:
         if len(index.linear) != 1:

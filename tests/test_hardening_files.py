@@ -360,7 +360,7 @@ def opened(monkeypatch) -> list[str]:
     ("inside.bin?len", r"declared shape=\(60, 6\) dtype=float32 needs 1440 bytes, the entry says 4398046511104"),
 ])
 def test_onnx_external_data_outside_the_folder_is_never_opened(tmp_path, capsys, opened, location, match):
-    import equivcheck._readers_runtimes  # noqa: F401  (imported before the spy counts opens)
+    import equivcheck.model_weights  # noqa: F401  (imported before the spy counts opens)
     from tests.test_files_runtimes import external, onnx_file
 
     pytest.importorskip("onnx", reason="onnx")
@@ -770,7 +770,7 @@ def test_explore_refuses_a_tflite_decode_bomb_before_the_interpreter(tmp_path, k
 
 
 def test_a_tflite_of_many_plain_tensors_is_within_the_decode_budget(tmp_path):
-    from equivcheck import _readers_runtimes as runtimes
+    from equivcheck import model_weights as runtimes
 
     data = tflite_shared("a plain model", n=200)
     index = runtimes._tflite(runtimes._Flat(data, "m"), "m")

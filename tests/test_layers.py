@@ -21,17 +21,17 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "equivcheck.presets", "equivcheck.serialize", "equivcheck.sequence.specs", "equivcheck.sequence.presets")),
     ("mapping", ("equivcheck.ops", "equivcheck.mapping", "equivcheck.planning", "equivcheck._codegen", "equivcheck._arrays",
                  "equivcheck._copy", "equivcheck._fastcopy", "equivcheck.sequence.named")),
-    ("data and files", ("equivcheck.data", "equivcheck.files", "equivcheck._readers",
-                        "equivcheck._readers_runtimes", "equivcheck.sequence.reference")),
+    ("data and files", ("equivcheck.data", "equivcheck.files", "equivcheck.file_index",
+                        "equivcheck.model_weights", "equivcheck.sequence.reference")),
     # strategies draw backends too: they sit on the registry
     ("backends", ("equivcheck.backends", "equivcheck.sequence.backends", "equivcheck.strategies")),
     ("judging", ("equivcheck.compare", "equivcheck.backends.probe", "equivcheck.mutations", "equivcheck.identification",
                  "equivcheck.diagnosis", "equivcheck.judge")),
     ("checks", ("equivcheck.verification", "equivcheck.checker", "equivcheck.exploration", "equivcheck.modelcheck",
-                "equivcheck.models", "equivcheck.sequence")),
-    ("report", ("equivcheck.report", "equivcheck.render")),
+                "equivcheck.fcn", "equivcheck.sequence")),
+    ("report", ("equivcheck.report", "equivcheck.report.terminal")),
     ("faces", ("equivcheck", "equivcheck.cli", "equivcheck.plugin", "equivcheck.demo", "equivcheck.__main__",
-               "equivcheck.modelcheck.commands", "equivcheck.models.commands", "equivcheck.report.example")),
+               "equivcheck.modelcheck.commands", "equivcheck.fcn.commands", "equivcheck.report.example")),
 )
 
 

@@ -62,16 +62,16 @@ def runtime_side(obj: Any, shape: Shape) -> Side | None:
             from equivcheck.exploration.runtimes_tflite import TfliteSide
 
             return TfliteSide(_read(path), shape, label=f"tflite {os.path.basename(path)}")
-        from equivcheck._readers_runtimes import onnx_declared_bytes
         from equivcheck.exploration.runtimes_onnx import OnnxSide
         from equivcheck.memory import require_memory
+        from equivcheck.model_weights import onnx_declared_bytes
 
         if os.path.isfile(path):  # its graph and external data checked, and what loading it allocates, before onnx reads it
             require_memory(f"loading {path!r}", onnx_declared_bytes(path, repr(path)))
         return OnnxSide(path, shape, node=node or named)
     if isinstance(obj, (bytes, bytearray, memoryview)):
-        from equivcheck._readers_runtimes import check_tflite
         from equivcheck.exploration.runtimes_tflite import TfliteSide
+        from equivcheck.model_weights import check_tflite
 
         data = bytes(obj)
         check_tflite(data, "the tflite model")
@@ -92,7 +92,7 @@ def _is_onnx(obj: Any, paths: bool = False) -> bool:
 def _read(path: str) -> bytes:
     """A .tflite file's bytes: a regular file within the memory guard (never a FIFO, which would hang the
     read), whose flatbuffer the index accepts (bounds, graph, what decoding it produces)."""
-    from equivcheck._readers_runtimes import check_tflite, read_regular
+    from equivcheck.model_weights import check_tflite, read_regular
 
     data = read_regular(path, repr(path), factor=3)  # the bytes, a copy per probe kernel, the decoded tables
     check_tflite(data, repr(path))

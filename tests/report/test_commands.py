@@ -54,7 +54,7 @@ def explore_report(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def verify_model_report(tmp_path_factory, keras) -> Path:
     from equivcheck import files
-    from equivcheck.models.commands import convolutionalize_file
+    from equivcheck.fcn.commands import convolutionalize_file
 
     from ..models.test_keras_models import randomize, small_functional
 

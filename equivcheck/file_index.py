@@ -97,7 +97,7 @@ def dtype_problem(dtype: Any) -> str | None:
 def open_index(p: Path, openers: dict[str, Callable[[Path, str], Any]] | None = None) -> Iterator[Index]:
     """The arrays ``p`` declares, by name; the file stays open (for reads) inside the block.
 
-    ``openers``: further formats by suffix (the model files of :mod:`equivcheck._readers_runtimes`,
+    ``openers``: further formats by suffix (the model files of :mod:`equivcheck.model_weights`,
     whose ``open_index`` passes them), beside the weight files read here.
     """
     where = repr(str(p))

@@ -8,15 +8,15 @@ import pytest
 
 import equivcheck as ec
 from equivcheck.errors import FileFormatError
-from equivcheck.models import HeadError
-from equivcheck.models.commands import convolutionalize_file
+from equivcheck.fcn import HeadError
+from equivcheck.fcn.commands import convolutionalize_file
 
 CFG = (4, "M", 6, "M")
 
 
 @pytest.fixture(scope="module")
 def vgg(torch):
-    from equivcheck.models import vgg
+    from equivcheck.fcn import vgg
 
     return vgg
 

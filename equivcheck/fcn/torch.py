@@ -11,7 +11,7 @@ is the identity at the training size is dropped (``nn.Identity``); one that pool
 becomes the fixed pool it is there; a global one (output 1) is kept.
 
 Functional operations inside a ``forward`` that do not change shapes are invisible to the
-trace; :func:`equivcheck.models.verify_model` is what proves the rebuilt model right.
+trace; :func:`equivcheck.fcn.verify_model` is what proves the rebuilt model right.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.models.head import Activation, Affine, Dense, Head, HeadError, leaky_relu
+from equivcheck.fcn.head import Activation, Affine, Dense, Head, HeadError, leaky_relu
 from equivcheck.specs import CHANNELS_FIRST
 
 __all__ = ["TorchSplit", "analyze", "convolutionalize", "is_torch_model", "split"]
@@ -346,7 +346,7 @@ def convolutionalize(model: Any, input_shape: tuple[int, ...] | None = None) -> 
     """A new model whose flatten → Linear head is convolutions; ``model`` is left as it was.
 
     ``input_shape`` is one sample's (C, H, W) at the training size; it defaults to
-    ``model.input_shape`` (set by :mod:`equivcheck.models.vgg`).
+    ``model.input_shape`` (set by :mod:`equivcheck.fcn.vgg`).
     """
     from torch import nn
 

@@ -121,7 +121,7 @@ def from_state_dict(state: Mapping[str, Any]) -> nn.Module:
                 padding=1)
     target = model
     if first.ndim == 4:
-        from equivcheck.models.torch import convolutionalize
+        from equivcheck.fcn.torch import convolutionalize
 
         target = convolutionalize(model)
     try:

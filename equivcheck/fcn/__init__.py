@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from equivcheck.models.head import HeadError
-from equivcheck.models.sliding import Check, ModelVerification
+from equivcheck.fcn.head import HeadError
+from equivcheck.fcn.sliding import Check, ModelVerification
 
 __all__ = ["Check", "HeadError", "ModelVerification", "convolutionalize", "split", "verify_model"]
 
 
 def _framework(model: Any) -> Any:
-    from equivcheck.models import keras as keras_models
-    from equivcheck.models import torch as torch_models
+    from equivcheck.fcn import keras as keras_models
+    from equivcheck.fcn import torch as torch_models
 
     if keras_models.is_keras_model(model):
         return keras_models
@@ -63,7 +63,7 @@ def verify_model(source: Any = None, converted: Any = None, *, input_shape: tupl
     deprecated name of ``source``.
     """
     from equivcheck.errors import renamed
-    from equivcheck.models.sliding import verify_split
+    from equivcheck.fcn.sliding import verify_split
 
     if original is not None:
         source = renamed("original", "source", original)

@@ -9,8 +9,8 @@ import pytest
 
 import equivcheck as ec
 from equivcheck.errors import EquivcheckError, FileFormatError
-from equivcheck.models import HeadError
-from equivcheck.models.commands import convolutionalize_file
+from equivcheck.fcn import HeadError
+from equivcheck.fcn.commands import convolutionalize_file
 
 from ..backends._support import skip_where_it_cannot_run
 

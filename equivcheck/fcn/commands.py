@@ -4,7 +4,7 @@ Supported model files:
 
 * ``.keras`` — a whole Keras model (Sequential or Functional), loaded with ``safe_mode=True``.
 * ``.pt`` / ``.pth`` / ``.safetensors`` / ``.npz`` — a *state dict* of equivcheck's own
-  VGG16-style torch model (:mod:`equivcheck.models.vgg`, torchvision's key names). A state
+  VGG16-style torch model (:mod:`equivcheck.fcn.vgg`, torchvision's key names). A state
   dict has no architecture, so other torch models are converted in Python:
   ``equivcheck.convolutionalize(model, input_shape=(3, 224, 224))``.
 
@@ -42,7 +42,7 @@ def load_model(path: str | Path) -> Any:
         arrays = files.load_arrays(p)
         if importlib.util.find_spec("torch") is None:
             raise FileFormatError(f"input={str(p)!r} is a torch state dict: pip install 'equivcheck[torch]'")
-        from equivcheck.models import vgg
+        from equivcheck.fcn import vgg
 
         return vgg.from_state_dict(arrays)
     raise FileFormatError(f"input={str(p)!r} has suffix {p.suffix!r}: expected a .keras model or a .pt/.pth/.safetensors/.npz "
@@ -52,7 +52,7 @@ def load_model(path: str | Path) -> Any:
 def save_model(model: Any, path: str | Path, *, force: bool = False, protect: tuple = ()) -> None:
     """Write ``model`` atomically: ``.keras`` for Keras, a state dict (suffix decides the format) for torch."""
     from equivcheck import files
-    from equivcheck.models.keras import is_keras_model
+    from equivcheck.fcn.keras import is_keras_model
 
     p = Path(path)
     if is_keras_model(model):
@@ -61,9 +61,9 @@ def save_model(model: Any, path: str | Path, *, force: bool = False, protect: tu
     if p.suffix not in STATE_DICT_SUFFIXES:
         raise FileFormatError(f"output={str(p)!r} has suffix {p.suffix!r}: a torch model is written as a state dict "
                               ".pt, .pth, .safetensors or .npz")
-    from equivcheck.files import _tensor_to_numpy
+    from equivcheck.files import tensor_to_numpy
 
-    arrays = {k: _tensor_to_numpy(v) for k, v in model.state_dict().items()}
+    arrays = {k: tensor_to_numpy(v) for k, v in model.state_dict().items()}
     files.save_arrays(p, arrays, force=force, protect=protect)
 
 
@@ -91,7 +91,7 @@ def _check_output(input: Path, output: Path, force: bool) -> None:
 
 def convolutionalize_file(input: str | Path, output: str | Path, *, force: bool = False) -> None:
     """Read a model, convolutionalize it, write it atomically (never over the input)."""
-    from equivcheck.models import convolutionalize
+    from equivcheck.fcn import convolutionalize
 
     src, dst = Path(input), Path(output)
     _check_output(src, dst, force)
@@ -107,7 +107,7 @@ def _is_converted(model: Any) -> bool:
 
 def verify_model_cli(args: argparse.Namespace) -> int:
     """``equivcheck verify-model ORIGINAL CONVERTED [--size H,W] [--json] [--report DIR]``; 0 pass, 1 fail."""
-    from equivcheck.models import verify_model
+    from equivcheck.fcn import verify_model
 
     if Path(args.original).resolve() == Path(args.converted).resolve():
         raise FileFormatError(f"ORIGINAL and CONVERTED are the same file ({args.original}): "

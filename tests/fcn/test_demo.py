@@ -25,7 +25,7 @@ def test_quick_demo_writes_a_passing_report(keras, torch, tmp_path, capsys):
 
 def test_models_import_no_framework():
     code = ("import sys, equivcheck as ec; ec.convolutionalize; ec.verify_model; import equivcheck.demo, equivcheck.files;"
-            "import equivcheck.models.sliding, equivcheck.models.commands;"
+            "import equivcheck.fcn.sliding, equivcheck.fcn.commands;"
             "print(sorted(m for m in ('torch', 'keras', 'tensorflow', 'jax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

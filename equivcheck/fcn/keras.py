@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.models.head import Activation, Affine, Dense, Head, HeadError, check_activation, leaky_relu
+from equivcheck.fcn.head import Activation, Affine, Dense, Head, HeadError, check_activation, leaky_relu
 from equivcheck.specs import CHANNELS_LAST
 
 __all__ = ["KerasSplit", "analyze", "convolutionalize", "is_keras_model", "split"]
@@ -314,7 +314,7 @@ def convolutionalize(model: Any) -> Any:
 # -- verification support -----------------------------------------------------------------
 @dataclass
 class KerasSplit:
-    """What :func:`equivcheck.models.verify_model` needs from a Keras model."""
+    """What :func:`equivcheck.fcn.verify_model` needs from a Keras model."""
 
     analysis: Analysis
     head: Head

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import equivcheck as ec
-from equivcheck.models.head import ACTIVATIONS, Activation, Dense, Head, HeadError, Propagated, check_activation
-from equivcheck.models.sliding import mutant_matrices
+from equivcheck.fcn.head import ACTIVATIONS, Activation, Dense, Head, HeadError, Propagated, check_activation
+from equivcheck.fcn.sliding import mutant_matrices
 
 RNG = np.random.default_rng(0)
 

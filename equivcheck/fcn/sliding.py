@@ -1,6 +1,6 @@
 """Whole-model verification: same outputs at the training size, sliding-window equivalence above it.
 
-Three checks, each judged by :meth:`equivcheck.models.head.Head.judge` — the exact float64
+Three checks, each judged by :meth:`equivcheck.fcn.head.Head.judge` — the exact float64
 head on the very same float32 features, with a rounding bound propagated layer by layer:
 
 ``training size``
@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from equivcheck.compare import Comparison
+from equivcheck.fcn.head import HeadError, Propagated
 from equivcheck.memory import require_memory
-from equivcheck.models.head import HeadError, Propagated
 
 __all__ = ["Check", "ModelVerification", "verify_split"]
 

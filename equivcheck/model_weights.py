@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck import _readers
-from equivcheck._readers import Entry, Index, corrupt, dtype_problem, read_exactly
+from equivcheck import file_index
 from equivcheck.errors import EquivcheckError, FileFormatError
+from equivcheck.file_index import Entry, Index, corrupt, dtype_problem, read_exactly
 from equivcheck.memory import require_memory
 
 _ONNX_LINEAR = {"Gemm": 2, "MatMul": None, "Conv": 2, "ConvTranspose": 2}  # op -> input index of its bias
@@ -71,8 +71,8 @@ def _linear_summary(found: list[tuple[str, str, str | None]], names: Iterable[st
 
 @contextlib.contextmanager
 def open_index(p: Path) -> Iterator[Index]:
-    """The arrays ``p`` declares (see :func:`equivcheck._readers.open_index`), ``.onnx`` and ``.tflite`` models included."""
-    with _readers.open_index(p, {".onnx": onnx_index, ".tflite": tflite_index}) as index:
+    """The arrays ``p`` declares (see :func:`equivcheck.file_index.open_index`), ``.onnx`` and ``.tflite`` models included."""
+    with file_index.open_index(p, {".onnx": onnx_index, ".tflite": tflite_index}) as index:
         yield index
 
 
