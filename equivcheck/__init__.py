@@ -83,13 +83,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """A public name, imported on first use (and kept, so the next look-up is plain)."""
+    """A public name, imported on first use (looked up each time: it follows the module if that is re-imported)."""
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'equivcheck' has no attribute {name!r}")
 
 

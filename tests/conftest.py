@@ -2,7 +2,17 @@
 
 import os
 
+import ml_dtypes  # noqa: F401
+import numpy  # noqa: F401
 import pytest
+
+import equivcheck.checker
+import equivcheck.judge
+import equivcheck.report  # noqa: F401
+
+# `import equivcheck` and its plugin are lazy, so the first in-process pytester run would import the
+# rest, and pytester drops what a run imported: a C extension (numpy, ml_dtypes) cannot load twice, and
+# a re-imported equivcheck module would hold classes that the kept ones (lru_caches) do not recognise.
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")

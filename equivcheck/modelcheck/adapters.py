@@ -20,17 +20,17 @@ from typing import Any
 import numpy as np
 
 from equivcheck.errors import EquivcheckError
-from equivcheck.modelcheck.layers import Layout, Linear, conv_letters, flatten_order
+from equivcheck.modelcheck.layers import Layout, Linear, Other, conv_letters, flatten_order
 from equivcheck.specs import CHANNELS_FIRST, CHANNELS_LAST, spatial_letters
 
-__all__ = ["Adapter", "KerasAdapter", "TorchAdapter", "adapter_for"]
+__all__ = ["Adapter", "KerasAdapter", "ModelError", "TorchAdapter", "first_line", "outermost", "per_position", "resolve_layout"]
 
 
 class ModelError(EquivcheckError, ValueError):
     """A model cannot be run, traced or described."""
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     from equivcheck.errors import framework_message
 
     return framework_message(exc)
@@ -48,6 +48,7 @@ class Adapter(ABC):
         self.model = model
         self.role = role
         self.notes: list[str] = []
+        self.others: list[Other] = []  # filled by run(): the layers with parameters that are not captured linear layers
 
     name = ""
     dtype = "float32"
@@ -68,24 +69,26 @@ class Adapter(ABC):
     def close(self) -> None:  # noqa: B027 - most frameworks change nothing to undo
         """Undo anything done to the model for the check (training flags)."""
 
+    def cast(self, dtype: str) -> Any | None:
+        """A copy of the model computing in ``dtype``, or None where this framework's models are not cast."""
+        return None
 
-def adapter_for(model: Any, role: str) -> Adapter:
-    torch = sys.modules.get("torch")
-    keras = sys.modules.get("keras")
-    if torch is not None and isinstance(model, torch.nn.Module):
-        return TorchAdapter(model, role)
-    if keras is not None and isinstance(model, keras.Model):
-        return KerasAdapter(model, role)
-    from equivcheck.modelcheck.flax_adapter import FlaxAdapter, is_flax
-    from equivcheck.modelcheck.onnx_adapter import OnnxAdapter, is_onnx
+    def fixed_batch(self) -> int | None:
+        """The batch size the model's graph fixes, where it fixes one (an exported graph)."""
+        return None
 
-    if is_flax(model):
-        return FlaxAdapter(model, role)
-    if is_onnx(model):
-        return OnnxAdapter(model, role)
-    raise ModelError(f"{role}={type(model).__name__} is not a torch.nn.Module, a Keras 3 model, an ONNX model "
-                     "(ModelProto, .onnx path, InferenceSession) or a Flax (module, variables) tuple: "
-                     "pass a model object (files load with equivcheck.modelcheck.commands.load_model)")
+
+def outermost(others: list[Other], sep: str = ".") -> list[Other]:
+    """``others`` without those nested in another one (``attn.out_proj`` counted in ``attn``), first run first."""
+    import dataclasses
+
+    names = {o.name for o in others}
+    kept = {o.name: o for o in others if not any(o.name.startswith(n + sep) for n in names if n != o.name)}
+    for o in others:
+        parent = next((n for n in kept if o.name.startswith(n + sep)), None)
+        if parent is not None:
+            kept[parent] = dataclasses.replace(kept[parent], weights=kept[parent].weights + o.weights)
+    return sorted(kept.values(), key=lambda o: (o.after < 0, o.after))
 
 
 # -- torch ---------------------------------------------------------------------------------
@@ -124,12 +127,20 @@ class TorchAdapter(Adapter):
         for m, mode in self._modes.items():
             m.training = mode
 
+    def cast(self, dtype: str) -> Any:
+        import copy
+
+        return copy.deepcopy(self.model).to(getattr(self._torch, dtype))
+
     def input_shape(self) -> tuple[int, ...] | None:
         shape = getattr(self.model, "input_shape", None)
         return None if shape is None else tuple(int(s) for s in shape)
 
     def _config(self, module: Any) -> tuple[str, dict[str, Any]] | None:
         nn = self._torch.nn
+        norm = self._norm(module)
+        if norm is not None:
+            return norm
         if isinstance(module, nn.Linear):
             return "dense", {"units": module.out_features, "kernel_layout": "OI"}
         if isinstance(module, nn.modules.conv._ConvNd):
@@ -152,15 +163,34 @@ class TorchAdapter(Adapter):
             return ("depthwise" if depthwise else "conv"), cfg
         return None
 
+    def _norm(self, module: Any) -> tuple[str, dict[str, Any]] | None:
+        """Batch norm with running statistics, layer norm over the last axis, group norm; else None."""
+        from equivcheck.modelcheck.norms import norm_config
+
+        nn = self._torch.nn
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and module.running_mean is not None:
+            keep = None if module.momentum is None else 1.0 - float(module.momentum)
+            return "batchnorm", norm_config(mean=_torch_numpy(module.running_mean), var=_torch_numpy(module.running_var),
+                                            eps=module.eps, data_format=CHANNELS_FIRST, keep=keep)
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+            return "layernorm", norm_config(eps=module.eps, data_format=CHANNELS_FIRST)
+        if isinstance(module, nn.GroupNorm):
+            return "groupnorm", norm_config(eps=module.eps, groups=module.num_groups, data_format=CHANNELS_FIRST)
+        return None
+
     def run(self, x: np.ndarray, *, outputs: bool = True) -> tuple[np.ndarray, list[Linear]]:
         torch = self._torch
         self._names = {id(m): n for n, m in self.model.named_modules()}
         records: list[Linear] = []
         last_map: list[Any] = [None]
         seen: dict[str, int] = {}
+        others: dict[str, Other] = {}
 
         def hook(module: Any, args: tuple, output: Any) -> None:
             found = self._config(module)
+            if found is None and (held := _own_weights(module)):
+                name = self._names.get(id(module), type(module).__name__)
+                others.setdefault(name, Other(name or type(module).__name__, type(module).__name__, held, len(records)))
             if found is not None and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
                 kind, cfg = found
                 name = self._names.get(id(module), type(module).__name__)
@@ -168,12 +198,17 @@ class TorchAdapter(Adapter):
                 if seen[name] > 1:
                     name = f"{name}#{seen[name]}"
                 xin, y = args[0], output
-                rec = Linear(name, "torch", kind, _torch_numpy(module.weight, copy=False),
-                             None if module.bias is None else _torch_numpy(module.bias, copy=False),
+                weight = getattr(module, "weight", None)
+                bias = getattr(module, "bias", None)
+                rec = Linear(name, "torch", kind,
+                             _torch_numpy(weight, copy=False) if weight is not None else np.ones(xin.shape[-1 if kind == "layernorm" else 1]),
+                             None if bias is None else _torch_numpy(bias, copy=False),
                              _torch_numpy(xin), _torch_numpy(y) if outputs else np.empty(0), cfg, layer=module,
                              index=len(records))
+                if kind == "layernorm":
+                    per_position(rec)
                 if kind == "dense":
-                    _positions(rec)
+                    per_position(rec)
                     if xin.ndim == 2 and last_map[0] is not None:
                         rec.map_before = _torch_numpy(last_map[0])
                         rec.map_letters = conv_letters(last_map[0].ndim - 2, CHANNELS_FIRST)
@@ -182,7 +217,7 @@ class TorchAdapter(Adapter):
                 last_map[0] = output
 
         hooks = [m.register_forward_hook(hook) for m in self.model.modules()
-                 if not list(m.children()) or self._config(m) is not None]
+                 if not list(m.children()) or self._config(m) is not None or _own_weights(m)]
         if x.dtype.name == "bfloat16":
             x = x.astype(np.float32)
         try:
@@ -192,14 +227,20 @@ class TorchAdapter(Adapter):
             raise
         except Exception as exc:
             raise ModelError(f"{self.role} model {self.name} fails on an input of shape {tuple(x.shape)}: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
         finally:
             for h in hooks:
                 h.remove()
         if not isinstance(y, torch.Tensor):
             raise ModelError(f"{self.role} model {self.name} returns {type(y).__name__}: expected one tensor")
         for rec in records:
-            _resolve_layout(rec)
+            resolve_layout(rec)
+        ran = {r.name.split("#")[0] for r in records} | set(others)
+        for name, module in self.model.named_modules():
+            if name not in ran and (held := _own_weights(module)):
+                kind = type(module).__name__
+                others[name] = Other(name or kind, kind, held, -1)
+        self.others = outermost(list(others.values()))
         return _torch_numpy(y), records
 
     def replay(self, layer: Linear, x: np.ndarray) -> np.ndarray:
@@ -212,7 +253,14 @@ class TorchAdapter(Adapter):
         return "torch"
 
 
-def _positions(rec: Linear) -> None:
+def _own_weights(module: Any) -> int:
+    """Parameters and floating-point buffers (batch-norm statistics) a torch module holds itself; a buffer of one
+    value (a constant an exporter's converter kept, such as a scale) is not counted, as in the ONNX adapter."""
+    held = sum(int(p.numel()) for p in module.parameters(recurse=False))
+    return held + sum(int(b.numel()) for b in module.buffers(recurse=False) if b.is_floating_point() and b.numel() > 1)
+
+
+def per_position(rec: Linear) -> None:
     """A dense layer applied along the last axis of a larger tensor: one row per position."""
     if rec.x.ndim > 2:
         rec.x = rec.x.reshape(-1, rec.x.shape[-1])
@@ -220,7 +268,7 @@ def _positions(rec: Linear) -> None:
             rec.y = rec.y.reshape(-1, rec.y.shape[-1])
 
 
-def _resolve_layout(rec: Linear) -> None:
+def resolve_layout(rec: Linear) -> None:
     """The input layout of a captured layer: conv from its data format, dense from the map it flattened."""
     if rec.kind != "dense":
         df = rec.config["data_format"]
@@ -244,6 +292,9 @@ _KERAS_SHAPE_ONLY = {"Flatten", "Reshape", "Permute", "Transpose", "Squeeze", "E
                      "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout", "AlphaDropout"}
 
 
+_KERAS_NORMS = {"BatchNormalization": "batchnorm", "LayerNormalization": "layernorm", "GroupNormalization": "groupnorm"}
+
+
 class KerasAdapter(Adapter):
     framework = backend = "keras"
     label = "Keras"
@@ -255,7 +306,8 @@ class KerasAdapter(Adapter):
         self._keras = keras
         self.name = model.name
         policy = model.dtype_policy
-        self.dtype = str(policy.compute_dtype)
+        computing = [layer.dtype_policy.compute_dtype for layer in getattr(model, "layers", []) if layer.weights]
+        self.dtype = str(computing[0] if computing else policy.compute_dtype)
         if not getattr(model, "built", True) or not _has_inputs(model):
             raise ModelError(f"{role} Keras model {model.name!r} is not built: give it an Input or call it once on data")
         if len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -269,6 +321,28 @@ class KerasAdapter(Adapter):
                                 keras.config.image_data_format())
         self._linear = [(layer, *found) for layer in model.layers if (found := self._config(layer)) is not None]
         self._capture = None
+        linear, before = {id(layer) for layer, *_ in self._linear}, 0
+        for layer in model.layers:
+            if id(layer) in linear:
+                before += 1
+            elif held := sum(int(math.prod(w.shape)) for w in layer.weights):
+                self.others.append(Other(layer.name, type(layer).__name__, held, before))
+
+    def cast(self, dtype: str) -> Any:
+        """The model rebuilt from its config with every layer under a ``dtype`` policy, its weights cast."""
+        keras = self._keras
+
+        def clone(layer: Any) -> Any:
+            return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
+
+        try:
+            model = keras.models.clone_model(self.model, clone_function=clone)
+            model.set_weights([np.asarray(w).astype(dtype) for w in self.model.get_weights()])
+        except Exception as exc:
+            raise ModelError(f"{self.role} Keras model {self.name!r} cannot be rebuilt in {dtype} from its config "
+                             f"({first_line(exc)}): build it under keras.config.set_dtype_policy({dtype!r})") from None
+        self.notes.append(f"{self.role} Keras model {self.name!r} rebuilt in {dtype} from its config, its weights cast")
+        return model
 
     def _flatten(self, model: Any) -> Any:
         """A model nesting models (keras-hub's backbone + head) as one functional chain sharing its layers.
@@ -298,7 +372,7 @@ class KerasAdapter(Adapter):
             same = np.allclose(np.asarray(flat(probe, training=False)), np.asarray(model(probe, training=False)),
                                rtol=1e-5, atol=1e-6)
         except Exception as exc:
-            raise ModelError(f"{refuse} ({_first_line(exc)})") from None
+            raise ModelError(f"{refuse} ({first_line(exc)})") from None
         if not same:
             raise ModelError(f"{refuse} (its layers in order do not compute what it does)")
         self.notes.append(f"{self.role} nests model {inner!r}: traced as one chain of its {len(flat.layers) - 1} layers")
@@ -311,6 +385,8 @@ class KerasAdapter(Adapter):
     def _config(self, layer: Any) -> tuple[str, dict[str, Any]] | None:
         kind = type(layer).__name__
         cfg = layer.get_config()
+        if kind in _KERAS_NORMS:
+            return self._norm(layer, kind, cfg)
         if kind == "Dense":
             return "dense", {"units": cfg["units"], "kernel_layout": "IO", "activation": cfg.get("activation")}
         match = re.fullmatch(r"(Conv|DepthwiseConv)([123])D(Transpose)?", kind)
@@ -351,6 +427,42 @@ class KerasAdapter(Adapter):
         return "conv_transpose", {**common, "in_channels": cin, "out_channels": out, "groups": 1,
                                   "kernel_layout": letters + "OI", "output_padding": op}
 
+    def _norm(self, layer: Any, kind: str, cfg: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """A norm layer over one axis (its data format fixed at run time from the input's rank); else None."""
+        from equivcheck.modelcheck.norms import norm_config
+
+        axis = cfg.get("axis", -1)
+        if isinstance(axis, (list, tuple)):
+            if len(axis) != 1:
+                return None
+            axis = axis[0]
+        if cfg.get("rms_scaling") or cfg.get("synchronized") or not isinstance(axis, int):
+            return None
+        out = norm_config(eps=cfg.get("epsilon", 1e-3), groups=cfg.get("groups", 1), data_format=CHANNELS_LAST,
+                          keep=cfg.get("momentum") if kind == "BatchNormalization" else None)
+        out["axis"] = axis
+        return _KERAS_NORMS[kind], out
+
+    def _norm_record(self, layer: Any, kind: str, cfg: dict[str, Any], xin: np.ndarray, i: int) -> Linear:
+        cfg = dict(cfg)
+        axis = cfg.pop("axis") % xin.ndim
+        if kind == "layernorm" and axis != xin.ndim - 1:
+            raise ModelError(f"{self.role} layer {layer.name!r} normalises axis {axis} of a {xin.ndim}-D input: "
+                             "only the last axis is checked")
+        if axis not in (1, xin.ndim - 1):
+            raise ModelError(f"{self.role} layer {layer.name!r} normalises axis {axis} of a {xin.ndim}-D input: "
+                             "expected the channel axis, 1 or -1")
+        cfg["data_format"] = CHANNELS_LAST if axis == xin.ndim - 1 else CHANNELS_FIRST
+        gamma, beta = getattr(layer, "gamma", None), getattr(layer, "beta", None)
+        if kind == "batchnorm":
+            cfg["mean"], cfg["var"] = np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)
+        channels = int(xin.shape[axis])
+        rec = Linear(layer.name, "keras", kind, np.asarray(gamma) if gamma is not None else np.ones(channels),
+                     None if beta is None else np.asarray(beta), xin, np.empty(0), cfg, layer=layer, index=i)
+        if kind == "layernorm":
+            per_position(rec)
+        return rec
+
     def _build_capture(self) -> Any:
         keras = self._keras
         outputs = []
@@ -374,20 +486,27 @@ class KerasAdapter(Adapter):
             raise
         except Exception as exc:
             raise ModelError(f"{self.role} model {self.name!r} fails on an input of shape {tuple(x.shape)}: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
         values = [np.asarray(v) for v in values]
         records = []
         for i, (layer, kind, cfg) in enumerate(self._linear):
             xin, map_ = values[2 * i], values[2 * i + 1]
+            if "eps" in cfg:  # a norm layer
+                rec = self._norm_record(layer, kind, cfg, xin, i)
+                resolve_layout(rec)
+                if outputs:
+                    rec.y = self.replay(rec, rec.x)
+                records.append(rec)
+                continue
             weights = [np.asarray(w) for w in (layer.kernel, getattr(layer, "bias", None)) if w is not None]
             rec = Linear(layer.name, "keras", kind, weights[0], weights[1] if len(weights) > 1 else None, xin,
                          np.empty(0), cfg, layer=layer, index=i)
             if kind == "dense":
-                _positions(rec)
+                per_position(rec)
                 if map_ is not xin and map_.ndim >= 3:
                     rec.map_before = map_
                     rec.map_letters = conv_letters(map_.ndim - 2, self.data_format)
-            _resolve_layout(rec)
+            resolve_layout(rec)
             if outputs:
                 rec.y = self.replay(rec, rec.x)
             records.append(rec)
@@ -400,10 +519,12 @@ class KerasAdapter(Adapter):
         try:
             if fused is not None:
                 real.activation = keras.activations.linear
+            if "eps" in layer.config:  # a norm layer: inference mode, its running statistics
+                return np.asarray(real(x, training=False))
             return np.asarray(real(x))
         except Exception as exc:
             raise ModelError(f"{self.role} layer {layer.name!r} fails on an input of shape {tuple(x.shape)}: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
         finally:
             if fused is not None:
                 real.activation = fused

@@ -80,7 +80,7 @@ def check_model_converter(convert: Callable[[Any], Any], source: Any, *, target:
     Raises :class:`~equivcheck.checker.ConversionCheckFailed` with the per-layer table when the
     converted model is wrong, :class:`~equivcheck.errors.EquivcheckError` when it cannot be checked.
     """
-    from equivcheck.checker import ConversionCheckFailed
+    from equivcheck.errors import ConversionCheckFailed
 
     model = _build(source, "source")
     given = model.state_dict() if state_dict else model
@@ -102,3 +102,31 @@ def check_model_converter(convert: Callable[[Any], Any], source: Any, *, target:
     if result.verdict == "fail":
         raise ConversionCheckFailed(f"{result.reason}\n\n{result.render()}")
     return result
+
+
+convert_and_check = check_model_converter  # the conversion and the check, failing on a ``fail`` verdict only
+
+
+def check_model_converter(convert: Callable[[Any], Any], source: Any, *, target: Callable[[], Any] | None = None,
+                          state_dict: bool = False, input_shape: Sequence[int] | None = None,
+                          dtypes: Sequence[str] = ("float32",), seed: int = 0, mutants: bool = True,
+                          allow_unchecked: Sequence[str] = ()) -> ModelCheck:
+    """Convert ``source`` (a model or a factory of one) with ``convert`` and check the result layer by layer.
+
+    The test fails — :class:`~equivcheck.checker.ConversionCheckFailed` with the per-layer table —
+    on a ``fail``, and on an ``inconclusive`` check unless every layer left unchecked is named by
+    ``allow_unchecked`` (names or glob patterns, ``model:name`` for one side:
+    :mod:`equivcheck.modelcheck.policy`). :class:`~equivcheck.errors.EquivcheckError` when the
+    models cannot be checked. Returns the :class:`ModelCheck`.
+    """
+    from equivcheck.modelcheck.policy import require_checked
+
+    result = convert_and_check(convert, source, target=target, state_dict=state_dict, input_shape=input_shape,
+                               dtypes=dtypes, seed=seed, mutants=mutants)
+    require_checked(result, allow_unchecked)
+    return result
+
+
+def build_model(factory: Any, role: str) -> Any:
+    """``factory`` if it is a model, else the model it builds (one line naming ``role`` where it is neither)."""
+    return _build(factory, role)

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.modelcheck.adapters import Adapter, ModelError, _first_line, _positions, _resolve_layout
-from equivcheck.modelcheck.layers import Linear, conv_letters
+from equivcheck.modelcheck.adapters import Adapter, ModelError, first_line, outermost, per_position, resolve_layout
+from equivcheck.modelcheck.layers import Linear, Other, conv_letters
 from equivcheck.specs import CHANNELS_LAST
 
 __all__ = ["FlaxAdapter", "is_flax"]
@@ -114,6 +114,26 @@ class FlaxAdapter(Adapter):
         return None
 
     # -- what a layer is ---------------------------------------------------------------------------
+    def _norm(self, module: Any, xshape: tuple[int, ...], variables: Mapping, kwargs: dict) -> tuple[str, dict] | None:
+        """BatchNorm with running averages, LayerNorm and GroupNorm over the last (channel) axis; else None."""
+        from equivcheck.modelcheck.norms import norm_config
+
+        nn = self._linen
+        if isinstance(module, nn.BatchNorm):
+            running = kwargs.get("use_running_average", module.use_running_average)
+            stats = variables.get("batch_stats", {})
+            if not running or module.axis not in (-1, len(xshape) - 1) or "mean" not in stats:
+                return None
+            return "batchnorm", norm_config(mean=np.asarray(stats["mean"]), var=np.asarray(stats["var"]),
+                                            eps=module.epsilon, data_format=CHANNELS_LAST, keep=float(module.momentum))
+        if isinstance(module, nn.LayerNorm):
+            if module.reduction_axes not in (-1, (-1,)) or module.feature_axes not in (-1, (-1,)):
+                return None
+            return "layernorm", norm_config(eps=module.epsilon, data_format=CHANNELS_LAST)
+        if isinstance(module, nn.GroupNorm) and module.num_groups and module.group_size is None:
+            return "groupnorm", norm_config(eps=module.epsilon, groups=module.num_groups, data_format=CHANNELS_LAST)
+        return None
+
     def _config(self, module: Any, xshape: tuple[int, ...], params: Mapping) -> tuple[str, dict[str, Any]] | None:
         nn, kind = self._linen, type(module).__name__
         kernel = params.get("kernel")
@@ -180,11 +200,15 @@ class FlaxAdapter(Adapter):
 
         def intercept(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
             module = context.module
-            if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Conv, nn.ConvTranspose)) \
-                    or not args:
+            norms = (nn.BatchNorm, nn.LayerNorm, nn.GroupNorm)
+            if context.method_name != "__call__" or not args or \
+                    not isinstance(module, (nn.Dense, nn.Conv, nn.ConvTranspose, *norms)):
                 return next_fun(*args, **kwargs)
             variables = {c: dict(v) for c, v in module.variables.items()}
-            found = self._config(module, tuple(args[0].shape), variables.get("params", {}))
+            if isinstance(module, norms):
+                found = self._norm(module, tuple(args[0].shape), variables, kwargs)
+            else:
+                found = self._config(module, tuple(args[0].shape), variables.get("params", {}))
             if found is None:
                 return next_fun(*args, **kwargs)
             name = "/".join(module.path) or type(module).__name__
@@ -205,7 +229,7 @@ class FlaxAdapter(Adapter):
             raise
         except Exception as exc:
             raise ModelError(f"{self.role} Flax model {self.name} fails on an input of shape {tuple(x.shape)}: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
         jaxpr = closed.jaxpr
         if len(jaxpr.outvars) != 1:
             raise ModelError(f"{self.role} Flax model {self.name} returns {len(jaxpr.outvars)} arrays: expected one")
@@ -232,21 +256,30 @@ class FlaxAdapter(Adapter):
             values = [np.asarray(v) for v in run(x)]
         except Exception as exc:
             raise ModelError(f"{self.role} Flax model {self.name} fails on an input of shape {tuple(x.shape)}: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
         records, extra = [], 1 + 2 * len(layers)
         for i, layer in enumerate(layers):
-            params = layer["variables"]["params"]
+            params = layer["variables"].get("params", {})
             bias = params.get("bias")
-            rec = Linear(layer["name"], self.framework, layer["kind"], np.asarray(params["kernel"]),
+            kernel = params.get("kernel", params.get("scale"))
+            if kernel is None:  # a norm layer without a scale
+                kernel = np.ones(values[1 + 2 * i].shape[-1], np.float32)
+            rec = Linear(layer["name"], self.framework, layer["kind"], np.asarray(kernel),
                          None if bias is None else np.asarray(bias), values[1 + 2 * i],
                          values[2 + 2 * i] if outputs else np.empty(0), dict(layer["config"]), layer=layer, index=i)
+            if rec.kind == "layernorm":
+                per_position(rec)
             if rec.kind == "dense":
-                _positions(rec)
+                per_position(rec)
                 if i in map_index and rec.x.ndim == 2:
                     rec.map_before = values[extra + map_index[i]]
                     rec.map_letters = conv_letters(rec.map_before.ndim - 2, CHANNELS_LAST)
-            _resolve_layout(rec)
+            resolve_layout(rec)
             records.append(rec)
+        captured = {r.name.split("#")[0] for r in records}
+        self.others = outermost([Other(path or self.name, "module", held)
+                                 for path, held in _holders(self.variables).items()
+                                 if (path or self.name) not in captured], sep="/")
         return values[0], records
 
     def replay(self, layer: Linear, x: np.ndarray) -> np.ndarray:
@@ -254,15 +287,35 @@ class FlaxAdapter(Adapter):
         module = captured["module"]
         fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
                   if f.init and f.name not in ("parent", "name")}
+        if isinstance(module, self._linen.BatchNorm):
+            fields["use_running_average"] = True  # inference: the running statistics
         try:
             alone = type(module)(**fields)
             return np.asarray(alone.apply(captured["variables"], x))
         except Exception as exc:
             raise ModelError(f"{self.role} layer {layer.name!r} fails on an input of shape {tuple(x.shape)}: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
 
     def magnitude_backend(self) -> str:
         return "jax"
+
+
+def _holders(variables: Mapping) -> dict[str, int]:
+    """Module path → how many values it holds, over every collection (params, batch_stats...)."""
+    held: dict[str, int] = {}
+
+    def walk(tree: Any, path: tuple[str, ...]) -> None:
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                walk(value, (*path, str(key)))
+            else:
+                name = "/".join(path)
+                held[name] = held.get(name, 0) + int(np.size(value))
+
+    for collection in variables.values():
+        if isinstance(collection, Mapping):
+            walk(collection, ())
+    return held
 
 
 def _leaves(tree: Any) -> list[Any]:

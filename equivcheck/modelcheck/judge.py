@@ -19,7 +19,7 @@ import numpy as np
 from equivcheck.compare import Comparison, accumulation_dtype, error_bound, reduced_precision_matmul
 from equivcheck.errors import EquivcheckError
 from equivcheck.mapping import Flip, Mapping, Reshape, Transpose
-from equivcheck.plan import canonical, plan
+from equivcheck.planning import canonical, plan
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, fan_in
 
 __all__ = ["canonical_output", "diagnose_pair", "judge", "magnitude", "unrejected_mutants"]
@@ -136,7 +136,7 @@ def diagnose_pair(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias
     if new_kernel.shape != target.kernel_shape:
         return {"mistake": "kernel shape", "detail": f"kernel shape {new_kernel.shape}, expected {target.kernel_shape}",
                 "code": code}
-    from equivcheck.identify import identify
+    from equivcheck.identification import identify
 
     found = identify(source, target, new_kernel, new_bias, source_kernel=kernel, source_bias=bias)
     if found.exact:

@@ -19,7 +19,7 @@ import numpy as np
 from equivcheck.errors import EquivcheckError
 from equivcheck.specs import CHANNELS_FIRST, ConvSpec, DenseSpec, LayerSpec, spatial_letters
 
-__all__ = ["Layout", "Linear", "conv_letters", "flatten_order", "spec_of"]
+__all__ = ["Layout", "Linear", "Other", "conv_letters", "flatten_order", "spec_of"]
 
 
 @dataclass
@@ -102,23 +102,51 @@ class Linear:
         return self.config.get("data_format", CHANNELS_FIRST)
 
 
+@dataclass(frozen=True)
+class Other:
+    """A layer holding parameters that no pairing rule checks (an LSTM, attention, an unknown layer)."""
+
+    name: str
+    kind: str  # the framework's own class or op name: "LSTM", "MultiheadAttention", "BatchNormalization"
+    weights: int  # how many parameters (and statistics) it holds
+    after: int = -1  # how many captured layers ran before it (its place in execution order); -1: not known / not run
+
+
 def flatten_order(map_: np.ndarray, letters: str, x: np.ndarray) -> str | None:
     """The order in which ``x`` (N, F) linearises ``map_`` (N, ...) whose axes are ``letters``, or None.
 
-    Exact: shape-only operations (flatten, permute, reshape) move values without arithmetic.
+    Exact where ``x`` holds the map's values (shape-only operations move values without
+    arithmetic). Where an elementwise activation ran between the map and the flatten (``torch.relu``
+    called as a function, invisible to module hooks), the one order in which ``x`` is a monotone
+    function of the map's values (ReLU, sigmoid, tanh, ELU, leaky ReLU...), else None.
     """
     n = map_.shape[0]
     if x.ndim != 2 or map_.shape[0] != x.shape[0] or math.prod(map_.shape[1:]) != x.shape[1]:
         return None
-    found = None
-    for perm in itertools.permutations(range(len(letters))):
-        if np.array_equal(map_.transpose(0, *(1 + p for p in perm)).reshape(n, -1), x):
-            order = "".join(letters[p] for p in perm)
-            if found is None:
-                found = order
-            elif found != order:  # a map symmetric enough that two orders give the same features
-                return None
-    return found
+    orders = ["".join(letters[p] for p in perm) for perm in itertools.permutations(range(len(letters)))]
+    moved = {o: map_.transpose(0, *(1 + letters.index(a) for a in o)).reshape(n, -1) for o in orders}
+    exact = {o for o, m in moved.items() if np.array_equal(m, x)}
+    if exact:
+        return _one(exact, moved)
+    return _one({o for o, m in moved.items() if _monotone(m, x)}, moved)
+
+
+def _one(found: set[str], moved: dict[str, np.ndarray]) -> str | None:
+    """The one order found, or None (none, or a map symmetric enough that several orders fit)."""
+    return next(iter(found)) if len(found) == 1 else None
+
+
+def _monotone(m: np.ndarray, x: np.ndarray) -> bool:
+    """Whether ``x`` is a non-constant monotone function of ``m``, element by element."""
+    a, b = np.asarray(m, np.float64).reshape(-1), np.asarray(x, np.float64).reshape(-1)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))) or np.ptp(b) == 0:
+        return False
+    order = np.argsort(a, kind="stable")
+    steps = np.diff(b[order])
+    same = np.diff(a[order]) == 0
+    if np.any(steps[same] != 0):  # equal inputs, different outputs: not a function of the value
+        return False
+    return bool(np.all(steps >= 0) or np.all(steps <= 0))
 
 
 def spec_of(layer: Linear, role: str = "layer") -> LayerSpec:

@@ -19,14 +19,18 @@ from typing import Any
 import numpy as np
 
 from equivcheck.backends.onnxruntime import node_attribute, read_onnx_model
-from equivcheck.modelcheck.adapters import Adapter, ModelError, _first_line, _positions, _resolve_layout
-from equivcheck.modelcheck.layers import Linear, conv_letters
+from equivcheck.modelcheck.adapters import Adapter, ModelError, first_line, outermost, per_position, resolve_layout
+from equivcheck.modelcheck.layers import Linear, Other, conv_letters
 from equivcheck.specs import CHANNELS_FIRST
 
 __all__ = ["OnnxAdapter", "is_onnx"]
 
 _DTYPES = {1: "float32", 10: "float16", 11: "float64"}  # TensorProto FLOAT, FLOAT16, DOUBLE
 _SHAPE_ONLY = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout"}
+_NORMS = {"BatchNormalization": "batchnorm", "LayerNormalization": "layernorm", "GroupNormalization": "groupnorm"}
+# ops whose stored float inputs are sizes, scales of a resize or fill values, not learned parameters
+_NOT_PARAMETERS = {"Resize", "Upsample", "Pad", "Clip", "ConstantOfShape", "Reshape", "Expand", "Tile", "Slice",
+                   "Range", "Shape", "Cast", "Gather"}
 
 
 def is_onnx(model: Any) -> bool:
@@ -111,6 +115,7 @@ class OnnxAdapter(Adapter):
         self._producer = {o: n for n in self._order for o in n.output}
         self._dynamic = self._data_dependent()
         self._linear = self._find_linear()
+        self.others = self._find_others()
         self._session: Any = None
         self._replays: dict[str, Any] = {}
 
@@ -128,7 +133,7 @@ class OnnxAdapter(Adapter):
                     consts[n.output[0]] = numpy_helper.to_array(value)
         except Exception as exc:
             raise ModelError(f"{self.role} ONNX model {self.name!r} holds a constant that cannot be read: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
         return consts
 
     def _data_dependent(self) -> set[str]:
@@ -172,6 +177,12 @@ class OnnxAdapter(Adapter):
                 readers.setdefault(i, []).append(n)
         seen: dict[str, int] = {}
         for n in self._order:
+            if n.domain in ("", "ai.onnx") and n.op_type in _NORMS:
+                norm = self._norm(n)
+                if norm is not None:
+                    seen[norm.name] = seen.get(norm.name, 0) + 1
+                    found.append(norm)
+                continue
             if n.domain not in ("", "ai.onnx") or n.op_type not in ("Gemm", "MatMul", "Conv", "ConvTranspose"):
                 continue
             if n.op_type == "MatMul" and (len(n.input) < 2 or n.input[1] in self._dynamic):
@@ -184,6 +195,57 @@ class OnnxAdapter(Adapter):
             found.append(rec)
         return found
 
+    def _norm(self, n: Any) -> _Node | None:
+        """A BatchNormalization (inference), LayerNormalization over the last axis or GroupNormalization (a scale
+        per channel, opset 21) node; None for one that is not checked that way (left to the unchecked list)."""
+        from equivcheck.modelcheck.norms import norm_config
+
+        kind = _NORMS[n.op_type]
+        eps = float(node_attribute(n, "epsilon", 1e-5))
+        try:
+            consts = {i: self._const(i, n, what) for i, what in zip(n.input[1:], ("scale", "bias", "mean", "var")) if i}
+        except ModelError:
+            return None
+        values = [consts.get(i) for i in n.input[1:]]
+        if kind == "batchnorm":
+            if node_attribute(n, "training_mode", 0) or len(values) != 4:
+                return None
+            scale, bias, mean, var = values
+            cfg = norm_config(mean=mean, var=var, eps=eps, data_format=CHANNELS_FIRST,
+                              keep=float(node_attribute(n, "momentum", 0.9)))
+        elif kind == "layernorm":
+            if node_attribute(n, "axis", -1) != -1 or not values or values[0] is None or values[0].ndim != 1:
+                return None
+            scale, bias = values[0], values[1] if len(values) > 1 else None
+            cfg = norm_config(eps=eps, data_format=CHANNELS_FIRST)
+        else:
+            groups = int(node_attribute(n, "num_groups", 1))
+            scale, bias = values[0], values[1] if len(values) > 1 else None
+            if scale is None or (scale.size == groups and groups > 1 and not self._opset_at_least(21)):
+                return None  # opset 18 scales per group: another layer than torch's
+            cfg = norm_config(eps=eps, groups=groups, data_format=CHANNELS_FIRST)
+        return _Node(self._label(n), kind, [n], n.input[0], n.output[0], np.asarray(scale).reshape(-1),
+                     None if bias is None else np.asarray(bias).reshape(-1), consts, cfg)
+
+    def _opset_at_least(self, version: int) -> bool:
+        return any(o.domain in ("", "ai.onnx") and o.version >= version for o in self.proto.opset_import)
+
+    def _find_others(self) -> list[Other]:
+        """Nodes other than the linear ones that read stored floating-point tensors (batch norm, LSTM, PRelu...)."""
+        linear = {id(n) for node in self._linear for n in node.nodes}
+        first = {id(node.nodes[0]) for node in self._linear}
+        found, before = [], 0
+        for n in self._order:
+            if id(n) in linear:
+                before += id(n) in first
+                continue
+            if n.op_type in _NOT_PARAMETERS or n.op_type == "Constant":
+                continue
+            held = sum(int(self._consts[i].size) for i in set(n.input)
+                       if i in self._consts and self._consts[i].dtype.kind == "f" and self._consts[i].size > 1)
+            if held:
+                found.append(Other(self._label(n), n.op_type, held, before))
+        return outermost(found)
 
     def _refuse(self, n: Any, what: str) -> ModelError:
         return ModelError(f"{self.role} ONNX node {self._label(n)!r} ({n.op_type}) {what}")
@@ -288,6 +350,17 @@ class OnnxAdapter(Adapter):
         shape = tuple(d.dim_value if d.HasField("dim_value") else 0 for d in dims[1:])
         return None if not dims or any(s < 1 for s in shape) else shape
 
+    def fixed_batch(self) -> int | None:
+        """The graph's fixed batch where a node bakes it in (a Reshape to a stored shape): the declared one then."""
+        dims = self._input.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value < 1:
+            return None
+        batch = int(dims[0].dim_value)
+        baked = any(n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] in self._consts
+                    and self._consts[n.input[1]].size and int(self._consts[n.input[1]].reshape(-1)[0]) == batch
+                    for n in self._order)
+        return batch if baked else None
+
     def _session_on(self, proto: Any, what: str) -> Any:
         import onnxruntime as ort
 
@@ -297,7 +370,7 @@ class OnnxAdapter(Adapter):
             return ort.InferenceSession(proto.SerializeToString(), session_options(ort), providers=[PROVIDER])
         except Exception as exc:
             raise ModelError(f"{self.role} ONNX model {self.name!r}: ONNX Runtime cannot load {what}: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
 
     def _captures(self) -> list[str]:
         names = [self._output]
@@ -336,10 +409,18 @@ class OnnxAdapter(Adapter):
             values = dict(zip(names, self._session.run(names, {self._input.name: self._feed(x)})))
         except Exception as exc:
             raise ModelError(f"{self.role} ONNX model {self.name!r} fails on an input of shape {tuple(x.shape)}: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
         records = []
         for i, node in enumerate(self._linear):
             xin = values[node.x]
+            if node.kind in _NORMS.values():
+                rec = Linear(node.name, self.framework, node.kind, node.kernel, node.bias, xin,
+                             values[node.y] if outputs else np.empty(0), dict(node.config), layer=node, index=i)
+                if node.kind == "layernorm":
+                    per_position(rec)
+                resolve_layout(rec)
+                records.append(rec)
+                continue
             if node.kind == "dense":
                 kind, cfg = "dense", dict(node.config)
             else:
@@ -347,12 +428,12 @@ class OnnxAdapter(Adapter):
             rec = Linear(node.name, self.framework, kind, node.kernel, node.bias, xin,
                          values[node.y] if outputs else np.empty(0), cfg, layer=node, index=i)
             if kind == "dense":
-                _positions(rec)
+                per_position(rec)
                 map_ = values.get(node.map_) if node.map_ else None
                 if map_ is not None and map_.ndim >= 3 and rec.x.ndim == 2:
                     rec.map_before = map_
                     rec.map_letters = conv_letters(map_.ndim - 2, CHANNELS_FIRST)
-            _resolve_layout(rec)
+            resolve_layout(rec)
             records.append(rec)
         return values[self._output], records
 
@@ -382,7 +463,7 @@ class OnnxAdapter(Adapter):
             return self._replays[node.name].run(None, {node.x: self._feed(x)})[0]
         except Exception as exc:
             raise ModelError(f"{self.role} ONNX node {node.name!r} fails on an input of shape {tuple(x.shape)}: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
 
     def magnitude_backend(self) -> str:
         return "onnxruntime"

@@ -34,6 +34,7 @@ class LayerRow:
     source_spec: dict[str, Any] | None = None  # the two layers as specs (serialize.spec_to_dict), for the report
     converted_spec: dict[str, Any] | None = None
     readout: dict[str, Any] | None = None  # a failing pair: where its kernel's weights come from (report picture)
+    position: tuple[int, int] = field(default=(-1, -1), repr=False)  # (source, converted) place in execution order
 
     @property
     def max_error(self) -> float | None:
@@ -51,8 +52,8 @@ class LayerRow:
         """``"features.fc1 ↔ fc1: wrong flatten order (...); right mapping w.reshape(...)"``."""
         what = self.diagnosis or "; ".join(self.notes[:1]) or (self.comparison.summary() if self.comparison else self.verdict)
         text = f"{self.label}: {what}"
-        if not self.mapping or self.verdict != "fail":
-            return text
+        if not self.mapping or self.verdict != "fail" or self.mistake in ("graph", "input shape", "replay"):
+            return text  # the kernel is not what is wrong: no mapping to offer
         return f"{text}; right mapping {self.mapping}" if self.mapping != "w" else f"{text}; right mapping: the kernel as is (w)"
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,18 +72,25 @@ class LayerRow:
         }
 
 
+NO_PARTNER = "no partner of the same kind and weight count"
+
+
 @dataclass(frozen=True)
 class Unpaired:
+    """A layer with parameters that was not checked: no partner, or a kind no pairing rule covers."""
+
     model: str  # "source" | "converted"
     name: str
     kind: str
     weights: int
+    why: str = NO_PARTNER
+    after: int = field(default=-1, compare=False)  # how many of its model's checked layers ran before it (-1: unknown)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "name": self.name, "kind": self.kind, "weights": self.weights}
+        return {"model": self.model, "name": self.name, "kind": self.kind, "weights": self.weights, "why": self.why}
 
     def __str__(self) -> str:
-        return f"{self.model} {self.name} ({self.kind}, {self.weights} weights)"
+        return f"{self.model} {self.name} ({self.kind}, {self.weights} weights: {self.why})"
 
 
 @dataclass
@@ -100,10 +108,29 @@ class ModelCheck:
     dtypes: tuple[str, ...] = ("float32",)
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    likely_cause: str = ""  # an unchecked layer the first divergence (or the final outputs' difference) points to
+    _models: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # what was checked, for repair()
 
     @property
     def passed(self) -> bool:
         return self.verdict == "pass"
+
+    def repair(self) -> Any:
+        """The converted model repaired and checked again: see :func:`equivcheck.modelcheck.repair.repair`."""
+        from equivcheck.modelcheck.repair import repair
+
+        return repair(self, **self._models)
+
+    def patch(self) -> Any:
+        """The fix of each failing layer for the converter: see :func:`equivcheck.modelcheck.repair.patch`."""
+        from equivcheck.modelcheck.repair import patch
+
+        return patch(self, self._models.get("source"), self._models.get("converted"))
+
+    @property
+    def unchecked(self) -> list[Unpaired]:
+        """Every layer with parameters, of either model, that no checked pair covers (``unpaired`` and kinds no rule pairs)."""
+        return list(self.unpaired)
 
     @property
     def first_divergence(self) -> LayerRow | None:
@@ -120,6 +147,7 @@ class ModelCheck:
                                                              "headline": first.headline()},
             "layers": [row.to_dict() for row in self.layers],
             "unpaired": [u.to_dict() for u in self.unpaired],
+            "unchecked": [u.to_dict() for u in self.unchecked], "likely_cause": self.likely_cause,
             "end_to_end": {k: {kk: _finite(vv) for kk, vv in v.items()} for k, v in self.end_to_end.items()},
             "notes": list(self.notes),
         }
@@ -149,15 +177,24 @@ class ModelCheck:
                 lines.append("  ".join(c.ljust(w) for c, w in zip(cells[:-1], widths[:-1])) + "  " + cells[-1])
         if first is not None:
             lines.append(f"first divergence: {first.headline()}")
+            if self.likely_cause:
+                lines.append(f"likely cause: {self.likely_cause}")
         elif self.reason:
             lines.append(self.reason)
         for dtype, e2e in self.end_to_end.items():
             lines.append(f"end to end ({dtype}): max |err| {e2e['max_abs_error']:.3g}, relative "
                          f"{e2e['max_rel_error']:.3g} (tolerance {e2e['tolerance']:.3g}) — {'ok' if e2e['passed'] else 'differs'}")
-        if self.unpaired:
-            lines.append("unpaired: " + "; ".join(str(u) for u in self.unpaired))
+        if self.unchecked:
+            lines.append("unchecked: " + "; ".join(str(u) for u in self.unchecked))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.render()
+
+    def __repr__(self) -> str:
+        """One line: the verdict and its reason (the first divergence, or what was not checked)."""
+        reason = " ".join(self.reason.split())
+        if len(reason) > 240:
+            reason = reason[:237] + "..."
+        return f"<ModelCheck {self.source} → {self.converted}: {self.verdict}{': ' + reason if reason else ''}>"

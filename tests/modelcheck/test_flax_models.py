@@ -120,8 +120,8 @@ LAYERS = [  # (class, keyword arguments, input shape)
 def test_layer_description_reproduces_flax(nn, jax, cls, kwargs, shape):
     """The kind, kernel layout, padding, output padding and op the adapter reports compute what flax computes."""
     from equivcheck import backends
-    from equivcheck.modelcheck.adapters import adapter_for
     from equivcheck.modelcheck.layers import spec_of
+    from equivcheck.modelcheck.sides import adapter_for
 
     module = getattr(nn, cls)(**kwargs)
     variables = module.init(jax.random.PRNGKey(3), np.zeros(shape, np.float32))
@@ -154,7 +154,7 @@ def test_conv_transpose_against_torch_needs_the_flip(nn, jax, torch):
 
 
 def test_flax_unsupported_padding_is_one_line(nn, jax):
-    from equivcheck.modelcheck.adapters import adapter_for
+    from equivcheck.modelcheck.sides import adapter_for
 
     module = nn.Conv(2, (3, 3), padding="CIRCULAR")
     variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 5, 5, 3), np.float32))

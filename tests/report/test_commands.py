@@ -56,7 +56,7 @@ def verify_model_report(tmp_path_factory, keras) -> Path:
     from equivcheck import files
     from equivcheck.fcn.commands import convolutionalize_file
 
-    from ..models.test_keras_models import randomize, small_functional
+    from ..fcn.test_keras_models import randomize, small_functional
 
     folder = tmp_path_factory.mktemp("verify-model")
     src, conv = folder / "small.keras", folder / "small_conv.keras"
