@@ -47,6 +47,7 @@ __all__ = [
     "Case",
     "Converter",
     "MutationOutcome",
+    "Reference",
     "aligned",
     "draw_data",
     "from_layout",
@@ -54,6 +55,7 @@ __all__ = [
     "judge_pair",
     "mutant_outcomes",
     "pair_facts",
+    "replayed_mutants",
     "to_layout",
 ]
 
@@ -205,17 +207,28 @@ def draw_data(source: LayerSpec, target: LayerSpec, dtype: str, facts: dict[str,
 
 
 # -- the judgement -----------------------------------------------------------------------
-class _Reference:
-    """Exact float64 outputs of one side of a pair on one canonical batch, and their bounds."""
+class Reference:
+    """Exact float64 outputs of one side of a pair on one canonical batch, and the bound they are judged by.
 
-    def __init__(self, spec: LayerSpec, other: LayerSpec, x: np.ndarray, facts: Facts, dtype: str, fan: int,
-                 tf32: bool) -> None:
+    ``accumulate``: the precisions the judged layers sum in; with two (a replayed model layer judged
+    against its real partner, not against the exact result) the two bounds add.
+    """
+
+    def __init__(self, spec: LayerSpec, other: LayerSpec, x: np.ndarray, *, dtype: str, fan: int,
+                 accumulate: tuple[str, ...] = ("",), roundings: int = 2) -> None:
         self.spec, self.adapt = spec, aligned(spec, other)
         self.x = x
         self.x64 = self.adapt[0](x.astype(np.float64))
         self.abs_x64 = np.abs(self.x64)
-        self.facts, self.dtype, self.fan = facts, dtype, fan
-        self.accumulate = "tf32" if tf32 and dtype == "float32" else facts.accumulate
+        self.dtype, self.fan, self.roundings = dtype, fan, roundings
+        self.accumulate = tuple(a or None for a in accumulate)
+
+    @classmethod
+    def probed(cls, spec: LayerSpec, other: LayerSpec, x: np.ndarray, facts: Facts, *, dtype: str, fan: int,
+               tf32: bool = False) -> Reference:
+        """Judged by one backend's probed facts."""
+        acc = "tf32" if tf32 and dtype == "float32" else facts.accumulate
+        return cls(spec, other, x, dtype=dtype, fan=fan, accumulate=(acc,), roundings=facts.roundings)
 
     def forward(self, kernel: np.ndarray, bias: np.ndarray | None, *, absolute: bool = False,
                 spec: LayerSpec | None = None) -> np.ndarray:
@@ -235,16 +248,16 @@ class _Reference:
         return exact, mag, nb
 
     def _before_bias(self, nb: np.ndarray | None) -> np.ndarray | None:
-        """The sum before the bias matters to the bound only where this side rounds twice."""
-        return nb if self.facts.roundings == 2 else None
+        """The sum before the bias matters to the bound only where the output is rounded twice."""
+        return nb if self.roundings == 2 else None
 
     def compare(self, y: np.ndarray, exact: np.ndarray, mag: np.ndarray, nb: np.ndarray | None) -> Comparison:
-        return compare(y, exact, mag, dtype=self.dtype, fan_in=self.fan, accumulate=self.accumulate,
+        return compare(y, exact, mag, dtype=self.dtype, fan_in=self.fan, accumulate=self.accumulate[0],
                        exact_without_bias=self._before_bias(nb))
 
     def bound(self, exact: np.ndarray, mag: np.ndarray, nb: np.ndarray | None) -> np.ndarray:
-        return error_bound(exact, mag, dtype=self.dtype, fan_in=self.fan, accumulate=self.accumulate,
-                           exact_without_bias=self._before_bias(nb))
+        return sum(error_bound(exact, mag, dtype=self.dtype, fan_in=self.fan, accumulate=acc,
+                               exact_without_bias=self._before_bias(nb)) for acc in self.accumulate)
 
 
 def judge_pair(
@@ -297,8 +310,8 @@ def judge_pair(
 
     # A zero input adds exact zeros: rounding errors come from the non-zero products only.
     fan = max(1, min(fan_in(source), int(np.count_nonzero(x.reshape(len(x), -1), axis=1).max(initial=1))))
-    src = _Reference(source, target, x, case.facts["source"], dtype, fan, tf32)
-    tgt = _Reference(target, source, x, case.facts["target"], dtype, fan, tf32)
+    src = Reference.probed(source, target, x, case.facts["source"], dtype=dtype, fan=fan, tf32=tf32)
+    tgt = Reference.probed(target, source, x, case.facts["target"], dtype=dtype, fan=fan, tf32=tf32)
     exact, mag, nb = src.outputs(kernel, bias)
     y_src = _run(source_backend, source, dtype, kernel, bias, src)
     case.source_comparison = src.compare(y_src, exact, mag, nb)
@@ -328,7 +341,7 @@ def judge_pair(
 
 
 def _run(backend: str, spec: LayerSpec, dtype: str, kernel: np.ndarray, bias: np.ndarray | None,
-         ref: _Reference) -> np.ndarray:
+         ref: Reference) -> np.ndarray:
     layer = registry.get(backend).build(spec, dtype)
     layer.set_weights(kernel, bias)
     return ref.adapt[1](np.asarray(layer(ref.adapt[0](ref.x))), ref.x)
@@ -380,7 +393,7 @@ def _stacked(spec: LayerSpec, count: int) -> tuple[LayerSpec, int, int] | None:
             -1 if spec.data_format == CHANNELS_LAST else 1)
 
 
-def _many(ref: _Reference, kernels: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _many(ref: Reference, kernels: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Exact outputs (no bias) and ``|W|·|x|`` of several kernels of ``ref.spec``: one stacked forward each."""
     stack = _stacked(ref.spec, len(kernels)) if len(kernels) > 1 else None
     if stack is None:
@@ -395,9 +408,9 @@ def _many(ref: _Reference, kernels: list[np.ndarray]) -> tuple[list[np.ndarray],
 
 
 def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel: np.ndarray,
-                    bias: np.ndarray | None, ref: _Reference,
+                    bias: np.ndarray | None, ref: Reference,
                     right_outputs: tuple[np.ndarray, np.ndarray, np.ndarray | None],
-                    source_ref: _Reference | None = None) -> list[MutationOutcome]:
+                    source_ref: Reference | None = None) -> list[MutationOutcome]:
     """Each plausible wrong conversion of ``kernel``, judged on ``ref``'s batch (the target side's bound).
 
     Rejected where ``|y_mutant − y_right|`` (both exact) exceeds the right output's bound plus
@@ -453,3 +466,110 @@ def _per_channel(bias: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``bias`` shaped to add to a canonical output ``(N, C, ...)`` or ``(N, C)``."""
     b = np.asarray(bias, np.float64)
     return b.reshape(1, -1, *(1,) * (y.ndim - 2)) if b.size == y.shape[1] else b.reshape(1, -1)
+
+
+# -- mutants of a pair replayed on captured data (a whole-model check) ----------------------------
+#: Kernels larger than this are judged on a twin: the same structure on fewer channels (and a corner of a dense map).
+MUTANT_MAX_KERNEL = 1 << 18
+#: Output positions per axis (a crop of the map) and samples the mutants of a replayed conv are judged on.
+MUTANT_POSITIONS = 4
+MUTANT_SAMPLES = 4
+#: Outputs per sample above which a transposed convolution's mutants are not replayed (it has no crop).
+MUTANT_MAX_TRANSPOSED_OUTPUTS = 1 << 16
+
+
+def replayed_mutants(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None,
+                     x_canonical: np.ndarray, *, dtype: str, fan: int,
+                     accumulate: tuple[str, str] = ("", "")) -> tuple[list[MutationOutcome], str]:
+    """Each mutant of a pair replayed on captured data, judged as :func:`mutant_outcomes` judges them, against
+    the two layers' bounds together (the converted layer is judged against its real partner): ``(outcomes,
+    why none were judged or "")``. A large layer is judged on a twin cut from its kernel and input (fewer
+    channels), a large map on a crop of output positions (the real layer's own outputs there, padding
+    included); a mutant that changes the layer's padding is not judged on a crop.
+    """
+    smaller = _twin(source, target, kernel, bias, x_canonical) if kernel.size > MUTANT_MAX_KERNEL else \
+        (source, target, kernel, bias, x_canonical)
+    if smaller is None:
+        return [], "mutants not replayed: the kernel is too large and its grouping has no smaller twin"
+    source, target, kernel, bias, x = smaller
+    x = x[:MUTANT_SAMPLES]
+    if isinstance(source, ConvSpec) and source.transposed:
+        if math.prod(source.output_shape) > MUTANT_MAX_TRANSPOSED_OUTPUTS:
+            return [], "mutants not replayed: the transposed convolution's map is too large"
+    elif isinstance(source, ConvSpec) and isinstance(target, ConvSpec):
+        source, target, x = _cropped(source, target, x)
+    try:
+        right = plan(source, target)
+    except EquivcheckError as exc:
+        return [], f"mutants not replayed: {exc}"
+    ones = max(1, min(fan, fan_in(source)))
+    src = Reference(source, target, x, dtype=dtype, fan=ones, accumulate=accumulate)
+    tgt = Reference(target, source, x, dtype=dtype, fan=ones, accumulate=accumulate)
+    return mutant_outcomes(source, target, right, kernel, bias, tgt, src.outputs(kernel, bias), src), ""
+
+
+def _cropped(source: ConvSpec, target: ConvSpec, x: np.ndarray) -> tuple[ConvSpec, ConvSpec, np.ndarray]:
+    """The pair on the input region behind a central crop of at most :data:`MUTANT_POSITIONS` outputs per
+    axis, padded as the layer pads it: the same outputs there, as a layer of its own with no padding."""
+    out = source.output_spatial
+    if all(o <= MUTANT_POSITIONS for o in out):
+        return source, target, x
+    xp = np.pad(x, [(0, 0), (0, 0), *source.pads()])
+    starts = [max(0, (o - MUTANT_POSITIONS) // 2) for o in out]
+    sizes = [min(o, MUTANT_POSITIONS) for o in out]
+    span = [d * (k - 1) + 1 for k, d in zip(source.kernel_size, source.dilation)]
+    region = tuple(slice(a * s, (a + n - 1) * s + sp) for a, n, s, sp in zip(starts, sizes, source.stride, span))
+    spatial = tuple(r.stop - r.start for r in region)
+    try:
+        cut_source = source.replace(spatial=spatial, padding="valid")
+        cut_target = target.replace(spatial=spatial, padding="valid")
+    except EquivcheckError:
+        return source, target, x
+    return cut_source, cut_target, np.ascontiguousarray(xp[(slice(None), slice(None), *region)])
+
+
+def _twin(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None,
+          x_canonical: np.ndarray) -> tuple | None:
+    """A smaller layer pair of the same structure, its kernel and input cut from the real ones.
+
+    The canonical kernel's first output channels, and its first input channels (a dense
+    layer: and a corner of its map), make a layer of their own on the same cut of the input.
+    """
+    from equivcheck.planning import canonical
+
+    to_canon = canonical(source)
+    out_shape = to_canon.out_shape
+    units = min(out_shape[0], 16)
+    try:
+        if isinstance(source, DenseSpec):
+            c = min(source.channels, 8)
+            spatial = tuple(min(n, 4) for n in source.spatial)
+            s_twin = source.replace(channels=c, spatial=spatial, units=units)
+            t_twin = target.replace(channels=c, spatial=spatial, units=units) if isinstance(target, DenseSpec) else \
+                target.replace(in_channels=c, out_channels=units, kernel_size=spatial or target.kernel_size,
+                               spatial=spatial or target.spatial)
+            cut = (slice(0, units), slice(0, c), *(slice(0, n) for n in spatial))
+            xcut = x_canonical[(slice(None), slice(0, c), *(slice(0, n) for n in spatial))] if spatial else \
+                x_canonical[:, :c]
+        else:
+            g = source.groups
+            if g not in (1, source.in_channels) or source.transposed:
+                return None
+            c = min(source.in_channels, 8)
+            if g == 1:
+                changes = dict(in_channels=c, out_channels=units)
+                cut = (slice(0, units), slice(0, c))
+            else:  # depthwise: whole channels with all their multiplier outputs
+                mult = source.out_channels // source.in_channels
+                changes = dict(in_channels=c, out_channels=c * mult, groups=c)
+                cut = (slice(0, c * mult), slice(None))
+            s_twin, t_twin = source.replace(**changes), target.replace(**changes)
+            xcut = x_canonical[:, :c]
+        rows = cut[0].stop or out_shape[0]
+        coords = np.indices((rows, *out_shape[1:]))
+        sub = kernel.reshape(-1)[to_canon.source_indices(tuple(coords))][(slice(None), *cut[1:])]
+        k_twin = canonical(s_twin).inverse().apply(np.ascontiguousarray(sub))
+    except (EquivcheckError, ValueError):
+        return None
+    b_twin = None if bias is None or not s_twin.bias else bias[:rows]
+    return s_twin, t_twin, k_twin, b_twin, np.ascontiguousarray(xcut)

@@ -55,6 +55,11 @@ def verify_pair(
     input batch ``(batch, channels, *spatial)`` (see :func:`equivcheck.data.sample_inputs`).
     By default the data are drawn from ``seed`` at the density the backends' probed sums allow
     (:func:`equivcheck.judge.draw_data`).
+
+    Recurrent and attention specs (``ec.spec("torch:lstm", input_size=32, units=64)``) go to
+    :func:`equivcheck.sequence.verify.verify_sequence_pair`: ``converter(weights) -> weights`` on dicts
+    of named tensors; each backend is the layer's own framework or ``"numpy"`` (the reference), any
+    other gives a ``skip``.
     """
     if mutations is not None:
         mutants = renamed("mutations", "mutants", mutations)

@@ -6,7 +6,8 @@ bound of the exact result, so they may differ by the sum of the two bounds; ``|W
 from one pass of the source layer on absolute values, through :mod:`equivcheck.backends`.
 A failing pair is diagnosed without forward passes: the planned mapping, then each mutant of
 :mod:`equivcheck.mutations`, then other flatten orders and kernel layouts, are applied to the
-source kernel and compared exactly with the converted kernel.
+source kernel and compared exactly with the converted kernel. The mutants of a pair that passed are
+judged by the judge's own engine (:func:`equivcheck.judge.replayed_mutants`).
 """
 
 from __future__ import annotations
@@ -18,19 +19,13 @@ import numpy as np
 
 from equivcheck.compare import Comparison, accumulation_dtype, error_bound, reduced_precision_matmul
 from equivcheck.errors import EquivcheckError
-from equivcheck.mapping import Flip, Mapping, Reshape, Transpose
-from equivcheck.planning import canonical, plan
+from equivcheck.planning import plan
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, fan_in
 
 __all__ = ["canonical_output", "diagnose_pair", "judge", "magnitude", "unrejected_mutants"]
 
 #: Kernels larger than this are not searched over every layout when diagnosing.
 SEARCH_MAX = 1 << 22
-#: Output channels (dense units) and positions the mutant check looks at.
-MUTANT_CHANNELS = 16
-MUTANT_POSITIONS = 4
-#: Larger kernels are checked on a twin layer: the same structure on fewer channels (and, dense, a corner of the map).
-MUTANT_MAX_KERNEL = 1 << 18
 
 
 def canonical_output(y: np.ndarray, spec: LayerSpec) -> np.ndarray:
@@ -244,176 +239,17 @@ def _search(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, new_kernel
 
 
 # -- mutants on the captured data ------------------------------------------------------------
-def _source_index(m: Mapping, coords: tuple[np.ndarray, ...]) -> np.ndarray:
-    """Flat indices into ``m``'s input of the output elements at ``coords`` (no full-size copy)."""
-    shapes = [m.in_shape]
-    for op in m.ops:
-        shapes.append(op.out_shape(shapes[-1]))
-    c = [np.asarray(a) for a in coords]
-    for op, before, after in zip(reversed(m.ops), reversed(shapes[:-1]), reversed(shapes[1:])):
-        if isinstance(op, Reshape):
-            c = list(np.unravel_index(np.ravel_multi_index(tuple(c), after), before))
-        elif isinstance(op, Transpose):
-            back = [None] * len(c)
-            for j, p in enumerate(op.perm):
-                back[p] = c[j]
-            c = back
-        elif isinstance(op, Flip):
-            c = [before[a] - 1 - v if a in op.axes else v for a, v in enumerate(c)]
-    return np.ravel_multi_index(tuple(c), m.in_shape)
-
-
-def _rows(m: Mapping, kernel: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``m.apply(kernel)[rows]`` (rows of the output's first axis), gathering only those rows."""
-    out = m.out_shape
-    coords = np.indices((len(rows), *out[1:])).reshape(len(out), -1)
-    coords[0] = rows[coords[0]]
-    return kernel.reshape(-1)[_source_index(m, tuple(coords))].reshape(len(rows), *out[1:])
-
-
-def _windows(xc: np.ndarray, spec: ConvSpec, positions: int) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """Padded input patches ``(N, C, *out_crop, *k)`` for a crop of at most ``positions`` outputs per axis."""
-    xp = np.pad(xc, [(0, 0), (0, 0), *spec.pads()])
-    out = spec.output_spatial
-    starts = [max(0, (o - positions) // 2) for o in out]
-    crop = tuple(slice(s, min(o, s + positions)) for s, o in zip(starts, out))
-    span = [d * (k - 1) + 1 for k, d in zip(spec.kernel_size, spec.dilation)]
-    region = tuple(slice(c.start * s, (c.stop - 1) * s + sp) for c, s, sp in zip(crop, spec.stride, span))
-    sub = xp[(slice(None), slice(None), *region)]
-    win = np.lib.stride_tricks.sliding_window_view(sub, span, axis=tuple(range(2, 2 + spec.rank)))
-    win = win[(Ellipsis, *(slice(None, None, d) for d in spec.dilation))]
-    win = win[(slice(None), slice(None), *(slice(None, None, s) for s in spec.stride))]
-    return win, crop
-
-
-def _conv_rows(win: np.ndarray, kernel_rows: np.ndarray, rows: np.ndarray, spec: ConvSpec) -> np.ndarray:
-    """Outputs of canonical kernel rows ``(R, I/g, *k)`` at the windows: ``(N, R, *crop)``."""
-    per_group_out = spec.out_channels // spec.groups
-    per_group_in = spec.in_channels // spec.groups
-    r = spec.rank
-    out = []
-    for row, k in zip(rows, kernel_rows):
-        g = int(row) // per_group_out
-        w = win[:, g * per_group_in:(g + 1) * per_group_in]
-        axes = (list(range(1, 2)) + list(range(2 + r, 2 + 2 * r)), list(range(0, 1 + r)))
-        out.append(np.tensordot(w, k, axes=axes))
-    return np.stack(out, axis=1)
-
-
-def _twin(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None,
-          x_canonical: np.ndarray) -> tuple | None:
-    """A smaller layer pair of the same structure, its kernel and input cut from the real ones.
-
-    The canonical kernel's first output channels, and its first input channels (a dense
-    layer: and a corner of its map), make a layer of their own on the same cut of the input.
-    """
-    to_canon = canonical(source)
-    out_shape = to_canon.out_shape
-    units = min(out_shape[0], 16)
-    try:
-        if isinstance(source, DenseSpec):
-            c = min(source.channels, 8)
-            spatial = tuple(min(n, 4) for n in source.spatial)
-            s_twin = source.replace(channels=c, spatial=spatial, units=units)
-            t_twin = target.replace(channels=c, spatial=spatial, units=units) if isinstance(target, DenseSpec) else \
-                target.replace(in_channels=c, out_channels=units, kernel_size=spatial or target.kernel_size,
-                               spatial=spatial or target.spatial)
-            cut = (slice(0, units), slice(0, c), *(slice(0, n) for n in spatial))
-            xcut = x_canonical[(slice(None), slice(0, c), *(slice(0, n) for n in spatial))] if spatial else \
-                x_canonical[:, :c]
-        else:
-            g = source.groups
-            if g not in (1, source.in_channels):
-                return None
-            c = min(source.in_channels, 8)
-            if g == 1:
-                changes = dict(in_channels=c, out_channels=units)
-                cut = (slice(0, units), slice(0, c))
-            else:  # depthwise: whole channels with all their multiplier outputs
-                mult = source.out_channels // source.in_channels
-                changes = dict(in_channels=c, out_channels=c * mult, groups=c)
-                cut = (slice(0, c * mult), slice(None))
-            s_twin, t_twin = source.replace(**changes), target.replace(**changes)
-            xcut = x_canonical[:, :c]
-        rows = np.arange(cut[0].stop or out_shape[0])
-        sub = _rows(to_canon, kernel, rows)[(slice(None), *cut[1:])]
-        k_twin = canonical(s_twin).inverse().apply(np.ascontiguousarray(sub))
-    except (EquivcheckError, ValueError):
-        return None
-    b_twin = None if bias is None else bias[: len(rows)]
-    if isinstance(s_twin, DenseSpec) and not s_twin.bias:
-        b_twin = None
-    return s_twin, t_twin, k_twin, b_twin, np.ascontiguousarray(xcut)
-
-
 def unrejected_mutants(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None,
                        x_canonical: np.ndarray, y_source: np.ndarray | None, dtype: str, fan: int, *,
-                       twin: bool = True) -> tuple[list[str], list[str]]:
-    """(mutants that would pass on this data, mutants not checked), for a pair that passed.
-
-    Each mutant's kernel, brought back to the source's canonical form, differs from the right
-    one by ``D``; the mutant is rejected when ``|D·x|`` exceeds twice the pair's bound somewhere
-    on a few output channels (and, for a conv, a small crop of positions).
-    """
-    from equivcheck.mutations import mutants
+                       accumulate: tuple[str, str] = ("", "")) -> tuple[list[str], list[str]]:
+    """(mutants that would pass on this data, why some were not judged), for a pair that passed: the judge's
+    mutant engine (:func:`equivcheck.judge.replayed_mutants`) against both layers' bounds."""
+    from equivcheck.judge import replayed_mutants
 
     try:
-        right = plan(source, target)
+        plan(source, target)
     except EquivcheckError:
         return [], []
-    if isinstance(source, ConvSpec) and source.transposed:
-        return [], ["transposed convolutions: mutants not replayed"]
-    if twin and kernel.size > MUTANT_MAX_KERNEL:
-        smaller = _twin(source, target, kernel, bias, x_canonical)
-        if smaller is not None:
-            return unrejected_mutants(*smaller, None, dtype, min(fan, fan_in(smaller[0])), twin=False)
-    to_canon = canonical(source)
-    units = to_canon.out_shape[0]
-    rows = np.unique(np.linspace(0, units - 1, min(units, MUTANT_CHANNELS)).astype(int))
-    f64 = np.float64
-    right_rows = _rows(to_canon, kernel, rows).astype(f64)
-    xs = x_canonical[:2].astype(f64)
-    b = None if bias is None else bias.astype(f64)[rows]
-    conv = isinstance(source, ConvSpec)
-    if conv:
-        cspec = source.replace(data_format="channels_first")
-        win, _ = _windows(xs, cspec, MUTANT_POSITIONS)
-        y_right = _conv_rows(win, right_rows, rows, cspec)
-        mag = _conv_rows(np.abs(win), np.abs(right_rows), rows, cspec)
-        bshape = (1, -1, *(1,) * source.rank)
-    else:
-        flat = xs.reshape(len(xs), -1)
-        y_right = flat @ right_rows.reshape(len(rows), -1).T
-        mag = np.abs(flat) @ np.abs(right_rows.reshape(len(rows), -1)).T
-        bshape = (1, -1)
-    if b is not None:
-        y_exact_nb = y_right
-        y_right = y_right + b.reshape(bshape)
-        mag = mag + np.abs(b).reshape(bshape)
-    else:
-        y_exact_nb = None
-    bound = 2 * error_bound(y_right, mag, dtype=dtype, fan_in=fan, exact_without_bias=y_exact_nb)
-    back = right.inverse().then(to_canon)
-    missed, skipped = [], []
-    for mutant in mutants(source, target, right):
-        if mutant.ambiguous:
-            continue
-        if mutant.target is not None:
-            skipped.append(mutant.name)
-            continue
-        if mutant.bias is not None:
-            if bias is None:
-                continue
-            db = np.abs(mutant.bias.apply(bias.astype(f64)) - bias.astype(f64))[rows]
-            if not np.any(db.reshape(bshape) > bound):
-                missed.append(mutant.name)
-            continue
-        d = _rows(mutant.mapping.then(back), kernel, rows).astype(f64) - right_rows
-        if not np.any(d):
-            missed.append(mutant.name)  # the sampled channels cannot tell it apart
-            continue
-        dy = _conv_rows(win, d, rows, cspec) if conv else flat @ d.reshape(len(rows), -1).T
-        if not np.any(np.abs(dy) > bound):
-            missed.append(mutant.name)
-    return missed, skipped
-
+    outcomes, unjudged = replayed_mutants(source, target, kernel, bias, x_canonical, dtype=dtype, fan=fan,
+                                          accumulate=accumulate)
+    return [o.name for o in outcomes if o.outcome == "not rejected"], [unjudged] if unjudged else []

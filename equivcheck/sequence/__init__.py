@@ -11,8 +11,11 @@
 Modules: :mod:`~equivcheck.sequence.specs` (the specs), :mod:`~equivcheck.sequence.presets`
 (``torch:lstm`` …), :mod:`~equivcheck.sequence.named` (plans over named tensors),
 :mod:`~equivcheck.sequence.reference` (numpy, from the equations),
-:mod:`~equivcheck.sequence.backends` (torch, Keras, ONNX Runtime) and
-:mod:`~equivcheck.sequence.verify` (verdict, mutants, identify). No framework is imported here.
+:mod:`~equivcheck.sequence.backends` (torch, Keras, ONNX Runtime),
+:mod:`~equivcheck.sequence.verify` (verdict, mutants, identify; a :class:`~equivcheck.judge.Case`, so
+``ec.verify_pair``, ``ec.check_converter`` and reports take these layers),
+:mod:`~equivcheck.sequence.explore` (the gate order of a black box, for ``ec.explore``) and
+:mod:`~equivcheck.sequence.files` (weight files as named tensors). No framework is imported here.
 """
 
 from equivcheck.sequence.specs import AttentionSpec, RecurrentSpec, SequenceSpec
@@ -22,6 +25,7 @@ _LAZY = {
     "NamedMapping": "named", "TensorPlan": "named", "canonical": "named", "convert": "named", "plan": "named",
     "tensor_shapes": "named", "is_sequence_name": "presets", "spec": "presets", "SequenceResult": "verify",
     "identify": "verify", "mutants": "verify", "verify_sequence_pair": "verify",
+    "RecurrentBlackBox": "explore", "explore_recurrent": "explore", "find_gate_order": "explore",
 }
 
 __all__ = ["AttentionSpec", "RecurrentSpec", "SequenceSpec", *sorted(_LAZY)]

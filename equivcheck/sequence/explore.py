@@ -169,8 +169,8 @@ class SequenceExploration:
 
     def to_dict(self) -> dict[str, Any]:
         def side(s: RecurrentSpec | None) -> dict[str, Any] | None:
-            return None if s is None else {"layer": s.describe(), "cell": s.cell, "storage": s.storage,
-                                           "gate_order": s.gate_labels(), "reset_after": s.reset_after}
+            return None if s is None else {"layer": s.describe(), "kind": f"{s.cell}, gates {s.gate_labels()}", "cell": s.cell,
+                                           "storage": s.storage, "gate_order": s.gate_labels(), "reset_after": s.reset_after}
 
         return {"found": self.found, "reason": self.reason, "source": side(self.source), "target": side(self.target),
                 "code": dict(self.code), "forward_calls": self.forward_calls, "seconds": self.seconds}

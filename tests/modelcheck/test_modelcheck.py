@@ -217,6 +217,7 @@ def test_mutants_the_data_cannot_reject_are_named():
 
 @pytest.mark.parametrize("layer", ["dense", "conv", "depthwise"])
 def test_large_layers_are_checked_on_a_twin(layer, monkeypatch):
+    import equivcheck.judge as the_judge
     from equivcheck.modelcheck import judge
     from equivcheck.presets import spec
 
@@ -227,8 +228,9 @@ def test_large_layers_are_checked_on_a_twin(layer, monkeypatch):
     rng = np.random.default_rng(1)
     kernel = rng.standard_normal(src.kernel_shape).astype(np.float32)
     x = rng.standard_normal((2, 6, *kw["spatial"])).astype(np.float32)
-    monkeypatch.setattr(judge, "MUTANT_MAX_KERNEL", 16)
-    assert judge._twin(src, dst, kernel, None, x) is not None
+    monkeypatch.setattr(the_judge, "MUTANT_MAX_KERNEL", 16)
+    outcomes, unjudged = the_judge.replayed_mutants(src, dst, kernel, None, x, dtype="float32", fan=100)
+    assert outcomes and not unjudged  # judged, on the twin
     assert judge.unrejected_mutants(src, dst, kernel, None, x, None, "float32", 100) == ([], [])
     constant = np.ones_like(x)
     if layer != "dense":
