@@ -38,6 +38,8 @@ __all__ = [
     "accumulation_dtype",
     "compare",
     "error_bound",
+    "growth_factor",
+    "output_floor",
     "reduced_precision_matmul",
     "unit_roundoff",
 ]
@@ -110,6 +112,17 @@ def _split_accumulate(accumulate: str) -> tuple[float, float]:
     return 0.0, unit_roundoff(accumulate)
 
 
+def growth_factor(accumulate: str, fan_in: int) -> float:
+    """The bound's factor on ``|W|·|x|``: ``2·u_prod + c·√n·u_acc`` for an accumulation name and fan-in."""
+    u_prod, u_acc = _split_accumulate(accumulate)
+    return 2 * u_prod + ACCUMULATION_FACTOR * math.sqrt(max(int(fan_in), 1)) * u_acc
+
+
+def output_floor(dtype: str) -> float:
+    """The bound's absolute term: two subnormal steps of the output dtype (and of float32, the sums')."""
+    return 2 * _SUBNORMAL[dtype] + (0.0 if dtype == "float64" else 2 * _SUBNORMAL["float32"])
+
+
 def error_bound(
     exact: Any,
     magnitude: Any,
@@ -123,11 +136,8 @@ def error_bound(
     e = np.abs(np.asarray(exact, dtype=np.float64))
     mag = np.asarray(magnitude, dtype=np.float64)
     e0 = e if exact_without_bias is None else np.abs(np.asarray(exact_without_bias, dtype=np.float64))
-    u_out = unit_roundoff(dtype)
-    u_prod, u_acc = _split_accumulate(accumulate or accumulation_dtype(dtype))
-    floor = 2 * _SUBNORMAL[dtype] + (0.0 if dtype == "float64" else 2 * _SUBNORMAL["float32"])
-    growth = 2 * u_prod + ACCUMULATION_FACTOR * math.sqrt(max(int(fan_in), 1)) * u_acc
-    return u_out * (e + e0) + growth * mag + floor
+    growth = growth_factor(accumulate or accumulation_dtype(dtype), fan_in)
+    return unit_roundoff(dtype) * (e + e0) + growth * mag + output_floor(dtype)
 
 
 @dataclass(frozen=True)

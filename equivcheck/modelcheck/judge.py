@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck.compare import Comparison, accumulation_dtype, error_bound, reduced_precision_matmul
+from equivcheck.compare import (
+    Comparison,
+    accumulation_dtype,
+    growth_factor,
+    output_floor,
+    reduced_precision_matmul,
+    unit_roundoff,
+)
 from equivcheck.errors import EquivcheckError
 from equivcheck.planning import plan
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, fan_in
@@ -64,7 +71,7 @@ def _products(x: np.ndarray, spec: LayerSpec) -> int:
 def judge(actual: np.ndarray, reference: np.ndarray, mag: np.ndarray, bias: np.ndarray | None, *, dtype: str,
           fan: int, accumulate: tuple[str, str] = ("", "")) -> Comparison:
     """Compare ``actual`` with ``reference`` (both computed in ``dtype``) under the sum of their two bounds."""
-    r = np.asarray(reference, dtype=np.float64)
+    r = np.asarray(reference)
     reduced = reduced_precision_matmul() if dtype == "float32" else {}
     accs = []
     for acc in accumulate:
@@ -77,29 +84,31 @@ def judge(actual: np.ndarray, reference: np.ndarray, mag: np.ndarray, bias: np.n
     note = ", ".join(f"{k}: {v}" for k, v in sorted(reduced.items()))
     if r.size == 0:
         return Comparison(True, dtype, accs[0], fan, 0.0, 0.0, 0.0, 0.0, (), 0.0, 0, 0, note)
-    mag = np.multiply(mag, 1 + 1e-3, dtype=np.float64)  # |W|·|x| summed in float32: a little headroom
     shape = [1] * r.ndim
     if r.ndim > 1:
         shape[1] = -1
-    without_bias = r if bias is None else r - np.asarray(bias, np.float64).reshape(shape)
-    if accs[0] == accs[1]:  # the same two bounds: one, doubled
-        bound = error_bound(r, mag, dtype=dtype, fan_in=fan, accumulate=accs[0], exact_without_bias=without_bias)
-        bound *= 2
-    else:
-        bound = sum(error_bound(r, mag, dtype=dtype, fan_in=fan, accumulate=acc, exact_without_bias=without_bias)
-                    for acc in accs)
+    # The sum of the two bounds (compare.error_bound) built in place, in float32 below float64 (a model's
+    # outputs are large; a bound a few float32 roundings off changes nothing, the headroom on |W|·|x| is 1e-3).
+    work = np.float64 if dtype == "float64" else np.float32
+    r = np.asarray(reference, dtype=work)
+    absr = np.abs(r)
+    bound = np.abs(r - np.asarray(bias, work).reshape(shape)) if bias is not None else absr.copy()
+    bound += absr
+    bound *= 2 * unit_roundoff(dtype)
+    growth = (1 + 1e-3) * sum(growth_factor(acc, fan) for acc in accs)  # |W|·|x| summed in float32: headroom
+    bound += np.multiply(mag, growth, dtype=work)
+    bound += 2 * output_floor(dtype)
     a = np.asarray(actual)
     finite = np.isfinite(a)
     nonfinite = int(a.size - np.count_nonzero(finite))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        err = np.abs(np.subtract(a, r, dtype=np.float64))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        err = np.abs(np.subtract(a, r, dtype=work))
         if nonfinite:
             err[~finite] = np.inf
         ratio = np.divide(err, bound)
         if nonfinite or np.isnan(r).any():
             ratio[np.isnan(r)] = np.inf
-        absr = np.abs(r)
-        rel = np.divide(err, absr, out=np.where(err > 0, np.inf, 0.0), where=absr > 0)
+        rel = np.divide(err, absr, out=np.where(err > 0, np.inf, 0.0).astype(work), where=absr > 0)
     worst = np.unravel_index(int(np.argmax(ratio)), a.shape)
     out = int(np.count_nonzero(~(ratio <= 1.0)))
     return Comparison(nonfinite == 0 and out == 0, dtype, accs[-1], int(fan), float(np.max(err)), float(np.max(rel)),
