@@ -421,6 +421,10 @@ def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel
     """
     from equivcheck.mutations import mutants
 
+    if kernel.size > MUTANT_ROWS_KERNEL:
+        on_rows = _on_rows(source, target, right, kernel, bias, ref, source_ref)
+        if on_rows is not None:
+            return on_rows
     exact, mag, nb = right_outputs
     bound = ref.bound(exact, mag, nb)
     target_bias = bias if target.bias else None  # the planned conversion never rearranges a bias
@@ -455,6 +459,64 @@ def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel
                                        mapping=mutant.mapping))
             continue
         y, m_mag, m_nb = got
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = float(np.max(np.abs(y - exact) / (bound + ref.bound(y, m_mag, m_nb)), initial=0.0))
+        out.append(MutationOutcome(mutant.name, mutant.description, "rejected" if ratio > 1 else "not rejected",
+                                   ratio, convention=convention, mapping=mutant.mapping))
+    return out
+
+
+#: Kernels larger than this have their mutants judged on :data:`MUTANT_ROWS` output channels (every weight of
+#: those channels, on the whole batch): a stacked float64 copy of the whole kernel per mutant would not fit.
+MUTANT_ROWS_KERNEL = 1 << 22
+MUTANT_ROWS = 16
+
+
+def _on_rows(source: LayerSpec, target: LayerSpec, right: Mapping, kernel: np.ndarray, bias: np.ndarray | None,
+             ref: Reference, source_ref: Reference | None) -> list[MutationOutcome] | None:
+    """:func:`mutant_outcomes` on a few output channels, spread over all of them (a mutant of the target's own
+    layer on the source side, as there); None where a layer's outputs cannot be cut that way (groups,
+    transposed convolutions)."""
+    from equivcheck.mutations import mutants
+    from equivcheck.planning import canonical
+
+    if any(isinstance(s, ConvSpec) and (s.groups != 1 or s.transposed) for s in (source, target)):
+        return None
+    back = right.inverse()
+    count = target.units if isinstance(target, DenseSpec) else target.out_channels
+    rows = np.unique(np.linspace(0, count - 1, min(count, MUTANT_ROWS)).astype(int))
+    b_rows = None if bias is None or not target.bias else np.asarray(bias)[rows]
+
+    def cut(spec: LayerSpec | None, m: Mapping, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Exact outputs of the chosen channels of the target's layer (``spec`` None, on the source side where
+        there is one) or of ``spec``, its kernel being ``m`` of the source kernel."""
+        side, m = (source_ref, m.then(back)) if spec is None and source_ref is not None else (ref, m)
+        spec = side.spec if spec is None else spec
+        small = spec.replace(units=len(rows)) if isinstance(spec, DenseSpec) else spec.replace(out_channels=len(rows))
+        canon = canonical(spec)
+        coords = np.indices((len(rows), *canon.out_shape[1:]))
+        coords[0] = rows[coords[0]]
+        sub = kernel.reshape(-1)[m.then(canon).source_indices(tuple(coords))]
+        return side.outputs(canonical(small).inverse().apply(sub), b, spec=small)
+
+    exact, mag, nb = cut(None, right, b_rows)
+    bound = ref.bound(exact, mag, nb)
+    out = []
+    for mutant in mutants(source, target, right):
+        convention = str(mutant.convention)
+        if mutant.ambiguous or (mutant.bias is not None and b_rows is None):
+            out.append(MutationOutcome(mutant.name, mutant.description, "ambiguous", convention=convention,
+                                       mapping=mutant.mapping))
+            continue
+        b = b_rows if mutant.bias is None else mutant.bias.apply(np.asarray(bias))[rows]
+        try:
+            y, m_mag, m_nb = cut(mutant.target, mutant.mapping, b)
+        except EquivcheckError:
+            y = None
+        if y is None or y.shape != exact.shape:
+            out.append(MutationOutcome(mutant.name, mutant.description, "rejected", math.inf, convention=convention,
+                                       mapping=mutant.mapping))
+            continue
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = float(np.max(np.abs(y - exact) / (bound + ref.bound(y, m_mag, m_nb)), initial=0.0))
         out.append(MutationOutcome(mutant.name, mutant.description, "rejected" if ratio > 1 else "not rejected",
