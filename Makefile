@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[all,dev]'
+	# tf-keras (Keras 2 models in check_models) declares the full tensorflow beside our tensorflow-cpu: --no-deps
+	$(PY) -m pip install -q --no-deps -c .ci/constraints.txt tf-keras
 	touch $(STAMP)
 
 demo: $(STAMP)

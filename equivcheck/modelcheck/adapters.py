@@ -216,8 +216,26 @@ class TorchAdapter(Adapter):
             if isinstance(output, torch.Tensor) and output.ndim >= 3:
                 last_map[0] = output
 
-        hooks = [m.register_forward_hook(hook) for m in self.model.modules()
-                 if not list(m.children()) or self._config(m) is not None or _own_weights(m)]
+        from equivcheck.modelcheck.sequence_capture import torch_sequence_kind, torch_sequence_record
+
+        def sequence_hook(module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            name = self._names.get(id(module), type(module).__name__)
+            found = torch_sequence_record(module, name, args, kwargs, output, len(records))
+            if isinstance(found, str):  # a recurrent or attention layer no spec describes: why, by name
+                others.setdefault(name, Other(name or type(module).__name__, type(module).__name__,
+                                              _own_weights(module) + sum(_own_weights(m) for m in module.modules()
+                                                                         if m is not module), len(records), found))
+                return
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > 1:
+                found.name = f"{name}#{seen[name]}"
+            records.append(found)
+
+        sequence = [m for m in self.model.modules() if torch_sequence_kind(m) is not None]
+        inside = {id(m) for q in sequence for m in q.modules()}
+        hooks = [m.register_forward_hook(hook) for m in self.model.modules() if id(m) not in inside
+                 and (not list(m.children()) or self._config(m) is not None or _own_weights(m))]
+        hooks += [m.register_forward_hook(sequence_hook, with_kwargs=True) for m in sequence]
         if x.dtype.name == "bfloat16":
             x = x.astype(np.float32)
         try:
@@ -237,7 +255,10 @@ class TorchAdapter(Adapter):
             resolve_layout(rec)
         ran = {r.name.split("#")[0] for r in records} | set(others)
         for name, module in self.model.named_modules():
-            if name not in ran and (held := _own_weights(module)):
+            if any(name.startswith(self._names[id(m)] + ".") for m in sequence):  # attention's out_proj: counted in it
+                continue
+            if name not in ran and (held := _own_weights(module) if module not in sequence else
+                                    sum(_own_weights(m) for m in module.modules())):
                 kind = type(module).__name__
                 others[name] = Other(name or kind, kind, held, -1)
         self.others = outermost(list(others.values()))
@@ -270,6 +291,8 @@ def per_position(rec: Linear) -> None:
 
 def resolve_layout(rec: Linear) -> None:
     """The input layout of a captured layer: conv from its data format, dense from the map it flattened."""
+    if "sequence" in rec.config:  # a recurrent or attention layer: (batch, time, features), no map layout
+        return
     if rec.kind != "dense":
         df = rec.config["data_format"]
         shape = rec.x.shape[1:]
@@ -298,12 +321,13 @@ _KERAS_NORMS = {"BatchNormalization": "batchnorm", "LayerNormalization": "layern
 class KerasAdapter(Adapter):
     framework = backend = "keras"
     label = "Keras"
+    module_name = "keras"  # the Keras package whose classes capture and replay (tf_keras: Keras 2)
 
     def __init__(self, model: Any, role: str) -> None:
         super().__init__(model, role)
-        import keras
+        import importlib
 
-        self._keras = keras
+        self._keras = keras = importlib.import_module(self.module_name)
         self.name = model.name
         policy = model.dtype_policy
         computing = [layer.dtype_policy.compute_dtype for layer in getattr(model, "layers", []) if layer.weights]
@@ -318,7 +342,8 @@ class KerasAdapter(Adapter):
             self.model = model = self._flatten(model)
         self.data_format = next((layer.get_config()["data_format"] for layer in model.layers
                                  if layer.get_config().get("data_format") in (CHANNELS_FIRST, CHANNELS_LAST)),
-                                keras.config.image_data_format())
+                                keras.backend.image_data_format())
+        self._why: dict[int, str] = {}  # layer id -> why a recurrent or attention layer is not checked
         self._linear = [(layer, *found) for layer in model.layers if (found := self._config(layer)) is not None]
         self._capture = None
         linear, before = {id(layer) for layer, *_ in self._linear}, 0
@@ -326,7 +351,7 @@ class KerasAdapter(Adapter):
             if id(layer) in linear:
                 before += 1
             elif held := sum(int(math.prod(w.shape)) for w in layer.weights):
-                self.others.append(Other(layer.name, type(layer).__name__, held, before))
+                self.others.append(Other(layer.name, type(layer).__name__, held, before, self._why.get(id(layer), "")))
 
     def cast(self, dtype: str) -> Any:
         """The model rebuilt from its config with every layer under a ``dtype`` policy, its weights cast."""
@@ -341,7 +366,7 @@ class KerasAdapter(Adapter):
         except Exception as exc:
             raise ModelError(f"{self.role} Keras model {self.name!r} cannot be rebuilt in {dtype} from its config "
                              f"({first_line(exc)}): build it under keras.config.set_dtype_policy({dtype!r})") from None
-        self.notes.append(f"{self.role} Keras model {self.name!r} rebuilt in {dtype} from its config, its weights cast")
+        self.notes.append(f"{self.role} {self.label} model {self.name!r} rebuilt in {dtype} from its config, its weights cast")
         return model
 
     def _flatten(self, model: Any) -> Any:
@@ -383,6 +408,14 @@ class KerasAdapter(Adapter):
         return None if any(s is None for s in shape) else tuple(int(s) for s in shape)
 
     def _config(self, layer: Any) -> tuple[str, dict[str, Any]] | None:
+        from equivcheck.modelcheck.sequence_capture import keras_sequence
+
+        sequence = keras_sequence(layer, retraced=id(layer) in self._inputs)
+        if isinstance(sequence, str):
+            self._why[id(layer)] = sequence
+            return None
+        if sequence is not None:
+            return sequence
         kind = type(layer).__name__
         cfg = layer.get_config()
         if kind in _KERAS_NORMS:
@@ -395,9 +428,9 @@ class KerasAdapter(Adapter):
         rank = int(match.group(2))
         base = match.group(1) + ("Transpose" if match.group(3) else "")
         letters = "DHW"[3 - rank:]
-        kernel = layer.kernel
+        kernel = _kernel(layer)
         ks = tuple(int(s) for s in kernel.shape[:rank])
-        df = cfg.get("data_format") or self._keras.config.image_data_format()
+        df = cfg.get("data_format") or self._keras.backend.image_data_format()
         padding = cfg.get("padding", "valid")
         if padding not in ("valid", "same"):
             raise ModelError(f"{self.role} layer {layer.name!r} ({kind}) has padding={padding!r}: expected 'valid' or 'same'")
@@ -466,14 +499,17 @@ class KerasAdapter(Adapter):
     def _build_capture(self) -> Any:
         keras = self._keras
         outputs = []
-        for layer, kind, _ in self._linear:
+        for layer, kind, cfg in self._linear:
+            if "sequence" in cfg:  # a recurrent or attention layer: its inputs, then its output
+                outputs.extend(cfg["tensors"])
+                continue
             try:
                 tensor = self._inputs[id(layer)] if id(layer) in self._inputs else layer.input  # noqa: SIM401 - .input raises for a re-traced layer
             except (AttributeError, ValueError) as exc:
                 raise ModelError(f"{self.role} layer {layer.name!r} is used more than once or has several inputs: "
                                  f"{exc}") from None
             outputs.append(tensor)
-            outputs.append(_map_tensor(tensor) if kind == "dense" and len(tensor.shape) == 2 else tensor)
+            outputs.append(_map_tensor(tensor, self.traced_input) if kind == "dense" and len(tensor.shape) == 2 else tensor)
         outputs.append(self.model.outputs[0])
         return keras.Model(self.model.inputs[0], outputs)
 
@@ -489,8 +525,16 @@ class KerasAdapter(Adapter):
                              f"{first_line(exc)}") from None
         values = [np.asarray(v) for v in values]
         records = []
+        at = 0
         for i, (layer, kind, cfg) in enumerate(self._linear):
-            xin, map_ = values[2 * i], values[2 * i + 1]
+            if "sequence" in cfg:
+                from equivcheck.modelcheck.sequence_capture import keras_sequence_record
+
+                records.append(keras_sequence_record(layer, kind, cfg, values[at:at + len(cfg["tensors"])], i))
+                at += len(cfg["tensors"])
+                continue
+            xin, map_ = values[at], values[at + 1]
+            at += 2
             if "eps" in cfg:  # a norm layer
                 rec = self._norm_record(layer, kind, cfg, xin, i)
                 resolve_layout(rec)
@@ -498,12 +542,12 @@ class KerasAdapter(Adapter):
                     rec.y = self.replay(rec, rec.x)
                 records.append(rec)
                 continue
-            weights = [np.asarray(w) for w in (layer.kernel, getattr(layer, "bias", None)) if w is not None]
+            weights = [np.asarray(w) for w in (_kernel(layer), getattr(layer, "bias", None)) if w is not None]
             rec = Linear(layer.name, "keras", kind, weights[0], weights[1] if len(weights) > 1 else None, xin,
                          np.empty(0), cfg, layer=layer, index=i)
             if kind == "dense":
                 per_position(rec)
-                if map_ is not xin and map_.ndim >= 3:
+                if map_ is not xin and map_.ndim >= 3 and math.prod(map_.shape[1:]) == rec.x.shape[-1]:
                     rec.map_before = map_
                     rec.map_letters = conv_letters(map_.ndim - 2, self.data_format)
             resolve_layout(rec)
@@ -532,6 +576,14 @@ class KerasAdapter(Adapter):
     def magnitude_backend(self) -> str:
         return "torch" if "torch" in sys.modules else "numpy"
 
+    def traced_input(self, op: Any, node: Any) -> Any | None:
+        """The one tensor a shape-only layer ``op`` reads at ``node`` (tracing a Dense input back to its map); else None."""
+        if type(op).__name__ not in _KERAS_SHAPE_ONLY:
+            return None
+        inputs = node.input_tensors
+        inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]  # tf_keras: one tensor, not a list
+        return inputs[0] if len(inputs) == 1 else None
+
 
 def _tuple(value: Any, rank: int) -> tuple[int, ...]:
     return (int(value),) * rank if isinstance(value, int) else tuple(int(v) for v in value)
@@ -543,7 +595,13 @@ def _has_inputs(model: Any) -> bool:
     return False
 
 
-def _map_tensor(tensor: Any) -> Any:
+def _kernel(layer: Any) -> Any:
+    """A Keras layer's kernel (tf_keras names a depthwise conv's ``depthwise_kernel``)."""
+    kernel = getattr(layer, "kernel", None)
+    return kernel if kernel is not None else layer.depthwise_kernel
+
+
+def _map_tensor(tensor: Any, traced_input: Any) -> Any:
     """The tensor a Dense input was flattened from: back through shape-only layers and ops."""
     current = tensor
     for _ in range(16):
@@ -551,11 +609,11 @@ def _map_tensor(tensor: Any) -> Any:
         if history is None:
             break
         op = history[0]
-        if type(op).__name__ not in _KERAS_SHAPE_ONLY:
-            break
         nodes = getattr(op, "_inbound_nodes", [])
-        inputs = nodes[history[1]].input_tensors if len(nodes) > history[1] else []
-        if len(inputs) != 1:
+        before = traced_input(op, nodes[history[1]]) if len(nodes) > history[1] else None
+        if before is None:
             break
-        current = inputs[0]
-    return current if len(current.shape) >= 3 and math.prod(current.shape[1:]) == tensor.shape[-1] else tensor
+        current = before
+    width = tensor.shape[-1]  # None where a graph reshapes to (batch, -1) (nobuco): the captured values decide
+    fits = None not in tuple(current.shape[1:]) and (width is None or math.prod(current.shape[1:]) == width)
+    return current if len(current.shape) >= 3 and fits else tensor

@@ -367,9 +367,12 @@ def _check_norm(s: Linear, c: Linear, dst: Adapter, dtype: str, failed_before: b
 def _check_pair(s: Linear, c: Linear, src: Adapter, dst: Adapter, dtype: str, failed_before: bool,
                 mutants: bool, seed: int = 0) -> LayerRow:
     from equivcheck.modelcheck.norms import NORMS
+    from equivcheck.modelcheck.sequence_pairs import SEQUENCE_KINDS, check_sequence_pair
 
     if s.kind in NORMS:
         return _check_norm(s, c, dst, dtype, failed_before, seed)
+    if s.kind in SEQUENCE_KINDS:
+        return check_sequence_pair(s, c, dtype, failed_before, mutants, seed, boundary=boundary_tolerance(dtype))
     row = LayerRow(s.name, c.name, _kind(s, c), dtype, "fail")
     try:
         s, c, c_pads, pad_note = _merge_pads(s, c, dtype)
@@ -643,8 +646,7 @@ def _check_dtype(result: ModelCheck, src: Adapter, dst: Adapter, shape: tuple[in
             f"{', '.join(f'{r.name} ({r.kind}, {r.weights})' for r in recs_s[:6])}; converted "
             f"{', '.join(f'{r.name} ({r.kind}, {r.weights})' for r in recs_c[:6]) or 'none'}")
     if dtype == result.dtypes[0]:
-        result.unpaired = [Unpaired("source", r.name, r.kind, r.weights, after=r.index) for r in lone_s] + \
-                          [Unpaired("converted", r.name, r.kind, r.weights, after=r.index) for r in lone_c] + \
+        result.unpaired = [_lone("source", r) for r in lone_s] + [_lone("converted", r) for r in lone_c] + \
                           [_unchecked("source", o) for o in src.others] + [_unchecked("converted", o) for o in dst.others]
     failed = False
     prev: tuple[int, int] = (-1, -1)
@@ -743,7 +745,14 @@ def _output_shape(layer: Linear) -> tuple[int, ...]:
     return out if spec.data_format != CHANNELS_LAST else (*out[1:], out[0])
 
 
+def _lone(model: str, r: Linear) -> Unpaired:
+    """A captured layer without a partner; a recurrent or attention layer by its class and all its parameters."""
+    return Unpaired(model, r.name, r.config.get("class", r.kind), r.config.get("params", r.weights), after=r.index)
+
+
 def _unchecked(model: str, other: Other) -> Unpaired:
+    if other.why:
+        return Unpaired(model, other.name, other.kind, other.weights, other.why, after=other.after)
     why = f"no pairing rule checks a {other.kind}"
     if other.after < 0 and other.kind != "module":
         why += " (it did not run on the check's input)"

@@ -1,6 +1,6 @@
 """``equivcheck check-models SRC DST``: a converted model file against its source, layer by layer.
 
-``SRC`` and ``DST`` are ``.keras``, ``.onnx`` or ``.tflite`` models or torch state dicts (``.pt``/``.pth``/
+``SRC`` and ``DST`` are ``.keras``, ``.h5`` (tf_keras), ``.onnx`` or ``.tflite`` models or torch state dicts (``.pt``/``.pth``/
 ``.safetensors``/``.npz``); ``--model MODULE:FACTORY`` builds the torch architecture a state dict loads into
 (without it, equivcheck's own VGG16-style model is rebuilt from the weight shapes). Exit 0
 pass (or inconclusive), 1 fail (the first wrong layer is named), 2 user error.
@@ -27,13 +27,17 @@ def load_model(path: str | Path, factory: str | None = None) -> Any:
     p = Path(path)
     if not p.exists():
         raise FileFormatError(f"input={str(p)!r} does not exist")
+    from equivcheck.modelcheck.tf_keras_adapter import is_tf_keras_file, load_tf_keras_model
+
+    if is_tf_keras_file(p):  # Keras 2: .h5, a SavedModel directory, a .keras archive tf_keras wrote
+        return load_tf_keras_model(p)
     if p.suffix == ".keras":
         return files.load_keras_model(p)
     if p.suffix in (".onnx", ".tflite"):
         return str(p)  # check_models reads .onnx and .tflite paths
     if p.suffix not in STATE_DICT_SUFFIXES:
-        raise FileFormatError(f"input={str(p)!r} has suffix {p.suffix!r}: expected a .keras, .onnx or .tflite model or "
-                              "a torch state dict (.pt, .pth, .safetensors, .npz)")
+        raise FileFormatError(f"input={str(p)!r} has suffix {p.suffix!r}: expected a .keras, .h5 (tf_keras), .onnx or "
+                              ".tflite model or a torch state dict (.pt, .pth, .safetensors, .npz)")
     if factory is None:
         from equivcheck.errors import EquivcheckError
         from equivcheck.fcn.commands import load_model as load_vgg

@@ -25,9 +25,18 @@ __all__ = ["check_model_converter", "is_model", "load_weights"]
 
 
 def is_model(obj: Any) -> bool:
-    """A torch ``nn.Module`` or a Keras model (frameworks already imported only)."""
+    """A model ``check_models`` takes: a torch ``nn.Module``, a Keras model, a Flax ``(module, variables)`` tuple,
+    an ONNX model (``ModelProto``, ``InferenceSession``, ``.onnx`` path) or a TFLite model (frameworks already
+    imported only)."""
     torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
-    return (torch is not None and isinstance(obj, torch.nn.Module)) or (keras is not None and isinstance(obj, keras.Model))
+    if (torch is not None and isinstance(obj, torch.nn.Module)) or (keras is not None and isinstance(obj, keras.Model)):
+        return True
+    from equivcheck.modelcheck.flax_adapter import is_flax
+    from equivcheck.modelcheck.onnx_adapter import is_onnx
+    from equivcheck.modelcheck.tf_keras_adapter import is_tf_keras
+    from equivcheck.modelcheck.tflite_adapter import is_tflite
+
+    return is_tf_keras(obj) or is_flax(obj) or is_onnx(obj) or is_tflite(obj)
 
 
 def load_weights(model: Any, weights: Any, role: str = "converted") -> Any:
@@ -68,7 +77,8 @@ def _build(factory: Any, role: str) -> Any:
         raise ModelError(f"{role} factory {getattr(factory, '__name__', factory)!r} raised "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     if not is_model(model):
-        raise ModelError(f"{role} factory returned {type(model).__name__}: expected a torch or Keras model")
+        raise ModelError(f"{role} factory returned {type(model).__name__}: expected a torch, Keras, Flax, ONNX or "
+                         "TFLite model")
     return model
 
 

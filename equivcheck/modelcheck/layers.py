@@ -110,6 +110,7 @@ class Other:
     kind: str  # the framework's own class or op name: "LSTM", "MultiheadAttention", "BatchNormalization"
     weights: int  # how many parameters (and statistics) it holds
     after: int = -1  # how many captured layers ran before it (its place in execution order); -1: not known / not run
+    why: str = ""  # why no rule checks it, where the adapter knows (an LSTM with options no spec describes)
 
 
 def flatten_order(map_: np.ndarray, letters: str, x: np.ndarray) -> str | None:

@@ -29,8 +29,8 @@ from equivcheck.sequence.backends import LOW_PRECISION, backend_of, run
 from equivcheck.sequence.named import canonical, convert, from_canonical, plan, tensor_shapes
 from equivcheck.sequence.specs import AttentionSpec, RecurrentSpec, SequenceSpec
 
-__all__ = ["Mutant", "SequenceResult", "draw", "error_bound", "failure_message", "identify", "identify_mutant", "mutants",
-           "resolve_backend", "spec_record",
+__all__ = ["Mutant", "SequenceResult", "compare_outputs", "convention_of", "draw", "error_bound", "failure_message",
+           "identify", "identify_mutant", "judge_mutants", "mutants", "resolve_backend", "spec_record",
            "tolerance", "verify_sequence_pair"]
 
 #: Gate orders of the frameworks, per cell (canonical letters): torch/Keras/Flax and ONNX.
@@ -317,6 +317,24 @@ def _judge_mutants(source: SequenceSpec, target: SequenceSpec, weights: dict[str
         out.append(MutationOutcome(m.name, m.description, "rejected" if ratio > 1 else "not rejected", ratio,
                                    convention=convention_of(m.name)))
     return out
+
+
+def compare_outputs(y: Any, ref: Any, bound: Any, dtype: str, fan_in: int, accumulate: str | None = None) -> Comparison:
+    """``y`` against ``ref`` under ``bound`` per element (the judgement of :func:`verify_sequence_pair`)."""
+    return _comparison(np.asarray(y, np.float64), np.asarray(ref, np.float64), np.asarray(bound, np.float64), dtype,
+                       accumulate or dtype, fan_in)
+
+
+def judge_mutants(source: SequenceSpec, target: SequenceSpec, weights: dict[str, Any], inputs: Any, dtype: str,
+                  mask: Any = None, accumulate: str | None = None) -> list[MutationOutcome]:
+    """Each mutant of ``weights`` (source to target), judged on ``inputs`` against the float64 reference:
+    rejected where it lands beyond every pair of runs within their bounds (as :func:`verify_sequence_pair` does)."""
+    w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
+    x = _rounded(inputs, "float64")
+    acc = accumulate or dtype
+    exact = reference.forward(source, w, x, mask)
+    bound = reference.error_bound(source, w, x, dtype, mask, accumulate=acc)
+    return _judge_mutants(source, target, w, x, mask, exact, bound, dtype, acc)
 
 
 def _check_converted(target: SequenceSpec, converted: Any) -> dict[str, np.ndarray]:

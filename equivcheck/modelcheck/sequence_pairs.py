@@ -1,0 +1,182 @@
+"""Recurrent and attention layers as checked pairs: torch ``nn.LSTM``/``GRU``/``RNN`` and
+``nn.MultiheadAttention``, Keras 3 ``LSTM``/``GRU``/``SimpleRNN`` and ``MultiHeadAttention``.
+
+Each side's layer is captured as a record holding its spec, named weights and ``(batch, time,
+features)`` inputs (:mod:`equivcheck.modelcheck.sequence_capture`). A converted layer is replayed alone on its partner's
+captured input, on a real layer built from its spec (:mod:`equivcheck.sequence.backends`),
+and judged against the source's captured output under the bound of
+:func:`~equivcheck.sequence.verify.verify_sequence_pair` (dtype, fan-in and recurrence depth);
+a failing pair is named from the weights (:func:`~equivcheck.sequence.verify.identify`).
+
+Sequence in, sequence out, zero initial state. Layers outside what a spec describes (two or
+more layers, bidirectional, a projection, masks, an initial state, key/value sizes other than
+the embedding, activations other than the defaults, a Keras layer returning its last step
+only) are not recorded: they stay unchecked, named, with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import numpy as np
+
+from equivcheck.errors import EquivcheckError
+from equivcheck.modelcheck.layers import Linear
+from equivcheck.modelcheck.result import LayerRow
+from equivcheck.modelcheck.sequence_capture import SEQUENCE_KINDS
+
+__all__ = ["SEQUENCE_KINDS", "check_sequence_pair"]
+
+
+# -- the check ---------------------------------------------------------------------------------
+def _inputs(record: Linear) -> Any:
+    ins = record.config["inputs"]
+    return tuple(np.asarray(a, np.float64) for a in ins) if record.kind == "mha" else np.asarray(ins[0], np.float64)
+
+
+def _relative(a: Any, b: Any) -> float:
+    parts_a = a if isinstance(a, tuple) else (a,)
+    parts_b = b if isinstance(b, tuple) else (b,)
+    worst = 0.0
+    for x, y in zip(parts_a, parts_b):
+        if x.shape != y.shape or not np.all(np.isfinite(x)):
+            return math.inf
+        scale = float(np.max(np.abs(y), initial=0.0))
+        err = float(np.max(np.abs(x - y), initial=0.0))
+        worst = max(worst, err / scale if scale > 0 else (0.0 if err == 0 else math.inf))
+    return worst
+
+
+def _replay(spec: Any, weights: dict[str, Any], inputs: Any, dtype: str) -> tuple[np.ndarray, str]:
+    """The layer of ``spec`` with ``weights`` on ``inputs`` on its framework's real layer (numpy where that is missing)."""
+    from equivcheck.sequence.backends import run
+    from equivcheck.sequence.verify import resolve_backend
+
+    backend, note = resolve_backend(spec, dtype)
+    return run(backend, spec, weights, inputs, dtype=dtype), note
+
+
+def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, mutants: bool, seed: int = 0, *,
+                        boundary: float = 1e-3) -> LayerRow:
+    """A recurrent or attention pair: the converted layer alone on the source's captured input, against the source's
+    captured output; a failure named from the weights. ``boundary``: the largest relative difference at which the
+    two captured inputs still count as the same."""
+    from equivcheck.sequence import reference
+    from equivcheck.sequence.named import convert, plan
+    from equivcheck.sequence.verify import compare_outputs, convention_of, identify, identify_mutant
+
+    kind = s.kind if s.kind == c.kind else f"{s.kind} → {c.kind}"
+    row = LayerRow(s.name, c.name, kind, dtype, "fail")
+    ss, cs = s.config["sequence"], c.config["sequence"]
+    ws = {k: np.asarray(v, np.float64) for k, v in s.config["named"].items()}
+    wc = {k: np.asarray(v, np.float64) for k, v in c.config["named"].items()}
+    row.notes.append(f"{ss.describe()} ↔ {cs.describe()}")
+    try:
+        right = plan(ss, cs)
+    except EquivcheckError as exc:
+        row.mistake = "layer configuration differs"
+        row.diagnosis = f"layer configuration differs: {str(exc).splitlines()[0]}"
+        return row
+    xs, xc = _inputs(s), _inputs(c)
+    rel = _relative(xc, xs)
+    row.boundary_ok = rel <= boundary
+    row.boundary = "same layout (batch, time, features)" if row.boundary_ok else \
+        f"values differ from the source's (max relative difference {rel:.3g})"
+    exact = reference.forward(ss, ws, xs)
+    bound = reference.error_bound(ss, ws, xs, dtype)
+    y_s = np.asarray(s.y, np.float64)
+    try:
+        y_c, note = _replay(cs, wc, xs, dtype)
+    except EquivcheckError as exc:
+        row.diagnosis, row.mistake = str(exc).splitlines()[0], "replay"
+        return row
+    if note:
+        row.notes.append(note)
+    if y_c.shape != y_s.shape:
+        row.mistake = "output shape"
+        row.diagnosis = f"the converted layer gives outputs of shape {y_c.shape[1:]}, the source {y_s.shape[1:]}"
+        return row
+    fan = ss.fan_in
+    row.comparison = compare_outputs(y_c, y_s, 2 * bound, dtype, fan)
+    own = compare_outputs(y_s, exact, bound, dtype, fan)
+    if not row.comparison.passed:
+        found = identify_mutant(ss, cs, ws, wc, dtype)
+        if found is not None:
+            row.mistake, row.diagnosis = convention_of(found.name), found.description
+        else:
+            named = identify(ss, cs, ws, wc, dtype)
+            if named == "correct":
+                row.mistake = "weights right, output differs"
+                row.diagnosis = ("weights right, output differs: the weights are the right conversion of the source's; "
+                                 "the layer computes differently (an option its spec does not describe)")
+            else:
+                row.mistake, row.diagnosis = "wrong weights", named
+        with contextlib.suppress(EquivcheckError):
+            fixed, _ = _replay(cs, convert(ss, cs, ws), xs, dtype)
+            if row.mistake != "weights right, output differs" and compare_outputs(fixed, y_s, 2 * bound, dtype, fan).passed:
+                row.mapping = "; ".join(right.code("numpy").splitlines())
+        if not own.passed:
+            row.notes.append(f"the source layer's own output is not what its spec describes (error/bound "
+                             f"{own.max_error_ratio:.3g})")
+        if not row.boundary_ok and not failed_before:
+            row.notes.append(f"input: {row.boundary}")
+        return row
+    if not own.passed:
+        row.verdict = "inconclusive"
+        row.notes.append(f"the source layer's own output is not the {ss.describe()} its parameters describe "
+                         f"(error/bound {own.max_error_ratio:.3g}): the reference cannot be trusted")
+        return row
+    if c.y.size and c.y.shape == y_s.shape and row.boundary_ok:
+        mine = compare_outputs(np.asarray(c.y, np.float64), reference.forward(cs, wc, xc),
+                               reference.error_bound(cs, wc, xc, dtype), dtype, cs.fan_in)
+        if not mine.passed:
+            row.verdict = "inconclusive"
+            row.notes.append(f"the converted layer's own output is not the {cs.describe()} its parameters describe "
+                             f"(error/bound {mine.max_error_ratio:.3g}): it computes something its spec does not say")
+            return row
+    if not row.boundary_ok:
+        if failed_before:
+            row.verdict = "pass"
+            row.notes.append(f"input differs from the source's after an earlier failure: {row.boundary}")
+            return row
+        row.mistake = "graph"
+        row.diagnosis = (f"the converted graph feeds {c.name} a different input than the source feeds {s.name}: "
+                         f"{row.boundary}; the layer itself is right on the source's input")
+        return row
+    row.verdict = "pass"
+    if mutants:
+        missed = _missed(ss, cs, ws, wc, xs, dtype, seed)
+        if missed:
+            row.verdict = "inconclusive"
+            row.notes.append(f"these wrong conversions would also pass on this data: {', '.join(missed)}")
+    return row
+
+
+def _missed(ss: Any, cs: Any, ws: dict[str, np.ndarray], wc: dict[str, np.ndarray], xs: Any, dtype: str,
+            seed: int) -> list[str]:
+    """The mutants that the captured input does not reject, and (where there are some) designed data does not either."""
+    from equivcheck.sequence import reference
+    from equivcheck.sequence.verify import DRAWS, LOW_PRECISION_BATCH, compare_outputs, draw, judge_mutants
+
+    missed = [o.name for o in judge_mutants(ss, cs, ws, xs, dtype) if o.outcome != "rejected"]
+    if not missed:
+        return []
+    first = xs[0] if isinstance(xs, tuple) else xs
+    low = dtype in ("float16", "bfloat16")
+    batch = LOW_PRECISION_BATCH if low else max(2, len(first))
+    for attempt in range(DRAWS if low else 1):  # low precision: a larger batch, redrawn, as verify_sequence_pair does
+        _, designed = draw(ss, seed=seed + 1 + attempt, batch=batch, steps=max(5, first.shape[1]))
+        try:
+            y, _ = _replay(cs, wc, designed, dtype)
+        except EquivcheckError:
+            return missed
+        if not compare_outputs(y, reference.forward(ss, ws, designed),
+                               2 * reference.error_bound(ss, ws, designed, dtype), dtype, ss.fan_in).passed:
+            return missed  # the captured data stays the evidence
+        again = {o.name for o in judge_mutants(ss, cs, ws, designed, dtype) if o.outcome != "rejected"}
+        missed = [m for m in missed if m in again]
+        if not missed:
+            break
+    return missed
