@@ -25,7 +25,7 @@ def bare(backend: str, src, dst, x: np.ndarray, kernel, bias) -> None:
     t(x)
 
 
-def rows(cases: int = 20) -> list[tuple[str, float, float, float]]:
+def rows(cases: int = 40) -> list[tuple[str, float, float, float]]:
     out = []
     for backend, preset in PRESET.items():
         if not backends.get(backend).available():
@@ -58,7 +58,7 @@ def render(table, markdown: bool = False) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cases", type=int, default=20)
+    parser.add_argument("--cases", type=int, default=40)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     print(render(rows(args.cases), args.markdown))

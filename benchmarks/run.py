@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE.parent))
 SECTIONS = [
     ("mapping", "Mapping VGG16 fc6 (25088×4096 float32, flip included)", {"repeat": 3}, {"repeat": 1}),
     ("explore", "Explorer: forward calls and seconds, against brute force over named conventions", {}, {"quick": True}),
-    ("harness", "Harness overhead per generated case, against the bare forward passes", {"cases": 20}, {"cases": 5}),
+    ("harness", "Harness overhead per generated case, against the bare forward passes", {"cases": 40}, {"cases": 5}),
     ("imports", "Import and plugin cost", {"repeat": 5, "suite": True}, {"repeat": 2}),
     ("comparator", "Comparator sensitivity at fan-in 25088", {"trials": 1000}, {"trials": 100}),
     ("soundness", "Soundness per layer kind and dtype (probed facts), natively and as an older CPU",

@@ -21,6 +21,7 @@ mutant.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -218,10 +219,16 @@ class Reference:
                  accumulate: tuple[str, ...] = ("",), roundings: int = 2) -> None:
         self.spec, self.adapt = spec, aligned(spec, other)
         self.x = x
-        self.x64 = self.adapt[0](x.astype(np.float64))
-        self.abs_x64 = np.abs(self.x64)
         self.dtype, self.fan, self.roundings = dtype, fan, roundings
         self.accumulate = tuple(a or None for a in accumulate)
+
+    @functools.cached_property
+    def x64(self) -> np.ndarray:
+        return self.adapt[0](self.x.astype(np.float64))
+
+    @functools.cached_property
+    def abs_x64(self) -> np.ndarray:
+        return np.abs(self.x64)
 
     @classmethod
     def probed(cls, spec: LayerSpec, other: LayerSpec, x: np.ndarray, facts: Facts, *, dtype: str, fan: int,
@@ -241,11 +248,12 @@ class Reference:
 
     def outputs(self, kernel: np.ndarray, bias: np.ndarray | None,
                 spec: LayerSpec | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(exact, |W|·|x| + |b|, exact before the bias or None without one)."""
-        exact = self.forward(kernel, bias, spec=spec)
+        """(exact, |W|·|x| + |b|, exact before the bias: None without one)."""
+        nb = self.forward(kernel, None, spec=spec)
         mag = self.forward(kernel, bias, absolute=True, spec=spec)
-        nb = None if bias is None else self.forward(kernel, None, spec=spec)
-        return exact, mag, nb
+        if bias is None:
+            return nb, mag, None
+        return nb + _per_channel(bias, nb), mag, nb
 
     def _before_bias(self, nb: np.ndarray | None) -> np.ndarray | None:
         """The sum before the bias matters to the bound only where the output is rounded twice."""
@@ -432,10 +440,9 @@ def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel
     outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None] | None] = {}
     same_layer = [i for i, m in enumerate(found) if not m.ambiguous and m.target is None]
     if same_layer:
-        back = right.inverse()
         side = source_ref or ref
-        kernels = [back.apply(found[i].mapping.apply(kernel)) if side is not ref else found[i].mapping.apply(kernel)
-                   for i in same_layer]
+        kernels = [_back_to_source(found[i].mapping, right).apply(kernel) if side is not ref
+                   else found[i].mapping.apply(kernel) for i in same_layer]
         ys, mags = _many(side, kernels)
         for i, y, m in zip(same_layer, ys, mags):
             b = target_bias if found[i].bias is None or target_bias is None else found[i].bias.apply(target_bias)
@@ -522,6 +529,12 @@ def _on_rows(source: LayerSpec, target: LayerSpec, right: Mapping, kernel: np.nd
         out.append(MutationOutcome(mutant.name, mutant.description, "rejected" if ratio > 1 else "not rejected",
                                    ratio, convention=convention, mapping=mutant.mapping))
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _back_to_source(wrong: Mapping, right: Mapping) -> Mapping:
+    """The source kernel the target's layer computes with under ``wrong``: ``wrong`` then the inverse of ``right``."""
+    return wrong.then(right.inverse()).simplify()
 
 
 def _per_channel(bias: np.ndarray, y: np.ndarray) -> np.ndarray:
