@@ -159,7 +159,11 @@ class KerasLayer(Layer):
             for axis, s in zip(_spatial_axes(spec, x.ndim), self._crop):
                 index[axis] = s
             y = y[tuple(index)]
-        return np.asarray(ops.convert_to_numpy(y)).astype(np_dtype(self.dtype), copy=False)
+        try:  # a TensorFlow (or JAX) array: its buffer, no copy
+            out = np.asarray(y)
+        except (TypeError, ValueError, RuntimeError):
+            out = np.asarray(ops.convert_to_numpy(y))
+        return out.astype(np_dtype(self.dtype), copy=False)
 
 
 class KerasBackend(Backend):

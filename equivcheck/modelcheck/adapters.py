@@ -289,6 +289,17 @@ def per_position(rec: Linear) -> None:
             rec.y = rec.y.reshape(-1, rec.y.shape[-1])
 
 
+
+def variable_values(variable: Any) -> np.ndarray:
+    """A Keras or TensorFlow variable's values, read-only and without a copy where the framework allows
+    (``np.asarray`` of a variable copies it: 0.46 s for VGG16's fc6)."""
+    v = getattr(variable, "value", None)
+    v = v() if callable(v) else v if v is not None else variable  # tf.Variable.value() / KerasVariable.value
+    read = getattr(v, "value", None)
+    if callable(read):  # the tf.Variable under a Keras variable
+        v = read()
+    return np.asarray(v)
+
 def resolve_layout(rec: Linear) -> None:
     """The input layout of a captured layer: conv from its data format, dense from the map it flattened."""
     if "sequence" in rec.config:  # a recurrent or attention layer: (batch, time, features), no map layout
@@ -542,7 +553,7 @@ class KerasAdapter(Adapter):
                     rec.y = self.replay(rec, rec.x)
                 records.append(rec)
                 continue
-            weights = [np.asarray(w) for w in (_kernel(layer), getattr(layer, "bias", None)) if w is not None]
+            weights = [variable_values(w) for w in (_kernel(layer), getattr(layer, "bias", None)) if w is not None]
             rec = Linear(layer.name, "keras", kind, weights[0], weights[1] if len(weights) > 1 else None, xin,
                          np.empty(0), cfg, layer=layer, index=i)
             if kind == "dense":

@@ -13,6 +13,8 @@ judged by the judge's own engine (:func:`equivcheck.judge.replayed_mutants`).
 from __future__ import annotations
 
 import itertools
+import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,10 @@ from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, fan_
 
 __all__ = ["canonical_output", "diagnose_pair", "judge", "magnitude", "unrejected_mutants"]
 
+#: Outputs judged at a time (a block that stays in cache through the dozen passes of the bound).
+JUDGE_BLOCK = 1 << 15
+#: Kernel elements |W| is taken of at a time for a dense layer's |W|·|x|.
+MAGNITUDE_BLOCK = 1 << 22
 #: Kernels larger than this are not searched over every layout when diagnosing.
 SEARCH_MAX = 1 << 22
 
@@ -51,12 +57,20 @@ def magnitude(spec: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None, x: n
     def absolute(a: np.ndarray) -> np.ndarray:
         return np.abs(a) if a.dtype == f32 else np.abs(a.astype(f32))
 
-    k, ax = absolute(kernel), absolute(x)
+    ax = absolute(x)
     b = None if bias is None else absolute(bias)
-    if isinstance(spec, DenseSpec):  # a matmul: numpy is as fast as any framework
+    if isinstance(spec, DenseSpec):  # a matmul, |W| taken a block of inputs at a time (fc6: 400 MB at once)
         flat = ax.reshape(len(ax), -1)
-        y = flat @ (k if spec.kernel_layout == "IO" else k.T)
+        io = spec.kernel_layout == "IO"
+        n_in = kernel.shape[0 if io else 1]
+        step = max(1, MAGNITUDE_BLOCK // max(1, kernel.size // max(n_in, 1)))
+        y = np.zeros((len(flat), kernel.shape[1 if io else 0]), f32)
+        for start in range(0, n_in, step):
+            part = kernel[start:start + step] if io else kernel[:, start:start + step]
+            part = np.abs(part, dtype=f32) if part.dtype != f32 else np.abs(part)
+            y += flat[:, start:start + step] @ (part if io else part.T)
         return y if b is None else y + b
+    k = absolute(kernel)
     layer = backends.get(backend).build(spec, "float32")
     layer.set_weights(k, b, copy=False)
     return np.asarray(layer(ax))
@@ -84,36 +98,53 @@ def judge(actual: np.ndarray, reference: np.ndarray, mag: np.ndarray, bias: np.n
     note = ", ".join(f"{k}: {v}" for k, v in sorted(reduced.items()))
     if r.size == 0:
         return Comparison(True, dtype, accs[0], fan, 0.0, 0.0, 0.0, 0.0, (), 0.0, 0, 0, note)
-    shape = [1] * r.ndim
-    if r.ndim > 1:
-        shape[1] = -1
-    # The sum of the two bounds (compare.error_bound) built in place, in float32 below float64 (a model's
-    # outputs are large; a bound a few float32 roundings off changes nothing, the headroom on |W|·|x| is 1e-3).
+    # The sum of the two bounds (compare.error_bound), in float32 below float64 (a few float32 roundings off
+    # a bound change nothing: the headroom on |W|·|x| is 1e-3), a cache-sized block of outputs at a time.
     work = np.float64 if dtype == "float64" else np.float32
-    r = np.asarray(reference, dtype=work)
-    absr = np.abs(r)
-    bound = np.abs(r - np.asarray(bias, work).reshape(shape)) if bias is not None else absr.copy()
-    bound += absr
-    bound *= 2 * unit_roundoff(dtype)
+    n, c = (r.shape[0], r.shape[1]) if r.ndim > 1 else (1, r.shape[0])
+    r3 = np.asarray(r, work).reshape(n, c, -1)
+    a3 = np.asarray(actual).reshape(n, c, -1)
+    m3 = np.asarray(mag).reshape(n, c, -1)
+    b2 = None if bias is None else np.asarray(bias, work).reshape(-1, 1)
+    two_u = 2 * unit_roundoff(dtype)
     growth = (1 + 1e-3) * sum(growth_factor(acc, fan) for acc in accs)  # |W|·|x| summed in float32: headroom
-    bound += np.multiply(mag, growth, dtype=work)
-    bound += 2 * output_floor(dtype)
-    a = np.asarray(actual)
-    finite = np.isfinite(a)
-    nonfinite = int(a.size - np.count_nonzero(finite))
+    floor = 2 * output_floor(dtype)
+    step = max(1, JUDGE_BLOCK // r3.shape[2])
+    best = (-1.0, 0, 0.0, 0)  # ratio, flat index, bound there
+    out = nonfinite = 0
+    max_err = max_rel = 0.0
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        err = np.abs(np.subtract(a, r, dtype=work))
-        if nonfinite:
-            err[~finite] = np.inf
-        ratio = np.divide(err, bound)
-        if nonfinite or np.isnan(r).any():
-            ratio[np.isnan(r)] = np.inf
-        rel = np.divide(err, absr, out=np.where(err > 0, np.inf, 0.0).astype(work), where=absr > 0)
-    worst = np.unravel_index(int(np.argmax(ratio)), a.shape)
-    out = int(np.count_nonzero(~(ratio <= 1.0)))
-    return Comparison(nonfinite == 0 and out == 0, dtype, accs[-1], int(fan), float(np.max(err)), float(np.max(rel)),
-                      float(ratio[worst]), float(bound[worst]), tuple(int(i) for i in worst), out / a.size, nonfinite,
-                      int(a.size), note)
+        for i in range(n):
+            for c0 in range(0, c, step):
+                rb, ab, mb = r3[i, c0:c0 + step], a3[i, c0:c0 + step], m3[i, c0:c0 + step]
+                absr = np.abs(rb)
+                bound = np.abs(rb - b2[c0:c0 + step]) if b2 is not None else absr.copy()
+                bound += absr
+                bound *= two_u
+                bound += np.multiply(mb, growth, dtype=work)
+                bound += floor
+                err = np.subtract(ab, rb, dtype=work)
+                np.abs(err, out=err)
+                top = float(err.max())
+                if not np.isfinite(top) or np.isnan(rb).any():  # NaN or Inf (rare): never passes
+                    bad = ~np.isfinite(ab)
+                    nonfinite += int(np.count_nonzero(bad))
+                    err[bad | np.isnan(rb)] = np.inf
+                    top = math.inf
+                ratio = err / bound
+                k = int(np.argmax(ratio))
+                if ratio.flat[k] > best[0] or best[0] < 0:
+                    best = (float(ratio.flat[k]), (i * c + c0) * r3.shape[2] + k, float(bound.flat[k]), 0)
+                out += int(np.count_nonzero(ratio > 1.0))
+                max_err = max(max_err, top)
+                np.divide(err, absr, out=absr)  # the relative error, 0/0 read as 0
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # a block of 0/0: no relative error there
+                    rel = float(np.nanmax(absr))
+                max_rel = max_rel if math.isnan(rel) else max(max_rel, rel)
+    worst = np.unravel_index(best[1], r.shape)
+    return Comparison(nonfinite == 0 and out == 0, dtype, accs[-1], int(fan), max_err, max_rel, best[0], best[2],
+                      tuple(int(i) for i in worst), out / r.size, nonfinite, int(r.size), note)
 
 
 # -- diagnosis -------------------------------------------------------------------------------
