@@ -101,15 +101,18 @@ def judge(actual: np.ndarray, reference: np.ndarray, mag: np.ndarray, bias: np.n
     # The sum of the two bounds (compare.error_bound), in float32 below float64 (a few float32 roundings off
     # a bound change nothing: the headroom on |W|·|x| is 1e-3), a cache-sized block of outputs at a time.
     work = np.float64 if dtype == "float64" else np.float32
-    n, c = (r.shape[0], r.shape[1]) if r.ndim > 1 else (1, r.shape[0])
-    r3 = np.asarray(r, work).reshape(n, c, -1)
-    a3 = np.asarray(actual).reshape(n, c, -1)
-    m3 = np.asarray(mag).reshape(n, c, -1)
-    b2 = None if bias is None else np.asarray(bias, work).reshape(-1, 1)
+    # (N, C, ...) blocks of channels, as views (a channels-last output moved to channels first stays strided)
+    shape4 = r.shape if r.ndim > 1 else (1, *r.shape)
+    n, c = shape4[0], shape4[1]
+    r3 = np.asarray(r, work).reshape(shape4)
+    a3 = np.asarray(actual).reshape(shape4)
+    m3 = np.asarray(mag).reshape(shape4)
+    inner = math.prod(shape4[2:])
+    b2 = None if bias is None else np.asarray(bias, work).reshape(-1, *(1,) * (len(shape4) - 2))
     two_u = 2 * unit_roundoff(dtype)
     growth = (1 + 1e-3) * sum(growth_factor(acc, fan) for acc in accs)  # |W|·|x| summed in float32: headroom
     floor = 2 * output_floor(dtype)
-    step = max(1, JUDGE_BLOCK // r3.shape[2])
+    step = max(1, JUDGE_BLOCK // max(inner, 1))
     best = (-1.0, 0, 0.0, 0)  # ratio, flat index, bound there
     out = nonfinite = 0
     max_err = max_rel = 0.0
@@ -134,7 +137,7 @@ def judge(actual: np.ndarray, reference: np.ndarray, mag: np.ndarray, bias: np.n
                 ratio = err / bound
                 k = int(np.argmax(ratio))
                 if ratio.flat[k] > best[0] or best[0] < 0:
-                    best = (float(ratio.flat[k]), (i * c + c0) * r3.shape[2] + k, float(bound.flat[k]), 0)
+                    best = (float(ratio.flat[k]), (i * c + c0) * inner + k, float(bound.flat[k]), 0)
                 out += int(np.count_nonzero(ratio > 1.0))
                 max_err = max(max_err, top)
                 np.divide(err, absr, out=absr)  # the relative error, 0/0 read as 0
