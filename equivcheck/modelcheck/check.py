@@ -349,14 +349,7 @@ def _check_norm(s: Linear, c: Linear, dst: Adapter, dtype: str, failed_before: b
         row.notes.append(f"the source layer's own output is not the {s.kind} its parameters describe (error/bound "
                          f"{own.max_error_ratio:.3g}): the reference cannot be trusted")
         return row
-    if not row.boundary_ok:
-        if failed_before:
-            row.verdict = "pass"
-            row.notes.append(f"input differs from the source's after an earlier failure: {row.boundary}")
-            return row
-        row.mistake = "graph"
-        row.diagnosis = (f"the converted graph feeds {c.name} a different input than the source feeds {s.name}: "
-                         f"{row.boundary}; the layer itself is right on the source's input")
+    if row.settle_input(failed_before):
         return row
     row.verdict = "pass"
     if mistake != "weights right, output differs":
@@ -447,14 +440,7 @@ def _check_pair(s: Linear, c: Linear, src: Adapter, dst: Adapter, dtype: str, fa
         if not row.boundary_ok and not failed_before:
             row.notes.append(f"input: {row.boundary}")
         return row
-    if not row.boundary_ok:
-        if failed_before:
-            row.verdict = "pass"
-            row.notes.append(f"input differs from the source's after an earlier failure: {row.boundary}")
-            return row
-        row.mistake = "graph"
-        row.diagnosis = (f"the converted graph feeds {c.name} a different input than the source feeds {s.name}: "
-                         f"{row.boundary}; the layer itself is right on the source's input")
+    if row.settle_input(failed_before):
         return row
     row.verdict = "pass"
     if mutants:

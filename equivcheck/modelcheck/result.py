@@ -48,6 +48,23 @@ class LayerRow:
     def label(self) -> str:
         return f"{self.source} ↔ {self.converted}"
 
+    def settle_input(self, failed_before: bool) -> bool:
+        """A right layer fed a different input than its partner's: settle the row (True), else leave it (False).
+
+        After an earlier failure the difference is expected (the row passes, with a note); before
+        one it is the converted graph's mistake, not the layer's.
+        """
+        if self.boundary_ok:
+            return False
+        if failed_before:
+            self.verdict = "pass"
+            self.notes.append(f"input differs from the source's after an earlier failure: {self.boundary}")
+            return True
+        self.verdict, self.mistake = "fail", "graph"
+        self.diagnosis = (f"the converted graph feeds {self.converted} a different input than the source feeds "
+                          f"{self.source}: {self.boundary}; the layer itself is right on the source's input")
+        return True
+
     def headline(self) -> str:
         """``"features.fc1 ↔ fc1: wrong flatten order (...); right mapping w.reshape(...)"``."""
         what = self.diagnosis or "; ".join(self.notes[:1]) or (self.comparison.summary() if self.comparison else self.verdict)

@@ -136,14 +136,7 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
             row.notes.append(f"the converted layer's own output is not the {cs.describe()} its parameters describe "
                              f"(error/bound {mine.max_error_ratio:.3g}): it computes something its spec does not say")
             return row
-    if not row.boundary_ok:
-        if failed_before:
-            row.verdict = "pass"
-            row.notes.append(f"input differs from the source's after an earlier failure: {row.boundary}")
-            return row
-        row.mistake = "graph"
-        row.diagnosis = (f"the converted graph feeds {c.name} a different input than the source feeds {s.name}: "
-                         f"{row.boundary}; the layer itself is right on the source's input")
+    if row.settle_input(failed_before):
         return row
     row.verdict = "pass"
     if mutants:
