@@ -101,12 +101,11 @@ def judge(actual: np.ndarray, reference: np.ndarray, mag: np.ndarray, bias: np.n
     # The sum of the two bounds (compare.error_bound), in float32 below float64 (a few float32 roundings off
     # a bound change nothing: the headroom on |W|·|x| is 1e-3), a cache-sized block of outputs at a time.
     work = np.float64 if dtype == "float64" else np.float32
-    # (N, C, ...) blocks of channels, as views (a channels-last output moved to channels first stays strided)
+    # (N, C, ...) blocks of channels; a channels-last output moved to channels first is made contiguous once
+    # (reading it a channel at a time, each element a cache line of its own, costs more than the copy)
     shape4 = r.shape if r.ndim > 1 else (1, *r.shape)
     n, c = shape4[0], shape4[1]
-    r3 = np.asarray(r, work).reshape(shape4)
-    a3 = np.asarray(actual).reshape(shape4)
-    m3 = np.asarray(mag).reshape(shape4)
+    r3, a3, m3 = (np.ascontiguousarray(v).reshape(shape4) for v in (np.asarray(r, work), actual, mag))
     inner = math.prod(shape4[2:])
     b2 = None if bias is None else np.asarray(bias, work).reshape(-1, *(1,) * (len(shape4) - 2))
     two_u = 2 * unit_roundoff(dtype)
