@@ -71,6 +71,34 @@ SEQUENCE_KINDS = {"lstm": {"input_size": 5, "units": 6}, "gru": {"input_size": 5
                   "mha": {"embed_dim": 8, "heads": 2}}
 
 
+def trial_counts(spec, backend: str, dtype: str, trials: int, make_swapper) -> tuple[list, object]:
+    """``[false alarms, inconclusive, trials, swaps caught by verify_pair, by check_converter]`` and the last right case.
+
+    Per seed: the right conversion and a one-pair swap through ``ec.verify_pair``; on a third of the
+    seeds the swap through ``ec.check_converter`` too (it runs the judge once more).
+    """
+    import equivcheck as ec
+
+    alarms = inconclusive = caught = checker_caught = checker_tried = 0
+    right = None
+    for seed in range(trials):
+        right = ec.verify_pair(spec, spec, source_backend=backend, target_backend=backend, dtype=dtype, seed=seed)
+        alarms += right.verdict not in ("pass", "inconclusive")
+        inconclusive += right.verdict == "inconclusive"
+        wrong = ec.verify_pair(spec, spec, source_backend=backend, target_backend=backend, dtype=dtype, seed=seed,
+                               converter=make_swapper(seed), mutants=False)
+        caught += wrong.verdict == "fail"
+        if seed % 3 == 0:
+            checker_tried += 1
+            try:
+                ec.check_converter(make_swapper(seed), spec, spec, dtypes=[dtype], seed=seed)
+            except ec.ConversionCheckFailed:
+                checker_caught += 1
+            except ec.CheckSkipped:
+                checker_tried -= 1
+    return [alarms, inconclusive, trials, caught / trials, checker_caught / max(checker_tried, 1)], right
+
+
 def measure_sequence(trials: int, names: tuple[str, ...]) -> list[list]:
     """The same three measures for recurrent and attention layers (a spec converted to itself)."""
     import importlib.util
@@ -82,27 +110,9 @@ def measure_sequence(trials: int, names: tuple[str, ...]) -> list[list]:
         for kind, sizes in SEQUENCE_KINDS.items():
             spec = ec.spec(f"{backend}:{kind}", **sizes)
             for dtype in DTYPES:
-                alarms = inconclusive = caught = checker_caught = checker_tried = 0
-                accumulate = ""
-                for seed in range(trials):
-                    right = ec.verify_pair(spec, spec, source_backend=backend, target_backend=backend, dtype=dtype,
-                                           seed=seed)
-                    alarms += right.verdict not in ("pass", "inconclusive")
-                    inconclusive += right.verdict == "inconclusive"
-                    accumulate = right.comparison.accumulate if right.comparison is not None else accumulate
-                    wrong = ec.verify_pair(spec, spec, source_backend=backend, target_backend=backend, dtype=dtype,
-                                           seed=seed, converter=named_swapper(seed), mutants=False)
-                    caught += wrong.verdict == "fail"
-                    if seed % 3 == 0:
-                        checker_tried += 1
-                        try:
-                            ec.check_converter(named_swapper(seed), spec, spec, dtypes=[dtype], seed=seed)
-                        except ec.ConversionCheckFailed:
-                            checker_caught += 1
-                        except ec.CheckSkipped:
-                            checker_tried -= 1
-                out.append([backend, kind, dtype, f"{accumulate} sums, running bound", alarms, inconclusive, trials,
-                            caught / trials, checker_caught / max(checker_tried, 1)])
+                counts, last = trial_counts(spec, backend, dtype, trials, named_swapper)
+                accumulate = last.comparison.accumulate if last.comparison is not None else ""
+                out.append([backend, kind, dtype, f"{accumulate} sums, running bound", *counts])
     return out
 
 
@@ -120,7 +130,6 @@ def cpu() -> str:
 
 
 def measure(trials: int, names: tuple[str, ...]) -> list[list]:
-    import equivcheck as ec
     from equivcheck import backends
     from equivcheck.backends.probe import layer_kinds, probe
 
@@ -134,26 +143,8 @@ def measure(trials: int, names: tuple[str, ...]) -> list[list]:
                 if not facts.runs:
                     out.append([backend, kind, dtype, "does not run", None, None, None, None, None])
                     continue
-                alarms = inconclusive = caught = checker_caught = checker_tried = 0
-                for seed in range(trials):
-                    right = ec.verify_pair(spec, spec, source_backend=backend, target_backend=backend, dtype=dtype,
-                                           seed=seed)
-                    alarms += right.verdict not in ("pass", "inconclusive")
-                    inconclusive += right.verdict == "inconclusive"
-                    wrong = ec.verify_pair(spec, spec, source_backend=backend, target_backend=backend, dtype=dtype,
-                                           seed=seed, converter=swapper(seed), mutants=False)
-                    caught += wrong.verdict == "fail"
-                    if seed % 3 == 0:  # the checker too, on a third of the trials (it runs the judge once more)
-                        checker_tried += 1
-                        try:
-                            ec.check_converter(swapper(seed), spec, spec, dtypes=[dtype], seed=seed)
-                        except ec.ConversionCheckFailed:
-                            checker_caught += 1
-                        except ec.CheckSkipped:
-                            checker_tried -= 1
-                summary = f"{facts.accumulate}, {facts.roundings}×"
-                out.append([backend, kind, dtype, summary, alarms, inconclusive, trials, caught / trials,
-                            checker_caught / max(checker_tried, 1)])
+                counts, _ = trial_counts(spec, backend, dtype, trials, swapper)
+                out.append([backend, kind, dtype, f"{facts.accumulate}, {facts.roundings}×", *counts])
     return out + measure_sequence(trials, names)
 
 

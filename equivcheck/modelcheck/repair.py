@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,7 +154,7 @@ def _framework(model: Any) -> str:
                       "ONNX model (ModelProto, .onnx path, InferenceSession) or a Flax (module, variables) tuple")
 
 
-class _Side:
+class _Side(ABC):
     """One model's weights by layer name (the names ``check_models`` reports)."""
 
     read_header: tuple[str, ...] = ()
@@ -163,21 +164,25 @@ class _Side:
     def __init__(self, model: Any) -> None:
         self.model = model
 
+    @abstractmethod
     def weights(self, layer: str) -> tuple[np.ndarray, np.ndarray | None]:
-        raise NotImplementedError
+        """The layer's kernel and bias, as stored."""
 
+    @abstractmethod
     def set(self, layer: str, kernel: np.ndarray, bias: np.ndarray | None) -> None:
-        raise NotImplementedError
+        """Write the layer's kernel and bias into the model."""
 
+    @abstractmethod
     def names(self, layer: str) -> tuple[str, ...]:
-        raise NotImplementedError
+        """The framework's own names of the layer's parameters."""
 
+    @abstractmethod
     def read(self, layer: str) -> tuple[str, str | None]:
         """Expressions for the layer's kernel and bias (numpy, in the stored layout)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def write(self, layer: str, kernel: str, bias: str | None) -> list[str]:
-        raise NotImplementedError
+        """Lines of the converter's framework that set the layer's parameters to these expressions."""
 
 
 def _base(layer: str) -> str:

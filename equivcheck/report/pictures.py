@@ -143,10 +143,6 @@ def small(spec: Any) -> Any:
     return spec
 
 
-def has_map(shape: Sequence[int]) -> bool:
-    return math.prod(shape[2:]) > 1
-
-
 # -- the kernel layout of a target spec --------------------------------------------------------
 def _map_letters(target: Any) -> tuple[str, dict[str, int]]:
     """The letters of ``target``'s kernel map (``"HW"``) and the size of every layout letter."""
