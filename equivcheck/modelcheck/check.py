@@ -294,6 +294,18 @@ def _padding_mistake(s_spec: LayerSpec, c_spec: LayerSpec) -> tuple[str, str]:
                   f"before it) pads {cp}")
 
 
+def _replay_inputs(s: Linear, c: Linear, row: LayerRow, dtype: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(the source's input canonical, that input as the converted layer reads it), the row recording how the
+    converted graph's own input compares; None where the input cannot be brought over (the row says why)."""
+    try:
+        xc, x_replay = _bring(s, c)
+    except EquivcheckError as exc:
+        row.diagnosis, row.mistake = str(exc), "input shape"
+        return None
+    row.boundary_ok, row.boundary = _boundary(s, c, x_replay, dtype)
+    return xc, x_replay
+
+
 def _kind(s: Linear, c: Linear) -> str:
     return s.kind if s.kind == c.kind else f"{s.kind} → {c.kind}"
 
@@ -317,12 +329,10 @@ def _check_norm(s: Linear, c: Linear, dst: Adapter, dtype: str, failed_before: b
     from equivcheck.modelcheck.norms import designed_input, diagnose_norm, judge_norm, momentum_note, reference
 
     row = LayerRow(s.name, c.name, _kind(s, c), dtype, "fail")
-    try:
-        xc, x_replay = _bring(s, c)
-    except EquivcheckError as exc:
-        row.diagnosis, row.mistake = str(exc), "input shape"
+    inputs = _replay_inputs(s, c, row, dtype)
+    if inputs is None:
         return row
-    row.boundary_ok, row.boundary = _boundary(s, c, x_replay, dtype)
+    xc, x_replay = inputs
     designed = designed_input(xc, seed)
     try:
         y_c = c.layout.to_canonical(dst.replay(c, x_replay)).reshape(xc.shape)
@@ -393,12 +403,10 @@ def _check_pair(s: Linear, c: Linear, src: Adapter, dst: Adapter, dtype: str, fa
         row.mapping = plan(s_spec, c_spec).simplify().code("numpy")
     except EquivcheckError:
         pass
-    try:
-        xc, x_replay = _bring(s, c)
-    except EquivcheckError as exc:
-        row.diagnosis, row.mistake = str(exc), "input shape"
+    inputs = _replay_inputs(s, c, row, dtype)
+    if inputs is None:
         return row
-    row.boundary_ok, row.boundary = _boundary(s, c, x_replay, dtype)
+    xc, x_replay = inputs
     pad_mistake = _padding_mistake(s_spec, c_spec)
     try:
         y_c = canonical_output(dst.replay(c, x_replay if c_pads is None else _pad_native(x_replay, c.layout, c_pads)),
