@@ -46,18 +46,32 @@ def swapper(seed: int):
     return swap_one_pair
 
 
+def key_bias(name: str, size: int) -> range:
+    """The flat entries of tensor ``name`` that are an attention key bias (torch's middle third of ``in_proj_bias``,
+    Keras's ``key/bias``): a key bias adds ``q·b`` to every score of a query, which the softmax removes."""
+    if name.split("/")[-2:] == ["key", "bias"]:
+        return range(size)
+    return range(size // 3, 2 * size // 3) if name == "in_proj_bias" else range(0)
+
+
 def named_swapper(seed: int):
     """A converter of named tensors (recurrent and attention layers) that keeps them all but swaps one pair of
-    distinct weights in one tensor (the same tensor and pair each call)."""
+    distinct weights in one tensor (the same draws each call).
+
+    A pair inside an attention key bias is passed over (the next pair is drawn): exchanging two key-bias
+    entries provably leaves the layer's function unchanged (softmax is shift-invariant per query:
+    ``q·(k + b) = q·k + q·b`` is the same for every key), so such a converter makes no mistake.
+    """
 
     def swap_one_pair(weights):
         out = {k: np.array(v, copy=True) for k, v in weights.items()}
         rng = np.random.default_rng(seed)
         names = sorted(k for k, v in out.items() if np.unique(v).size > 1)
-        flat = out[names[rng.integers(len(names))]].reshape(-1)
+        name = names[rng.integers(len(names))]
+        flat, inert = out[name].reshape(-1), key_bias(name, out[name].size)
         for _ in range(100):
             a, b = rng.choice(flat.size, 2, replace=False)
-            if flat[a] != flat[b]:
+            if flat[a] != flat[b] and not (a in inert and b in inert):
                 flat[[a, b]] = flat[[b, a]]
                 break
         return out
@@ -99,8 +113,9 @@ def trial_counts(spec, backend: str, dtype: str, trials: int, make_swapper) -> t
     return [alarms, inconclusive, trials, caught / trials, checker_caught / max(checker_tried, 1)], right
 
 
-def measure_sequence(trials: int, names: tuple[str, ...]) -> list[list]:
-    """The same three measures for recurrent and attention layers (a spec converted to itself)."""
+def measure_sequence(trials: int, names: tuple[str, ...], kinds: tuple[str, ...] | None = None,
+                     dtypes: tuple[str, ...] = DTYPES) -> list[list]:
+    """The same three measures for recurrent and attention layers (a spec converted to itself); ``kinds``: only these."""
     import importlib.util
 
     import equivcheck as ec
@@ -108,8 +123,10 @@ def measure_sequence(trials: int, names: tuple[str, ...]) -> list[list]:
     out = []
     for backend in (b for b in SEQUENCE_BACKENDS if b in names and importlib.util.find_spec(b) is not None):
         for kind, sizes in SEQUENCE_KINDS.items():
+            if kinds is not None and kind not in kinds:
+                continue
             spec = ec.spec(f"{backend}:{kind}", **sizes)
-            for dtype in DTYPES:
+            for dtype in dtypes:
                 counts, last = trial_counts(spec, backend, dtype, trials, named_swapper)
                 accumulate = last.comparison.accumulate if last.comparison is not None else ""
                 out.append([backend, kind, dtype, f"{accumulate} sums, running bound", *counts])
@@ -129,7 +146,8 @@ def cpu() -> str:
     return f"{model} ({cpu_flags()})"
 
 
-def measure(trials: int, names: tuple[str, ...]) -> list[list]:
+def measure(trials: int, names: tuple[str, ...], kinds: tuple[str, ...] | None = None,
+            dtypes: tuple[str, ...] = DTYPES) -> list[list]:
     from equivcheck import backends
     from equivcheck.backends.probe import layer_kinds, probe
 
@@ -138,22 +156,27 @@ def measure(trials: int, names: tuple[str, ...]) -> list[list]:
         if not backends.get(backend).available():
             continue
         for kind, spec in layer_kinds(backend).items():
-            for dtype in DTYPES:
+            if kinds is not None and kind not in kinds:
+                continue
+            for dtype in dtypes:
                 facts = probe(backend, spec, dtype)
                 if not facts.runs:
                     out.append([backend, kind, dtype, "does not run", None, None, None, None, None])
                     continue
                 counts, _ = trial_counts(spec, backend, dtype, trials, swapper)
                 out.append([backend, kind, dtype, f"{facts.accumulate}, {facts.roundings}×", *counts])
-    return out + measure_sequence(trials, names)
+    return out + measure_sequence(trials, names, kinds, dtypes)
 
 
-def rows(trials: int = 60, backends: str = BACKENDS, older_cpu: bool = True) -> list[list]:
+def rows(trials: int = 60, backends: str = BACKENDS, older_cpu: bool = True, kinds: str | None = None,
+         dtypes: str = ",".join(DTYPES)) -> list[list]:
     names = tuple(backends.split(","))
-    table = [["native", *r] for r in measure(trials, names)]
+    only = None if kinds is None else tuple(kinds.split(","))
+    table = [["native", *r] for r in measure(trials, names, only, tuple(dtypes.split(",")))]
     if older_cpu:
         env = {**os.environ, **OLDER_CPU}
-        cmd = [sys.executable, __file__, "--trials", str(trials), "--backends", backends, "--json"]
+        cmd = [sys.executable, __file__, "--trials", str(trials), "--backends", backends, "--dtypes", dtypes, "--json"]
+        cmd += [] if kinds is None else ["--kinds", kinds]
         child = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         table += [["older CPU", *r] for r in json.loads(child.stdout.strip().splitlines()[-1])]
     return table
@@ -180,15 +203,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--backends", default=BACKENDS)
+    parser.add_argument("--kinds", default=None, help="only these layer kinds, e.g. lstm,gru,mha (the sequence rows)")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="only these dtypes, e.g. bfloat16")
     parser.add_argument("--json", action="store_true", help="print this machine's rows as JSON (the --older-cpu child)")
     parser.add_argument("--older-cpu", action="store_true", help="also run as an older CPU, in a child process")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     if args.json:
-        print(json.dumps(measure(args.trials, tuple(args.backends.split(",")))))
+        kinds = None if args.kinds is None else tuple(args.kinds.split(","))
+        print(json.dumps(measure(args.trials, tuple(args.backends.split(",")), kinds, tuple(args.dtypes.split(",")))))
         return
-    print(render(rows(args.trials, args.backends, args.older_cpu), args.markdown))
+    print(render(rows(args.trials, args.backends, args.older_cpu, args.kinds, args.dtypes), args.markdown))
 
 
 if __name__ == "__main__":

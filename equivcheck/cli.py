@@ -73,6 +73,9 @@ def _sequence_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=_count, metavar="N", help="recurrent layers (lstm, gru, rnn): input features per step")
     p.add_argument("--embed-dim", type=_count, metavar="E", help="attention layers (mha): embedding width")
     p.add_argument("--heads", type=_count, metavar="H", help="attention layers: number of heads")
+    p.add_argument("--head-dim", type=_count, metavar="D", help="attention layers: width of a head (default: embed_dim / heads)")
+    p.add_argument("--kv-heads", type=_count, metavar="K",
+                   help="grouped-query attention (keras, llama, internlm2): key/value heads (default: heads)")
     p.add_argument("--bidirectional", action="store_true", help="recurrent layers: bidirectional")
     p.add_argument("--reset-after", choices=("true", "false"), help="keras:gru reset_after / onnx:gru linear_before_reset")
 
@@ -335,8 +338,10 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
     source = _explore_side(args.source, args.source_obj, "source", "--from", "--source")
     from equivcheck.sequence.explore import is_recurrent_object
+    from equivcheck.sequence.head_layout import is_attention_object
 
-    if is_recurrent_object(source) and not (args.target or args.target_obj):  # its gate order, against its own preset
+    # a recurrent or attention layer alone: its gate order or head layout, against its own preset
+    if (is_recurrent_object(source) or is_attention_object(source)) and not (args.target or args.target_obj):
         target = None
     else:
         target = _explore_side(args.target, args.target_obj, "target", "--to", "--target")

@@ -156,6 +156,8 @@ def spec(
     if sequence_presets.is_sequence_name(name):
         if channels is not None:
             raise SpecError(f"channels does not apply to {name}: pass input_size= and units= (recurrent) or embed_dim= and heads= (mha)")
+        if bias is not True:  # attention layers take bias=False (Llama); a recurrent spec refuses it in one line
+            overrides["bias"] = bias
         return sequence_presets.spec(name, **({"units": units} if units is not None else {}), **overrides)
     if channels is None:
         raise SpecError(f"channels is missing for {name}: pass channels=C, the channels of the map the layer reads")

@@ -168,10 +168,16 @@ def explore(
     Never raises because no mapping exists: the result says ``found=False`` and why.
     ``seconds`` on the result leaves out importing frameworks (``import_seconds``).
     A recurrent layer on either side (``nn.LSTM``, a Keras ``GRU``, a ``RecurrentBlackBox``, ``"keras:lstm"``):
-    its gate order, found by probing (:func:`equivcheck.sequence.explore.explore_recurrent`).
+    its gate order, found by probing (:func:`equivcheck.sequence.explore.explore_recurrent`). An attention
+    layer (``nn.MultiheadAttention``, a built Keras ``MultiHeadAttention``, an ``AttentionBlackBox``,
+    ``"torch:mha"``): its q/k/v order, fused layout, head split, heads count and output orientation
+    (:func:`equivcheck.sequence.head_layout.explore_attention`). ``target=None`` for either: the source's own preset.
     """
     from equivcheck.sequence.explore import explore_recurrent, is_recurrent_object
+    from equivcheck.sequence.head_layout import explore_attention, is_attention_object
 
+    if is_attention_object(source) or is_attention_object(target):
+        return explore_attention(source, target, seed=seed)
     if is_recurrent_object(source) or is_recurrent_object(target):
         return explore_recurrent(source, target, seed=seed)
     if probe not in STRATEGIES:

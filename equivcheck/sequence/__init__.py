@@ -14,7 +14,8 @@ Modules: :mod:`~equivcheck.sequence.specs` (the specs), :mod:`~equivcheck.sequen
 :mod:`~equivcheck.sequence.backends` (torch, Keras, ONNX Runtime),
 :mod:`~equivcheck.sequence.verify` (verdict, mutants, identify; a :class:`~equivcheck.judge.Case`, so
 ``ec.verify_pair``, ``ec.check_converter`` and reports take these layers),
-:mod:`~equivcheck.sequence.explore` (the gate order of a black box, for ``ec.explore``) and
+:mod:`~equivcheck.sequence.explore` and :mod:`~equivcheck.sequence.head_layout` (the gate order and
+the head layout of a black box, for ``ec.explore``) and
 :mod:`~equivcheck.sequence.files` (weight files as named tensors). No framework is imported here.
 """
 
@@ -26,6 +27,7 @@ _LAZY = {
     "tensor_shapes": "named", "is_sequence_name": "presets", "spec": "presets", "SequenceResult": "verify",
     "identify": "verify", "mutants": "verify", "verify_sequence_pair": "verify",
     "RecurrentBlackBox": "explore", "explore_recurrent": "explore", "find_gate_order": "explore",
+    "AttentionBlackBox": "head_layout", "explore_attention": "head_layout", "find_attention_layout": "head_layout",
 }
 
 __all__ = ["AttentionSpec", "RecurrentSpec", "SequenceSpec", *sorted(_LAZY)]

@@ -1,4 +1,4 @@
-"""Real recurrent and attention layers built from a spec: torch, Keras 3, ONNX Runtime.
+"""Real recurrent and attention layers built from a spec: torch, Keras 3, ONNX Runtime, TFLite.
 
 Each runner takes the spec's own named weights (numpy), the inputs and a dtype name, runs the
 framework's layer and returns its output as float64 numpy: (batch, time, directions·units)
@@ -37,7 +37,7 @@ def run(backend: str, spec: SequenceSpec, weights: dict[str, Any], inputs: Any, 
         raise SpecError(f"weights have keys {sorted(weights)}: {spec.describe()} expects {sorted(expected)}")
     if dtype not in DTYPES:
         raise SpecError(f"dtype={dtype!r} is not supported for sequence layers: expected one of {', '.join(DTYPES)}")
-    runners = {"torch": _torch, "keras": _keras, "onnxruntime": _onnxruntime, "flax": _flax}
+    runners = {"torch": _torch, "keras": _keras, "onnxruntime": _onnxruntime, "flax": _flax, "tflite": _tflite}
     if backend != "numpy" and backend not in runners:
         raise SpecError(f"backend={backend!r} does not run sequence layers: expected one of numpy, {', '.join(runners)}")
     if backend not in LOW_PRECISION and dtype in ("float16", "bfloat16"):
@@ -67,6 +67,8 @@ def _load(name: str) -> Any:
 def _torch(spec: SequenceSpec, weights: dict[str, np.ndarray], inputs: Any, dtype: str, mask: Any) -> np.ndarray:
     torch = _load("torch")
     tdtype = getattr(torch, dtype)
+    if isinstance(spec, AttentionSpec) and spec.storage == "llama":
+        return _torch_llama(torch, spec, weights, inputs, tdtype, mask)
     if isinstance(spec, AttentionSpec):
         layer = torch.nn.MultiheadAttention(spec.embed_dim, spec.heads, bias=spec.bias, batch_first=True, dtype=tdtype)
     else:
@@ -84,6 +86,32 @@ def _torch(spec: SequenceSpec, weights: dict[str, np.ndarray], inputs: Any, dtyp
     return out.double().numpy()
 
 
+def _torch_llama(torch: Any, spec: AttentionSpec, weights: dict[str, np.ndarray], inputs: Any, tdtype: Any,
+                 mask: Any) -> np.ndarray:
+    """Hugging Face Llama attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` Linear layers (their state dict
+    loaded strictly), heads through ``scaled_dot_product_attention`` with ``enable_gqa`` (no rotary embedding)."""
+    N, K, Dh, E = spec.heads, spec.kv_heads, spec.head_dim, spec.embed_dim
+    F = torch.nn.functional
+    layer = torch.nn.Module()
+    for name, (n_in, n_out) in (("q_proj", (E, N * Dh)), ("k_proj", (E, K * Dh)), ("v_proj", (E, K * Dh)),
+                                ("o_proj", (N * Dh, E))):
+        layer.add_module(name, torch.nn.Linear(n_in, n_out, bias=spec.bias, dtype=tdtype))
+    layer.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)).to(tdtype) for k, v in weights.items()}, strict=True)
+    q, k, v = (torch.from_numpy(np.ascontiguousarray(a)).to(tdtype) for a in inputs)
+    batch, steps = q.shape[:2]
+    attn_mask = None if mask is None else torch.from_numpy(np.asarray(mask, dtype=bool))  # True: may attend
+    with torch.no_grad():
+        Q = layer.q_proj(q).view(batch, steps, N, Dh).transpose(1, 2)
+        Kx, V = (p(x).view(batch, x.shape[1], K, Dh).transpose(1, 2) for p, x in ((layer.k_proj, k), (layer.v_proj, v)))
+        try:
+            heads = F.scaled_dot_product_attention(Q, Kx, V, attn_mask=attn_mask, enable_gqa=True)
+        except TypeError:  # torch before 2.5: the key/value heads repeated as enable_gqa does
+            heads = F.scaled_dot_product_attention(Q, Kx.repeat_interleave(N // K, 1), V.repeat_interleave(N // K, 1),
+                                                   attn_mask=attn_mask)
+        out = layer.o_proj(heads.transpose(1, 2).reshape(batch, steps, N * Dh))
+    return out.double().numpy()
+
+
 def _keras_cell(keras: Any, spec: RecurrentSpec, dtype: str) -> Any:
     L = keras.layers
     common = dict(return_sequences=True, dtype=dtype, kernel_initializer="zeros", recurrent_initializer="zeros")
@@ -97,7 +125,11 @@ def _keras_cell(keras: Any, spec: RecurrentSpec, dtype: str) -> Any:
 def _keras(spec: SequenceSpec, weights: dict[str, np.ndarray], inputs: Any, dtype: str, mask: Any) -> np.ndarray:
     keras = _load("keras")
     if isinstance(spec, AttentionSpec):
-        layer = keras.layers.MultiHeadAttention(spec.heads, spec.head_dim, use_bias=spec.bias, dtype=dtype)
+        if spec.kv_heads != spec.heads:  # the same variable names, key and value with kv_heads heads
+            layer = keras.layers.GroupQueryAttention(head_dim=spec.head_dim, num_query_heads=spec.heads,
+                                                     num_key_value_heads=spec.kv_heads, use_bias=spec.bias, dtype=dtype)
+        else:
+            layer = keras.layers.MultiHeadAttention(spec.heads, spec.head_dim, use_bias=spec.bias, dtype=dtype)
         q, k, v = inputs
         layer(q, v, key=k)  # build; Keras takes (query, value, key)
         _keras_set(layer.weights, weights)
@@ -157,6 +189,15 @@ def _flax(spec: SequenceSpec, weights: dict[str, np.ndarray], inputs: Any, dtype
             layer = nn.RNN(nn.LSTMCell(spec.units, dtype=jdtype, param_dtype=jdtype))
             out = layer.apply({"params": {"cell": tree}}, jax.numpy.asarray(inputs, dtype=jdtype))
         return np.asarray(out, dtype=np.float64)
+
+
+def _tflite(spec: SequenceSpec, weights: dict[str, np.ndarray], inputs: Any, dtype: str, mask: Any) -> np.ndarray:
+    """TFLite's fused LSTM / RNN op on its interpreter (:mod:`equivcheck.sequence.tflite`)."""
+    del mask
+    from equivcheck.sequence import tflite
+
+    assert isinstance(spec, RecurrentSpec)
+    return tflite.run(spec, weights, inputs, dtype)
 
 
 def _onnxruntime(spec: SequenceSpec, weights: dict[str, np.ndarray], inputs: Any, dtype: str, mask: Any) -> np.ndarray:

@@ -2,9 +2,9 @@
 
 The black box is a function ``layer(weights, x) -> outputs`` taking weights under a spec's
 parameter names and shapes. One forward call on drawn weights and inputs is compared with the
-reference under every candidate convention (every order of the gates; for a GRU whose
-storage allows it, both reset placements): the one that agrees within the bound, alone, is
-the answer.
+reference under every candidate convention (every order of the gates; for a GRU whose storage
+allows it, both reset placements): the one that agrees within the bound, alone, is the answer.
+Attention layers: :mod:`equivcheck.sequence.head_layout`.
 """
 
 from __future__ import annotations

@@ -10,8 +10,11 @@ split: the values in one slot of a new axis, zeros in the others).
 Every spec has a *canonical* dict: per direction ``d``, ``W{d}`` (gates, units, in),
 ``R{d}`` (gates, units, units), ``b{d}`` (2, gates, units) = input and recurrent bias, gates
 in canonical order; for attention ``Win`` (3, heads, head_dim, E) q;k;v, ``bin`` (3, heads,
-head_dim), ``Wo`` (E, heads, head_dim), ``bo`` (E,). A plan is the source's way to canonical
-followed by the inverse of the target's.
+head_dim), ``Wo`` (E, heads, head_dim), ``bo`` (E,); where key/value heads are shared
+(``kv_heads`` < ``heads``) ``Wq`` (heads, head_dim, E) and ``Wkv`` (2, kv_heads, head_dim, E)
+k;v in place of ``Win`` (and ``bq``, ``bkv`` of ``bin``). A plan is the source's way to canonical
+followed by the inverse of the target's. A target tensor made of canonical tensors of different
+sizes (a fused per-key-value-group ``wqkv``) is a :class:`ConcatPlan`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from equivcheck.errors import MappingError, NoMapping, SpecError
 from equivcheck.mapping import Mapping, Reshape, Transpose
 from equivcheck.sequence.specs import GATES, AttentionSpec, RecurrentSpec, SequenceSpec
 
-__all__ = ["NamedMapping", "Select", "Spread", "Sum", "Take", "TensorPlan", "Zero", "canonical", "convert", "from_canonical", "plan",
+__all__ = ["ConcatPlan", "NamedMapping", "Select", "Spread", "Sum", "Take", "TensorPlan", "Zero", "canonical", "convert", "from_canonical", "plan",
            "tensor_shapes"]
 
 
@@ -157,6 +160,8 @@ def _peephole(prev: Step | None, step: Step, shape: tuple[int, ...]) -> list[Ste
         return [prev.then(step).simplify()]
     if isinstance(step, Take) and isinstance(prev, Take) and prev.axis == step.axis:
         return [Take(step.axis, tuple(prev.indices[k] for k in step.indices))]
+    if isinstance(step, Select) and isinstance(prev, Take) and prev.axis == step.axis:
+        return [Select(step.axis, prev.indices[step.index])]
     if isinstance(step, Sum) and isinstance(prev, Spread) and prev.axis == step.axis:
         return []
     if isinstance(step, Select) and isinstance(prev, Spread) and prev.axis == step.axis:
@@ -217,6 +222,10 @@ class TensorPlan:
         return self.source_shape if len(self.sources) == 1 else (len(self.sources), *self.source_shape)
 
     @property
+    def source_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict.fromkeys(self.sources, self.source_shape)
+
+    @property
     def out_shape(self) -> tuple[int, ...]:
         shape = self.in_shape
         for step in self.steps:
@@ -231,7 +240,11 @@ class TensorPlan:
                 raise MappingError(f"step expects shape={step.in_shape}, the plan gives {shape}")
             chain.append(step)
             shape = step.out_shape if isinstance(step, Mapping) else step.out_shape(shape)
-        return TensorPlan(self.sources, self.source_shape, _simplify(self.in_shape, (*self.steps, *chain)))
+        steps = _simplify(self.in_shape, (*self.steps, *chain))
+        if len(self.sources) > 1 and steps and isinstance(steps[0], Select) and steps[0].axis == 0:
+            # one of the stacked sources: that source alone
+            return TensorPlan((self.sources[steps[0].index],), self.source_shape, steps[1:])
+        return TensorPlan(self.sources, self.source_shape, steps)
 
     def apply(self, weights: dict[str, Any]) -> Any:
         arrays = [weights[s] for s in self.sources]
@@ -254,14 +267,94 @@ class TensorPlan:
 
 
 @dataclass(frozen=True)
+class ConcatPlan:
+    """Several plans' results joined along ``axis`` (their sizes there may differ), then ``steps``."""
+
+    parts: tuple[TensorPlan, ...]
+    axis: int
+    steps: tuple[Step, ...] = ()
+
+    def __post_init__(self) -> None:
+        shapes = [p.out_shape for p in self.parts]
+        a = self.axis
+        if len(shapes) < 2 or any(len(x) != len(shapes[0]) or x[:a] + x[a + 1:] != shapes[0][:a] + shapes[0][a + 1:]
+                                  for x in shapes) or not 0 <= a < len(shapes[0]):
+            raise MappingError(f"ConcatPlan(axis={a}) cannot join parts of shapes {shapes}")
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s for p in self.parts for s in p.sources))
+
+    @property
+    def source_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for p in self.parts:
+            shapes.update(p.source_shapes)
+        return shapes
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        first = self.parts[0].out_shape
+        return (*first[: self.axis], sum(p.out_shape[self.axis] for p in self.parts), *first[self.axis + 1 :])
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        shape = self.in_shape
+        for step in self.steps:
+            shape = _shape_after(step, shape)
+        return shape
+
+    def then(self, *steps: Step) -> TensorPlan | ConcatPlan:
+        head = TensorPlan(("_",), self.in_shape, self.steps).then(*steps)
+        first = head.steps[0] if head.steps else None
+        if isinstance(first, (Take, Select)) and first.axis == self.axis:  # picks from one part only: that part
+            picked = first.indices if isinstance(first, Take) else (first.index,)
+            lo = 0
+            for part in self.parts:
+                hi = lo + part.out_shape[self.axis]
+                if all(lo <= i < hi for i in picked):
+                    local = (Take(self.axis, tuple(i - lo for i in picked)) if isinstance(first, Take)
+                             else Select(self.axis, first.index - lo))
+                    return part.then(local, *head.steps[1:])
+                lo = hi
+        return ConcatPlan(self.parts, self.axis, head.steps)
+
+    def apply(self, weights: dict[str, Any]) -> Any:
+        arrays = [p.apply(weights) for p in self.parts]
+        xp = _xp(arrays[0])
+        x = xp.cat(arrays, self.axis) if xp is not np else np.concatenate(arrays, self.axis)
+        for step in self.steps:
+            x = _apply_step(step, x)
+        return x
+
+    def code(self, lang: str = "numpy") -> str:
+        parts = ", ".join(p.code(lang) for p in self.parts)
+        expr = f"torch.cat([{parts}], {self.axis})" if lang == "torch" else f"np.concatenate([{parts}], {self.axis})"
+        for step in self.steps:
+            expr = _render_step(step, expr, lang)
+        return expr
+
+
+def _concat(parts: tuple[TensorPlan, ...], axis: int) -> TensorPlan | ConcatPlan:
+    """``parts`` joined along ``axis``: one plan with one :class:`Take` where they all pick from one source alike."""
+    first = parts[0]
+    takes = [p.steps[-1] if p.steps else None for p in parts]
+    if all(p.sources == first.sources and p.source_shape == first.source_shape and p.steps[:-1] == first.steps[:-1]
+           for p in parts) and all(isinstance(t, Take) and t.axis == axis for t in takes):
+        return TensorPlan(first.sources, first.source_shape, first.steps[:-1]).then(
+            Take(axis, tuple(i for t in takes for i in t.indices)))
+    return ConcatPlan(parts, axis)
+
+
+@dataclass(frozen=True)
 class NamedMapping:
     """One :class:`TensorPlan` per target tensor, from ``source`` to ``target`` (specs or None)."""
 
-    plans: tuple[tuple[str, TensorPlan], ...]
+    plans: tuple[tuple[str, TensorPlan | ConcatPlan], ...]
     source: Any = None
     target: Any = None
 
-    def __getitem__(self, name: str) -> TensorPlan:
+    def __getitem__(self, name: str) -> TensorPlan | ConcatPlan:
         return dict(self.plans)[name]
 
     def __iter__(self):
@@ -273,14 +366,14 @@ class NamedMapping:
     def keys(self) -> list[str]:
         return [name for name, _ in self.plans]
 
-    def items(self) -> list[tuple[str, TensorPlan]]:
+    def items(self) -> list[tuple[str, TensorPlan | ConcatPlan]]:
         return list(self.plans)
 
     @property
     def in_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
         for _, p in self.plans:
-            shapes.update(dict.fromkeys(p.sources, p.source_shape))
+            shapes.update(p.source_shapes)
         return shapes
 
     def apply(self, weights: dict[str, Any]) -> dict[str, Any]:
@@ -321,6 +414,10 @@ def tensor_shapes(spec: SequenceSpec) -> dict[str, tuple[int, ...]]:
     return {s: shape for _, sources, shape, _ in _to_canonical_parts(spec) for s in sources}
 
 
+# TFLite's LSTM kernel names its gates input, forget, cell, output (lstm_shared.h: kInputToCellWeightsTensor …).
+_TFLITE_GATES = {"i": "input", "f": "forget", "g": "cell", "o": "output"}
+
+
 def _gate_perm(order: str, canon: str) -> tuple[int, ...]:
     return tuple(order.index(g) for g in canon)
 
@@ -348,6 +445,19 @@ def _to_canonical_parts(spec: SequenceSpec) -> list[tuple[str, tuple[str, ...], 
         parts.append(("R0", tuple(f"h{g}/kernel" for g in letters), (H, H),
                       (Mapping.identity((G, H, H)).transpose(0, 2, 1),)))
         parts.append(("b0", tuple(f"h{g}/bias" for g in letters), (H,), (Spread(0, 2, 1),)))
+        return parts
+    if spec.storage == "tflite":  # the fused op's inputs: one (H, in) / (H, H) / (H,) tensor per gate, fw_/bw_ when two
+        for d in range(D):
+            p = ("fw_", "bw_")[d] if spec.bidirectional else ""
+            if spec.cell == "rnn":
+                parts.append((f"W{d}", (f"{p}weights",), (H, I), (Mapping.identity((H, I)).reshape(1, H, I),)))
+                parts.append((f"R{d}", (f"{p}recurrent_weights",), (H, H), (Mapping.identity((H, H)).reshape(1, H, H),)))
+                parts.append((f"b{d}", (f"{p}bias",), (H,), (Mapping.identity((H,)).reshape(1, H), Spread(0, 2, 0))))
+                continue
+            gates = [_TFLITE_GATES[g] for g in GATES[spec.cell]]
+            parts.append((f"W{d}", tuple(f"{p}input_to_{g}_weights" for g in gates), (H, I), ()))
+            parts.append((f"R{d}", tuple(f"{p}recurrent_to_{g}_weights" for g in gates), (H, H), ()))
+            parts.append((f"b{d}", tuple(f"{p}{g}_gate_bias" for g in gates), (H,), (Spread(0, 2, 0),)))
         return parts
     for d in range(D):
         if spec.storage == "torch":
@@ -390,13 +500,55 @@ def _attention_parts(spec: AttentionSpec) -> list[tuple[str, tuple[str, ...], tu
             parts += [("bin", ("query_key_value.bias",), (3 * E,), (Mapping.identity((3 * E,)).reshape(N, 3, Dh).transpose(1, 0, 2),)),
                       ("bo", ("dense.bias",), (E,), ())]
         return parts
+    K, G = spec.kv_heads, spec.group
+    m = Mapping.identity
+    if spec.storage == "llama":  # torch Linear (out, in) each: q_proj (N·Dh, E), k_proj and v_proj (K·Dh, E)
+        names = ("q_proj", "k_proj", "v_proj")
+        if K == N:
+            parts = [("Win", tuple(f"{n}.weight" for n in names), (N * Dh, E), (m((3, N * Dh, E)).reshape(3, N, Dh, E),))]
+        else:
+            parts = [("Wq", ("q_proj.weight",), (N * Dh, E), (m((N * Dh, E)).reshape(N, Dh, E),)),
+                     ("Wkv", ("k_proj.weight", "v_proj.weight"), (K * Dh, E), (m((2, K * Dh, E)).reshape(2, K, Dh, E),))]
+        parts.append(("Wo", ("o_proj.weight",), (E, N * Dh), (m((E, N * Dh)).reshape(E, N, Dh),)))
+        if spec.bias:
+            if K == N:
+                parts.append(("bin", tuple(f"{n}.bias" for n in names), (N * Dh,), (m((3, N * Dh)).reshape(3, N, Dh),)))
+            else:
+                parts += [("bq", ("q_proj.bias",), (N * Dh,), (m((N * Dh,)).reshape(N, Dh),)),
+                          ("bkv", ("k_proj.bias", "v_proj.bias"), (K * Dh,), (m((2, K * Dh)).reshape(2, K, Dh),))]
+            parts.append(("bo", ("o_proj.bias",), (E,), ()))
+        return parts
+    if spec.storage == "internlm2":  # wqkv rows (kv_heads, group q heads;k;v, head_dim)
+        rows = K * (G + 2) * Dh
+        grouped = m((rows, E)).reshape(K, G + 2, Dh, E)
+        if K == N:  # one q per group: per-head interleaved, as GPT-NeoX
+            parts = [("Win", ("wqkv.weight",), (rows, E), (grouped.transpose(1, 0, 2, 3),))]
+        else:
+            parts = [("Wq", ("wqkv.weight",), (rows, E), (grouped, Take(1, tuple(range(G))), m((K, G, Dh, E)).reshape(N, Dh, E))),
+                     ("Wkv", ("wqkv.weight",), (rows, E), (grouped, Take(1, (G, G + 1)), m((K, 2, Dh, E)).transpose(1, 0, 2, 3)))]
+        parts.append(("Wo", ("wo.weight",), (E, N * Dh), (m((E, N * Dh)).reshape(E, N, Dh),)))
+        if spec.bias:
+            gb = m((K * (G + 2) * Dh,)).reshape(K, G + 2, Dh)
+            if K == N:
+                parts.append(("bin", ("wqkv.bias",), (rows,), (gb.transpose(1, 0, 2),)))
+            else:
+                parts += [("bq", ("wqkv.bias",), (rows,), (gb, Take(1, tuple(range(G))), m((K, G, Dh)).reshape(N, Dh))),
+                          ("bkv", ("wqkv.bias",), (rows,), (gb, Take(1, (G, G + 1)), m((K, 2, Dh)).transpose(1, 0, 2)))]
+            parts.append(("bo", ("wo.bias",), (E,), ()))
+        return parts
     out = "attention_output" if spec.storage == "keras" else "out"
-    parts = [("Win", ("query/kernel", "key/kernel", "value/kernel"), (E, N, Dh),
-              (Mapping.identity((3, E, N, Dh)).transpose(0, 2, 3, 1),)),
-             ("Wo", (f"{out}/kernel",), (N, Dh, E), (Mapping.identity((N, Dh, E)).transpose(2, 0, 1),))]
+    if K == N:
+        parts = [("Win", ("query/kernel", "key/kernel", "value/kernel"), (E, N, Dh), (m((3, E, N, Dh)).transpose(0, 2, 3, 1),))]
+    else:  # Keras GroupQueryAttention: query (E, N, Dh), key and value (E, K, Dh)
+        parts = [("Wq", ("query/kernel",), (E, N, Dh), (m((E, N, Dh)).transpose(1, 2, 0),)),
+                 ("Wkv", ("key/kernel", "value/kernel"), (E, K, Dh), (m((2, E, K, Dh)).transpose(0, 2, 3, 1),))]
+    parts.append(("Wo", (f"{out}/kernel",), (N, Dh, E), (m((N, Dh, E)).transpose(2, 0, 1),)))
     if spec.bias:
-        parts += [("bin", ("query/bias", "key/bias", "value/bias"), (N, Dh), ()),
-                  ("bo", (f"{out}/bias",), (E,), ())]
+        if K == N:
+            parts.append(("bin", ("query/bias", "key/bias", "value/bias"), (N, Dh), ()))
+        else:
+            parts += [("bq", ("query/bias",), (N, Dh), ()), ("bkv", ("key/bias", "value/bias"), (K, Dh), ())]
+        parts.append(("bo", (f"{out}/bias",), (E,), ()))
     return parts
 
 
@@ -434,14 +586,30 @@ def from_canonical(spec: SequenceSpec) -> NamedMapping:
     """The plan from the canonical dict to a spec's named weights."""
     if isinstance(spec, RecurrentSpec) and spec.storage == "onnx":
         return NamedMapping(tuple(_onnxfrom_canonical(spec).items()), None, spec)
-    plans: dict[str, TensorPlan] = {}
+    plans: dict[str, TensorPlan | ConcatPlan] = {}
+    fused = isinstance(spec, AttentionSpec) and spec.storage == "internlm2" and spec.kv_heads != spec.heads
     for canon, sources, shape, steps in _to_canonical_parts(spec):
+        if fused and canon in ("Wq", "Wkv", "bq", "bkv"):
+            if canon in ("Wq", "bq"):
+                plans[sources[0]] = _grouped_from_canonical(spec, canon == "Wq")
+            continue
         stacked = shape if len(sources) == 1 else (len(sources), *shape)
         fwd = TensorPlan(sources, shape, steps)
         back = TensorPlan((canon,), fwd.out_shape).then(*_inverse_steps(stacked, steps))
         for j, s in enumerate(sources):
             plans[s] = back if len(sources) == 1 else back.then(Select(0, j))
     return NamedMapping(tuple(plans.items()), None, spec)
+
+
+def _grouped_from_canonical(spec: AttentionSpec, kernel: bool) -> ConcatPlan:
+    """InternLM2's ``wqkv`` (kernel, else bias) from ``Wq`` and ``Wkv``: per key-value group its query heads, k, v."""
+    N, K, G, Dh = spec.heads, spec.kv_heads, spec.group, spec.head_dim
+    tail = (spec.embed_dim,) if kernel else ()
+    q, kv = ("Wq", "Wkv") if kernel else ("bq", "bkv")
+    m = Mapping.identity
+    parts = (TensorPlan((q,), (N, Dh, *tail)).then(m((N, Dh, *tail)).reshape(K, G, Dh, *tail)),
+             TensorPlan((kv,), (2, K, Dh, *tail)).then(m((2, K, Dh, *tail)).transpose(1, 0, 2, *range(3, 3 + len(tail)))))
+    return ConcatPlan(parts, 1).then(m((K, G + 2, Dh, *tail)).reshape(K * (G + 2) * Dh, *tail))
 
 
 def _onnxfrom_canonical(spec: RecurrentSpec) -> dict[str, TensorPlan]:
@@ -475,7 +643,7 @@ def _compatible(src: SequenceSpec, dst: SequenceSpec) -> None:
             raise no("the reset gate is applied after the recurrent matmul in one and before it in the other "
                      "(reset_after / linear_before_reset differ): the layers compute different functions")
     else:
-        for f in ("embed_dim", "heads", "head_dim", "bias"):
+        for f in ("embed_dim", "heads", "head_dim", "kv_heads", "bias"):
             if getattr(src, f) != getattr(dst, f):
                 raise no(f"{f} differs ({getattr(src, f)} vs {getattr(dst, f)})")
 
@@ -487,13 +655,22 @@ def plan(source: SequenceSpec, target: SequenceSpec) -> NamedMapping:
     return NamedMapping(_compose(canonical(source), from_canonical(target)), source, target)
 
 
-def _compose(first: NamedMapping, second: NamedMapping) -> tuple[tuple[str, TensorPlan], ...]:
-    plans = []
-    for name, p in second.plans:
-        inner = [first[s] for s in p.sources]
-        start = inner[0] if len(inner) == 1 else _stack_composed(inner)
-        plans.append((name, start.then(*p.steps)))
-    return tuple(plans)
+def _compose(first: NamedMapping, second: NamedMapping) -> tuple[tuple[str, TensorPlan | ConcatPlan], ...]:
+    return tuple((name, _compose_one(first, p)) for name, p in second.plans)
+
+
+def _compose_one(first: NamedMapping, p: TensorPlan | ConcatPlan) -> TensorPlan | ConcatPlan:
+    """``p`` read over ``first``'s sources: each of its sources replaced by ``first``'s plan of it."""
+    if isinstance(p, ConcatPlan):
+        parts = [_compose_one(first, q) for q in p.parts]
+        if any(isinstance(q, ConcatPlan) for q in parts):
+            raise MappingError("cannot join plans that are themselves joined")
+        return _concat(tuple(parts), p.axis).then(*p.steps)
+    inner = [first[s] for s in p.sources]
+    if len(inner) > 1 and any(isinstance(q, ConcatPlan) for q in inner):
+        raise MappingError("cannot stack plans that are joined")
+    start = inner[0] if len(inner) == 1 else _stack_composed(inner)
+    return start.then(*p.steps)
 
 
 def _stack_composed(inner: list[TensorPlan]) -> TensorPlan:

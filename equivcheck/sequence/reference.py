@@ -10,7 +10,8 @@ sequence reversed and its outputs put back in time order, concatenated after the
   reset before: ``n = tanh(W_n x + b_Wn + R_n (r h) + b_Rn)``; ``h = (1 - z) n + z h``.
 - SimpleRNN: ``h = tanh(W x + b_W + R h + b_R)``.
 - Attention: ``softmax(Q Kᵀ / √head_dim + mask) V`` per head, heads concatenated, then the
-  output projection; ``mask`` (query, key) is True where a query may attend.
+  output projection; ``mask`` (query, key) is True where a query may attend. With shared key/value
+  heads (``kv_heads`` < ``heads``) query head ``h`` uses key/value head ``h // (heads // kv_heads)``.
 """
 
 from __future__ import annotations
@@ -97,10 +98,21 @@ def _run(spec: SequenceSpec, weights: dict[str, Any], inputs: Any, mask: Any) ->
     return np.concatenate(outs, -1), mag
 
 
+def _in_projections(spec: AttentionSpec, c: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each query head's q, k, v projection (3, heads, head_dim, E) and bias (3, heads, head_dim):
+    with shared key/value heads, query head ``h`` reads key/value head ``h // (heads // kv_heads)``."""
+    if "Win" in c:
+        W = c["Win"]
+        return W, c.get("bin", np.zeros(W.shape[:3]))
+    kv = np.arange(spec.heads) // (spec.heads // spec.kv_heads)
+    Wkv = c["Wkv"]
+    bq, bkv = (c["bq"], c["bkv"]) if "bq" in c else (np.zeros(c["Wq"].shape[:2]), np.zeros(Wkv.shape[:3]))
+    return np.stack([c["Wq"], Wkv[0][kv], Wkv[1][kv]]), np.stack([bq, bkv[0][kv], bkv[1][kv]])
+
+
 def _attention(spec: AttentionSpec, c: dict[str, np.ndarray], q: np.ndarray, k: np.ndarray, v: np.ndarray,
                mask: Any) -> tuple[np.ndarray, float]:
-    W = c["Win"]
-    b = c.get("bin", np.zeros(W.shape[:3]))
+    W, b = _in_projections(spec, c)
     proj = [np.einsum("bte,nde->btnd", a, W[j]) + b[j] for j, a in enumerate((q, k, v))]
     mag = max(float((np.einsum("bte,nde->btnd", np.abs(a), np.abs(W[j])) + np.abs(b[j])).max())
               for j, a in enumerate((q, k, v)))
@@ -235,8 +247,7 @@ def _direction_bound(cell: str, reset_after: bool, W: np.ndarray, R: np.ndarray,
 def _attention_bound(spec: AttentionSpec, c: dict[str, np.ndarray], q: np.ndarray, k: np.ndarray, v: np.ndarray,
                      mask: Any, u: float, ua: float) -> np.ndarray:
     E, Dh = q.shape[-1], spec.head_dim
-    W = c["Win"]
-    b = c.get("bin", np.zeros(W.shape[:3]))
+    W, b = _in_projections(spec, c)
     g_in = GROWTH * np.sqrt(E + 1) * ua
     proj, err = [], []
     for j, a in enumerate((q, k, v)):

@@ -20,10 +20,12 @@ __all__ = ["CELLS", "GATES", "AttentionSpec", "RecurrentSpec", "SequenceSpec"]
 #: Canonical gate letters of each cell, in canonical order.
 GATES = {"lstm": "ifgo", "gru": "rzn", "rnn": "h"}
 CELLS = tuple(GATES)
-RECURRENT_STORAGES = ("torch", "keras", "onnx", "flax")
-ATTENTION_STORAGES = ("torch", "keras", "flax", "gpt2", "neox")
+RECURRENT_STORAGES = ("torch", "keras", "onnx", "flax", "tflite")
+ATTENTION_STORAGES = ("torch", "keras", "flax", "gpt2", "neox", "llama", "internlm2")
+# The attention storages whose layers share key/value heads between query heads (``kv_heads`` < ``heads``).
+GROUPED_STORAGES = ("keras", "llama", "internlm2")
 # What each storage calls the canonical gate letters, for messages.
-_DISPLAY = {"keras": {"g": "c", "n": "h"}, "onnx": {"g": "c", "n": "h"}}
+_DISPLAY = {"keras": {"g": "c", "n": "h"}, "onnx": {"g": "c", "n": "h"}, "tflite": {"g": "c"}}
 
 
 def _count(name: str, value: Any) -> int:
@@ -52,7 +54,8 @@ class RecurrentSpec:
 
     ``storage`` picks the parameter names and kernel orientation (torch ``weight_ih_l0``
     (gates·units, in); Keras ``kernel`` (in, gates·units); ONNX ``W`` (dirs, gates·units, in);
-    Flax one Dense per gate). ``gate_order`` is the stacking order in canonical letters.
+    Flax one Dense per gate; TFLite one (units, in) matrix per gate, named as its fused op's
+    inputs). ``gate_order`` is the stacking order in canonical letters.
     ``reset_after`` (GRU): the reset gate multiplies the recurrent matmul's result (torch,
     Keras ``reset_after=True``, ONNX ``linear_before_reset=1``) rather than the state before it.
     ``summed_bias``: one bias holding input + recurrent bias (Keras LSTM, Keras GRU
@@ -95,6 +98,11 @@ class RecurrentSpec:
                             f"bidirectional={self.bidirectional})")
         if self.storage == "flax" and not self.summed_bias:
             raise SpecError("storage='flax' keeps one bias (on the recurrent Dense): pass summed_bias=True")
+        if self.storage == "tflite" and self.cell == "gru":
+            raise SpecError(f"storage='tflite' has no {self.cell} layer: TFLite's runtime has no fused GRU op (the converter "
+                            "lowers a GRU to a WHILE loop of builtin ops, its weights unnamed constants); expected cell='lstm' or 'rnn'")
+        if self.storage == "tflite" and not self.summed_bias:
+            raise SpecError("storage='tflite' keeps one bias per gate (input + recurrent summed): pass summed_bias=True")
 
     @property
     def gates(self) -> int:
@@ -133,7 +141,16 @@ class AttentionSpec:
     ``out_proj.weight`` (E, E); Keras and Flax a kernel (E, heads, head_dim) per projection
     and an output kernel (heads, head_dim, E); GPT-2 ``c_attn.weight`` (E, 3·E), a Conv1D
     stored (in, out); GPT-NeoX ``query_key_value.weight`` (3·E, E) interleaved per head
-    (rows ordered heads, q;k;v, head_dim). Scores are scaled by 1/√head_dim.
+    (rows ordered heads, q;k;v, head_dim); Llama (Hugging Face) ``q_proj.weight`` (heads·head_dim, E),
+    ``k_proj.weight``, ``v_proj.weight`` (kv_heads·head_dim, E), ``o_proj.weight`` (E, heads·head_dim);
+    InternLM2 ``wqkv.weight`` (kv_heads·(group+2)·head_dim, E) per key-value group: the group's
+    query heads, then its key, then its value, ``wo.weight`` (E, heads·head_dim). Scores are
+    scaled by 1/√head_dim.
+
+    ``kv_heads`` (default ``heads``; it must divide ``heads``): key and value heads, shared by
+    ``group = heads // kv_heads`` query heads each; query head ``h`` reads key/value head
+    ``h // group`` (grouped-query attention; ``kv_heads=1``: multi-query). Keras, Llama and
+    InternLM2 storages take ``kv_heads < heads``.
     """
 
     embed_dim: int
@@ -141,6 +158,7 @@ class AttentionSpec:
     head_dim: int | None = None
     storage: str = "torch"
     bias: bool = True
+    kv_heads: int | None = None
     name: str = field(default="", compare=False)
 
     kind = "attention"
@@ -159,10 +177,24 @@ class AttentionSpec:
         if self.storage in ("torch", "gpt2", "neox") and self.heads * self.head_dim != self.embed_dim:
             raise SpecError(f"head_dim={self.head_dim} with heads={self.heads} does not make embed_dim={self.embed_dim}: "
                             f"storage={self.storage!r} splits embed_dim into heads")
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
+        _count("kv_heads", self.kv_heads)
+        if self.heads % self.kv_heads:
+            raise SpecError(f"kv_heads={self.kv_heads} does not divide heads={self.heads}: "
+                            "expected a divisor of heads (each key/value head serves heads // kv_heads query heads)")
+        if self.kv_heads != self.heads and self.storage not in GROUPED_STORAGES:
+            raise SpecError(f"kv_heads={self.kv_heads} with storage={self.storage!r}: its layer has one key/value head "
+                            f"per query head; pass kv_heads={self.heads} or a storage of {', '.join(GROUPED_STORAGES)}")
 
     @property
     def inner_dim(self) -> int:
         return self.heads * self.head_dim
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head: ``heads // kv_heads``."""
+        return self.heads // self.kv_heads
 
     @property
     def fan_in(self) -> int:
@@ -172,7 +204,9 @@ class AttentionSpec:
         return _replace(self, changes)
 
     def describe(self) -> str:
-        return f"{self.name or 'mha'}(embed_dim={self.embed_dim}, heads={self.heads}, head_dim={self.head_dim})"
+        kv = f", kv_heads={self.kv_heads}" if self.kv_heads != self.heads else ""
+        bias = "" if self.bias else ", bias=False"
+        return f"{self.name or 'mha'}(embed_dim={self.embed_dim}, heads={self.heads}, head_dim={self.head_dim}{kv}{bias})"
 
 
 SequenceSpec = RecurrentSpec | AttentionSpec

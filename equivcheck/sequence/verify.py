@@ -29,18 +29,22 @@ from equivcheck.sequence.backends import LOW_PRECISION, backend_of, run
 from equivcheck.sequence.named import canonical, convert, from_canonical, plan, tensor_shapes
 from equivcheck.sequence.specs import AttentionSpec, RecurrentSpec, SequenceSpec
 
-__all__ = ["Mutant", "SequenceResult", "compare_outputs", "convention_of", "draw", "error_bound", "failure_message",
+__all__ = ["Mutant", "SequenceResult", "compare_outputs", "convention_of", "draw", "draw_grid", "error_bound", "failure_message",
            "identify", "identify_mutant", "judge_mutants", "mutants", "resolve_backend", "spec_record",
            "tolerance", "verify_sequence_pair"]
 
 #: Gate orders of the frameworks, per cell (canonical letters): torch/Keras/Flax and ONNX.
 FRAMEWORK_ORDERS = {"lstm": ("ifgo", "iofg"), "gru": ("rzn", "zrn"), "rnn": ("h",)}
 #: A mutant counts as rejected when, at some output element, its exact output lands more than MARGIN times the
-#: right output's bound three times over plus its own away: no pair of real layers within their bounds passes it.
+#: right target's bound plus its own away from the exact output: no real layer within its own bound passes the judgement.
 MARGIN = 1.0
 #: Low precision: a larger batch, and up to this many draws, until every mutant is rejected on the reference.
 LOW_PRECISION_BATCH = 32
 DRAWS = 3
+#: Low precision: the converted layer must also agree on this many :func:`draw_grid` draws (of this batch), where a
+#: misplaced weight moves the output by far more than the rounding bound (a single swap of two weights shows there).
+GRID_DRAWS = 2
+GRID_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,8 @@ class Mutant:
 class SequenceResult(Case):
     """The judge's :class:`~equivcheck.judge.Case` for a recurrent or attention pair, with its evidence.
 
-    ``comparison`` holds the target against the source (bound: both layers' running error
-    bounds), ``source_comparison`` the source against the float64 reference, ``mutations``
+    ``comparison`` holds the target against the float64 reference (bound: the target's own running
+    error bound, never below the source's), ``source_comparison`` the source against it, ``mutations``
     each mutant's outcome (``max_error_ratio`` > 1: rejected). ``max_error``/``bound`` are the
     worst element's; ``mutants`` the rows ``(name, description, deviation, rejected)``;
     ``message`` is ``reason``.
@@ -128,6 +132,32 @@ def draw(spec: SequenceSpec, *, seed: int = 0, batch: int = 2, steps: int = 5) -
     return weights, inputs
 
 
+def draw_grid(spec: SequenceSpec, *, seed: int = 0, batch: int = GRID_BATCH, steps: int = 5
+              ) -> tuple[dict[str, np.ndarray], Any]:
+    """A draw on which a misplaced weight shows in low precision: weights on a coarse grid, inputs ~ N(0, 4).
+
+    Each canonical tensor (input kernel, recurrent kernel, biases; attention projections) holds half
+    exact zeros and half ±s or ±2s, with s the power of two nearest the scale of :func:`draw` (the
+    recurrent kernel twice that, so the state carries it strongly): any two distinct weights differ
+    by at least s, a sizable fraction of a pre-activation, and every weight is exact in float16 and
+    bfloat16. A swap of two weights of :func:`draw` that differ by a few ulps hides in the rounding
+    bound; here it moves the output by several bounds.
+    """
+    if steps < 3:
+        raise SpecError(f"steps={steps} is too short: recurrent kernels only matter from 3 steps on")
+    normal, inputs = draw(spec, seed=seed, batch=batch, steps=steps)
+    rng = np.random.default_rng([seed, 1])
+    mags = np.array([0.0, 0.0, 1.0, 2.0])
+    grid = {}
+    for name, w in canonical(spec).apply(normal).items():
+        scale = 0.5 if name.startswith("b") else 1.0 / math.sqrt(spec.fan_in)
+        step = 2.0 ** round(math.log2(scale / math.sqrt(float(np.mean(mags**2)))))
+        grid[name] = rng.choice(mags, size=w.shape) * rng.choice([-1.0, 1.0], size=w.shape) * step * (
+            2 if name.startswith("R") else 1) + 0.0  # + 0.0: no negative zeros
+    inputs = tuple(2 * a for a in inputs) if isinstance(inputs, tuple) else 2 * inputs
+    return from_canonical(spec).apply(grid), inputs
+
+
 def error_bound(spec: SequenceSpec, weights: dict[str, Any], inputs: Any, dtype: str, mask: Any = None, *,
                 accumulate: str | None = None) -> np.ndarray:
     """A bound on |layer − exact| per output element in ``dtype``: :func:`equivcheck.sequence.reference.error_bound`."""
@@ -191,6 +221,42 @@ def mutants(source: SequenceSpec, target: SequenceSpec, weights: dict[str, Any])
         return out
     assert isinstance(source, AttentionSpec)
     N, Dh, E = source.heads, source.head_dim, source.embed_dim
+    if "Wq" in c:  # shared key/value heads: Wq (heads, head_dim, E), Wkv (2, kv_heads, head_dim, E), bq, bkv
+        K, G = source.kv_heads, source.group
+        Wq, Wkv, Wo = c["Wq"], c["Wkv"], c["Wo"]
+        bq, bkv = (c["bq"], c["bkv"]) if "bq" in c else (None, None)
+
+        def biases(q: np.ndarray | None, kv: np.ndarray | None) -> dict[str, np.ndarray]:
+            return {} if bq is None else {"bq": q, "bkv": kv}
+
+        add("qkv_order:q,v,k", "attention projections out of order: q,k,v stored, the target reads q,v,k",
+            {**c, "Wkv": Wkv[::-1], **biases(bq, None if bkv is None else bkv[::-1])})
+        add("heads_head_dim_exchanged", f"heads and head_dim exchanged: (heads={N}, head_dim={Dh}) read as ({Dh}, {N}), "
+            f"key/value (kv_heads={K}, head_dim={Dh}) as ({Dh}, {K})",
+            {**c, "Wq": Wq.reshape(Dh, N, E).transpose(1, 0, 2), "Wkv": Wkv.reshape(2, Dh, K, E).transpose(0, 2, 1, 3),
+             "Wo": Wo.reshape(E, Dh, N).transpose(0, 2, 1),
+             **biases(None if bq is None else bq.reshape(Dh, N).T, None if bkv is None else bkv.reshape(2, Dh, K).transpose(0, 2, 1))})
+        # a layer where query head h reads key/value head h % kv_heads is this one with its query heads relabelled
+        tiled = np.empty(N, dtype=int)
+        tiled[[(h % K) * G + h // K for h in range(N)]] = np.arange(N)
+        add("kv_sharing:tiled", f"key/value sharing read as tiled: query head h reads key/value head h % {K} "
+            f"instead of h // {G}", {**c, "Wq": Wq[tiled], "Wo": Wo[:, tiled], **biases(None if bq is None else bq[tiled], bkv)})
+
+        def grouped_as_stacked(q: np.ndarray, kv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            rest = q.shape[2:]
+            fused = np.concatenate([q.reshape(K, G, Dh, *rest), np.moveaxis(kv, 0, 1)], 1).reshape(-1, *rest)
+            return fused[: N * Dh].reshape(N, Dh, *rest), fused[N * Dh :].reshape(2, K, Dh, *rest)
+
+        wq, wkv = grouped_as_stacked(Wq, Wkv)
+        add("interleaved_as_stacked:kv_group", f"fused q/k/v layout: per key-value group ({K}, {G} q heads;k;v, head_dim) "
+            "read as stacked (q heads, k heads, v heads)",
+            {**c, "Wq": wq, "Wkv": wkv, **({} if bq is None else dict(zip(("bq", "bkv"), grouped_as_stacked(bq, bkv))))})
+        add("out_not_transposed", "output projection not transposed: its (E, heads·head_dim) memory read as (heads·head_dim, E)",
+            {**c, "Wo": Wo.reshape(N * Dh, E).T.reshape(E, N, Dh)})
+        if N * Dh == E:
+            add("in_not_transposed", "input projections not transposed: each (heads·head_dim, E) memory read as (E, heads·head_dim)",
+                {**c, "Wq": Wq.reshape(E, N, Dh).transpose(1, 2, 0), "Wkv": Wkv.reshape(2, E, K, Dh).transpose(0, 2, 3, 1)})
+        return out
     has_bias = "bin" in c
     for perm in itertools.permutations(range(3)):
         if perm != (0, 1, 2):
@@ -255,7 +321,7 @@ def convention_of(mutant_name: str) -> str:
             "bias_summed_twice": "bias", "kernel_not_transposed": "kernel orientation",
             "recurrent_not_transposed": "kernel orientation", "kernels_exchanged": "kernel names",
             "directions_exchanged": "direction order", "qkv_order": "q/k/v order", "heads_head_dim_exchanged": "head layout",
-            "interleaved_as_stacked": "head layout", "out_not_transposed": "kernel orientation",
+            "interleaved_as_stacked": "head layout", "kv_sharing": "head layout", "out_not_transposed": "kernel orientation",
             "in_not_transposed": "kernel orientation"}.get(head, head)
 
 
@@ -291,7 +357,7 @@ def _comparison(y: np.ndarray, ref: np.ndarray, bound: np.ndarray, dtype: str, a
     finite = np.isfinite(y)
     with np.errstate(invalid="ignore", divide="ignore"):
         err = np.where(finite, np.abs(y - ref), np.inf)
-        ratio = err / bound
+        ratio = np.where(err == 0, 0.0, err / bound)
         rel = np.where(ref != 0, err / np.abs(ref), np.where(err > 0, np.inf, 0.0))
     ratio = np.where(np.isnan(ratio), np.inf, ratio)
     worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
@@ -303,8 +369,9 @@ def _comparison(y: np.ndarray, ref: np.ndarray, bound: np.ndarray, dtype: str, a
 
 
 def _judge_mutants(source: SequenceSpec, target: SequenceSpec, weights: dict[str, np.ndarray], inputs: Any, mask: Any,
-                   exact: np.ndarray, bound: np.ndarray, dtype: str, accumulate: str) -> list[MutationOutcome]:
-    """Each mutant, judged in float64 on the reference: rejected where it lands beyond every pair of runs within bound."""
+                   exact: np.ndarray, beyond: np.ndarray, dtype: str, accumulate: str) -> list[MutationOutcome]:
+    """Each mutant, judged in float64 on the reference: rejected where its exact output lands more than its own bound
+    plus ``beyond`` (how far from ``exact`` a passing run may be) from ``exact``: no run within its bound passes."""
     out = []
     for m in mutants(source, target, weights):
         y = reference.forward(m.spec, m.weights, inputs, mask)
@@ -313,7 +380,7 @@ def _judge_mutants(source: SequenceSpec, target: SequenceSpec, weights: dict[str
         else:
             own = reference.error_bound(m.spec, m.weights, inputs, dtype, mask, accumulate=accumulate)
             with np.errstate(invalid="ignore", divide="ignore"):
-                ratio = float(np.nan_to_num(np.abs(y - exact) / (MARGIN * (3 * bound + own)), nan=0.0).max(initial=0.0))
+                ratio = float(np.nan_to_num(np.abs(y - exact) / (MARGIN * (beyond + own)), nan=0.0).max(initial=0.0))
         out.append(MutationOutcome(m.name, m.description, "rejected" if ratio > 1 else "not rejected", ratio,
                                    convention=convention_of(m.name)))
     return out
@@ -327,14 +394,15 @@ def compare_outputs(y: Any, ref: Any, bound: Any, dtype: str, fan_in: int, accum
 
 def judge_mutants(source: SequenceSpec, target: SequenceSpec, weights: dict[str, Any], inputs: Any, dtype: str,
                   mask: Any = None, accumulate: str | None = None) -> list[MutationOutcome]:
-    """Each mutant of ``weights`` (source to target), judged on ``inputs`` against the float64 reference:
-    rejected where it lands beyond every pair of runs within their bounds (as :func:`verify_sequence_pair` does)."""
+    """Each mutant of ``weights`` (source to target), judged on ``inputs`` against the float64 reference: rejected
+    where it lands beyond every pair of runs within their bounds, for a judgement of the target against the source
+    under twice the source's bound (a passing run may be three bounds from the exact output)."""
     w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
     x = _rounded(inputs, "float64")
     acc = accumulate or dtype
     exact = reference.forward(source, w, x, mask)
     bound = reference.error_bound(source, w, x, dtype, mask, accumulate=acc)
-    return _judge_mutants(source, target, w, x, mask, exact, bound, dtype, acc)
+    return _judge_mutants(source, target, w, x, mask, exact, 3 * bound, dtype, acc)
 
 
 def _check_converted(target: SequenceSpec, converted: Any) -> dict[str, np.ndarray]:
@@ -368,13 +436,14 @@ def verify_sequence_pair(source: SequenceSpec, target: SequenceSpec, *, source_b
     """Convert drawn weights (with ``converter``, else :func:`equivcheck.convert`), run both layers, judge: a
     :class:`SequenceResult` (a :class:`~equivcheck.judge.Case`); raises only for bad arguments.
 
-    ``pass``: the layers agree within their bounds (per element, a running error analysis from the
-    dtype, the fan-in and the recurrence: :func:`error_bound`) and every mutant is rejected;
+    ``pass``: each layer is within its bound of the float64 reference (per element, a running error
+    analysis from the dtype, the fan-in and the recurrence: :func:`error_bound`) and every mutant is rejected;
     ``inconclusive``: they agree but some mutant would pass too, or the source itself is out of
     its bound; ``fail``: they disagree (the reason names the mistake when :func:`identify` recognises
     it); ``skip``: a layer does not run here (not installed, or not in this dtype).
     In float16/bfloat16 the batch is larger and the data are redrawn (up to ``DRAWS`` times) until
-    the reference rejects every mutant.
+    the reference rejects every mutant, and the layers must agree on ``GRID_DRAWS`` :func:`draw_grid`
+    draws too, where a single misplaced weight shows above the rounding.
     """
     np_dtype(dtype)
     low = dtype in ("float16", "bfloat16")
@@ -392,65 +461,83 @@ def verify_sequence_pair(source: SequenceSpec, target: SequenceSpec, *, source_b
             return case
     accumulate = _accumulation((source_backend, target_backend), dtype)
     n = batch or (LOW_PRECISION_BATCH if low else 2)
+
+    def bounds(weights: dict[str, np.ndarray], inputs: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The exact output, the source's bound, the target's (its own running bound on the right conversion,
+        never below the source's)."""
+        bound = reference.error_bound(source, weights, inputs, dtype, mask, accumulate=accumulate)
+        own = reference.error_bound(target, convert(source, target, weights), inputs, dtype, mask, accumulate=accumulate)
+        return reference.forward(source, weights, inputs, mask), bound, np.maximum(bound, own)
+
     for attempt in range(DRAWS if low and mutants else 1):
         weights, inputs = draw(source, seed=seed + attempt, batch=n, steps=steps)
         weights, inputs = {k: _rounded(v, dtype) for k, v in weights.items()}, _rounded(inputs, dtype)  # exact in dtype
-        exact = reference.forward(source, weights, inputs, mask)
-        bound = reference.error_bound(source, weights, inputs, dtype, mask, accumulate=accumulate)
-        outcomes = _judge_mutants(source, target, weights, inputs, mask, exact, bound, dtype, accumulate) if mutants else []
+        exact, bound, bound_t = bounds(weights, inputs)
+        outcomes = _judge_mutants(source, target, weights, inputs, mask, exact, bound_t, dtype, accumulate) if mutants else []
         if all(o.outcome == "rejected" for o in outcomes):
             break
     if attempt:
         case.notes.append(f"data drawn {attempt + 1} times (seeds {seed}..{seed + attempt}) for the mutants to be rejected")
     case.mutations = outcomes
     case.rows = tuple((o.name, o.description, o.max_error_ratio, o.outcome == "rejected") for o in outcomes)
-    try:
-        given = {k: v.astype(np_dtype(dtype)) for k, v in weights.items()}  # the converter sees the dtype's arrays
-        converted = _check_converted(target, convert(source, target, weights) if converter is None else converter(given))
-        y_src = run(source_backend, source, weights, inputs, dtype=dtype, mask=mask)
-        y_dst = run(target_backend, target, converted, inputs, dtype=dtype, mask=mask)
-    except BackendUnavailable as exc:
-        case.verdict, case.reason = "skip", str(exc)
-        return case
-    except VerificationError as exc:
-        case.verdict, case.reason = "fail", str(exc)
-        return case
+    draws = [("", weights, inputs, exact, bound, bound_t)]
+    for j in range(GRID_DRAWS if low else 0):  # where a misplaced weight shows above the rounding
+        w, x = draw_grid(source, seed=seed + j, batch=max(n, GRID_BATCH), steps=steps)
+        w, x = {k: _rounded(v, dtype) for k, v in w.items()}, _rounded(x, dtype)
+        draws.append((f" on grid draw {j + 1} (draw_grid seed={seed + j})", w, x, *bounds(w, x)))
     fan = source.fan_in
-    case.source_comparison = _comparison(y_src, exact, bound, dtype, accumulate, fan)
-    if y_dst.shape != y_src.shape:
-        case.verdict, case.reason = "fail", f"the target gives outputs of shape={y_dst.shape}, the source {y_src.shape}"
-        return case
-    case.comparison = _comparison(y_dst, y_src, 2 * bound, dtype, accumulate, fan)
-    case.max_error, case.bound = case.comparison.max_abs_error, case.comparison.bound_at_worst
-    if not case.source_comparison.passed:
-        case.verdict = "inconclusive"
-        case.reason = (f"the source layer on {source_backend} is itself out of its bound from the float64 reference: "
-                       f"{case.source_comparison.summary()}")
-        return case
-    if not case.comparison.passed:
-        case.verdict = "fail"
-        wrong = identify_mutant(source, target, weights, converted, dtype)
-        named = identify(source, target, weights, converted, dtype) if wrong is None else wrong.description
-        case.reason = (f"{target.describe()} disagrees with {source.describe()}: {case.comparison.summary()}; {named}")
-        if wrong is not None:
-            order = wrong.name.split(":")[1] if wrong.name.startswith("gate_order:") else None
-            code = plan(source.replace(gate_order=order), target).code("numpy") if order else ""
-            case.diagnosis = {"mutant": wrong.name, "convention": convention_of(wrong.name), "description": wrong.description,
-                              "code": code, "right": plan(source, target).code("numpy")}
-        return case
+    for where, weights, inputs, exact, bound, bound_t in draws:
+        try:
+            given = {k: v.astype(np_dtype(dtype)) for k, v in weights.items()}  # the converter sees the dtype's arrays
+            converted = _check_converted(target, convert(source, target, weights) if converter is None else converter(given))
+            y_src = run(source_backend, source, weights, inputs, dtype=dtype, mask=mask)
+            y_dst = run(target_backend, target, converted, inputs, dtype=dtype, mask=mask)
+        except BackendUnavailable as exc:
+            case.verdict, case.reason = "skip", str(exc)
+            return case
+        except VerificationError as exc:
+            case.verdict, case.reason = "fail", str(exc)
+            return case
+        if y_dst.shape != y_src.shape:
+            case.verdict, case.reason = "fail", f"the target gives outputs of shape={y_dst.shape}, the source {y_src.shape}"
+            return case
+        source_comparison = _comparison(y_src, exact, bound, dtype, accumulate, fan)
+        comparison = _comparison(y_dst, exact, bound_t, dtype, accumulate, fan)
+        if not where or not (comparison.passed and source_comparison.passed):  # the first draw's, or the one that decides
+            case.source_comparison, case.comparison = source_comparison, comparison
+            case.max_error, case.bound = comparison.max_abs_error, comparison.bound_at_worst
+        if not source_comparison.passed:
+            case.verdict = "inconclusive"
+            case.reason = (f"the source layer on {source_backend} is itself out of its bound from the float64 reference"
+                           f"{where}: {source_comparison.summary()}")
+            return case
+        if not comparison.passed:
+            case.verdict = "fail"
+            wrong = identify_mutant(source, target, weights, converted, dtype)
+            named = identify(source, target, weights, converted, dtype) if wrong is None else wrong.description
+            case.reason = (f"{target.describe()} disagrees with {source.describe()}{where}: "
+                           f"{comparison.summary()}; {named}")
+            if wrong is not None:
+                order = wrong.name.split(":")[1] if wrong.name.startswith("gate_order:") else None
+                code = plan(source.replace(gate_order=order), target).code("numpy") if order else ""
+                case.diagnosis = {"mutant": wrong.name, "convention": convention_of(wrong.name),
+                                  "description": wrong.description, "code": code, "right": plan(source, target).code("numpy")}
+            return case
     missed = [o.name for o in outcomes if o.outcome != "rejected"]
     if missed:
         case.verdict = "inconclusive"
         case.reason = f"agree, but these mistakes would pass on the drawn data too: {', '.join(missed)}"
     else:
         case.verdict = "pass"
-        case.reason = (f"agree within the bound (max error {case.max_error:.3g}, {case.comparison.max_error_ratio:.3f} of it); "
-                       f"{len(outcomes)} mutants rejected")
+        assert case.comparison is not None
+        also = f" and on {len(draws) - 1} grid draws" if len(draws) > 1 else ""
+        case.reason = (f"agree within the bound (max error {case.max_error:.3g}, {case.comparison.max_error_ratio:.3f} of it)"
+                       f"{also}; {len(outcomes)} mutants rejected")
     return case
 
 
 # -- the checker's side ----------------------------------------------------------------------
-_MODULES = {"torch": "torch", "keras": "keras", "onnxruntime": "onnxruntime", "flax": "flax"}
+_MODULES = {"torch": "torch", "keras": "keras", "onnxruntime": "onnxruntime", "flax": "flax", "tflite": "tensorflow"}
 
 
 def resolve_backend(spec: SequenceSpec, dtype: str, allowed: tuple[str, ...] | None = None) -> tuple[str, str]:
@@ -482,6 +569,12 @@ def _spec_call(spec: SequenceSpec) -> str:
             kw["reset_after"] = spec.reset_after
     else:
         kw = dict(embed_dim=spec.embed_dim, heads=spec.heads)
+        if spec.head_dim * spec.heads != spec.embed_dim:
+            kw["head_dim"] = spec.head_dim
+        if spec.kv_heads != spec.heads:
+            kw["kv_heads"] = spec.kv_heads
+        if not spec.bias:
+            kw["bias"] = False
     with contextlib.suppress(EquivcheckError, ValueError):
         if spec.name and preset(spec.name, **kw) == spec:
             return f"ec.spec({spec.name!r}, {', '.join(f'{k}={v!r}' for k, v in kw.items())})"

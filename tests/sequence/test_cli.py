@@ -24,3 +24,13 @@ def test_plan_gru_reset_placement(capsys):
     assert "reset gate is applied after the recurrent matmul in one and before it in the other" in capsys.readouterr().err
     assert main([*argv, "--reset-after", "true"]) == 0
     assert ":, [1, 0, 2]]" in capsys.readouterr().out  # r,z,n -> z,r,h on the gate axis, behind the directions
+
+
+def test_plan_grouped_query_attention_flags(capsys):
+    argv = ["plan", "--from", "llama:mha", "--to", "keras:mha", "--embed-dim", "8", "--heads", "4", "--kv-heads", "2"]
+    assert main([*argv, "--no-bias"]) == 0
+    out = capsys.readouterr().out
+    assert "to    keras:mha(embed_dim=8, heads=4, head_dim=2, kv_heads=2, bias=False)" in out
+    assert "out['key/kernel'] = w['k_proj.weight'].T.reshape(8, 2, 2)" in out
+    assert main([*argv[:-1], "3"]) == 2
+    assert "kv_heads" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 
 import equivcheck as ec
 from equivcheck.sequence import canonical, spec, tensor_shapes
-from equivcheck.sequence.named import Spread, Sum, Take
+from equivcheck.sequence.named import ConcatPlan, Spread, Sum, Take
 
 KW = dict(input_size=3, units=5)
 RECURRENT = [("torch:lstm", {}), ("keras:lstm", {}), ("onnx:lstm", {}), ("flax:lstm", {}),
@@ -121,3 +121,58 @@ def test_wrong_weights_are_refused():
         ec.convert(a, b, {k: v for k, v in w.items() if k != "bias_hh_l0"})
     with pytest.raises(ec.SpecError, match=r"^weight_ih_l0 shape=\(3, 20\) is not the expected \(20, 3\)$"):
         ec.convert(a, b, {**w, "weight_ih_l0": w["weight_ih_l0"].T})
+
+
+GROUPED = ("keras:mha", "llama:mha", "internlm2:mha")
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_every_grouped_attention_pair_keeps_the_canonical_weights(kv_heads):
+    names = GROUPED + (("torch:mha", "flax:mha", "gpt2:mha", "neox:mha") if kv_heads == 4 else ())
+    specs = [spec(n, embed_dim=8, heads=4, kv_heads=kv_heads) for n in names]
+    for a, b in itertools.product(specs, repeat=2):
+        w = _weights(a)
+        out = ec.convert(a, b, w)
+        assert {k: v.shape for k, v in out.items()} == tensor_shapes(b)
+        ca, cb = canonical(a).apply(w), canonical(b).apply(out)
+        assert set(ca) == set(cb) == ({"Win", "bin", "Wo", "bo"} if kv_heads == 4 else {"Wq", "Wkv", "bq", "bkv", "Wo", "bo"})
+        for k in ca:
+            np.testing.assert_array_equal(ca[k], cb[k], err_msg=f"{a.name} -> {b.name} {k}")
+        back = ec.convert(b, a, out)  # and back: the very weights
+        assert all(np.array_equal(back[k], w[k]) for k in w), f"{a.name} -> {b.name} -> {a.name}"
+
+
+def test_the_per_kv_group_layout():
+    """InternLM2's wqkv rows: per key-value group its query heads, then its key head, then its value head."""
+    N, K, Dh, E = 4, 2, 3, 5
+    llama, intern = (spec(n, embed_dim=E, heads=N, head_dim=Dh, kv_heads=K) for n in ("llama:mha", "internlm2:mha"))
+    w = _weights(llama)
+    q, k, v = (w[f"{p}_proj.weight"].reshape(-1, Dh, E) for p in "qkv")
+    rows = [r for g in range(K) for r in (*q[g * 2:(g + 1) * 2], k[g], v[g])]
+    p = ec.plan(llama, intern)
+    np.testing.assert_array_equal(p.apply(w)["wqkv.weight"], np.concatenate(rows))
+    assert isinstance(p["wqkv.weight"], ConcatPlan) and p["wqkv.weight"].sources == ("q_proj.weight", "k_proj.weight", "v_proj.weight")
+    assert ec.plan(intern, intern)["wqkv.weight"].code() == "w['wqkv.weight']"  # a join of its own slices: itself
+    back = p.inverse().apply(p.apply(w))
+    assert all(np.array_equal(back[n], w[n]) for n in w)
+    keras_ = spec("keras:mha", embed_dim=E, heads=N, head_dim=Dh, kv_heads=K)
+    assert p.then(ec.plan(intern, keras_)).code() == ec.plan(llama, keras_).code()  # through the join and out again
+
+
+@pytest.mark.parametrize("lang", ["numpy", "torch", "einops"])
+def test_grouped_rendered_code_runs_and_agrees(lang):
+    torch = pytest.importorskip("torch") if lang == "torch" else None
+    einops = pytest.importorskip("einops") if lang == "einops" else None
+    specs = [spec(n, embed_dim=8, heads=4, kv_heads=2) for n in GROUPED]
+    for a, b in itertools.permutations(specs, 2):
+        p, w = ec.plan(a, b), _weights(a)
+        scope = {"np": np, "w": w, "out": {}}
+        if torch is not None:
+            scope.update(torch=torch, w={k: torch.from_numpy(v) for k, v in w.items()})
+        if einops is not None:
+            scope["rearrange"] = einops.rearrange
+        exec(p.code(lang), scope)  # our own generated code
+        for k, v in p.apply(w).items():
+            np.testing.assert_array_equal(np.asarray(scope["out"][k]), v, err_msg=f"{a.name} -> {b.name} {k} ({lang})")
+        if torch is not None:
+            assert all(isinstance(t, torch.Tensor) for t in p.apply(scope["w"]).values())

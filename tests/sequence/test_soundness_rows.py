@@ -35,3 +35,31 @@ def test_the_swapper_swaps_one_pair_of_distinct_weights(soundness):
     out = soundness.named_swapper(3)(w)
     assert np.array_equal(out["b"], w["b"]) and (out["a"] != w["a"]).sum() == 2
     assert sorted(out["a"].ravel()) == sorted(w["a"].ravel())
+
+
+def test_the_swapper_passes_over_pairs_inside_a_key_bias(soundness):
+    import numpy as np
+
+    w = {"in_proj_bias": np.arange(6.0)}  # q: 0, 1; k: 2, 3; v: 4, 5
+    pairs = {tuple(np.flatnonzero(soundness.named_swapper(seed)(w)["in_proj_bias"] != w["in_proj_bias"])) for seed in range(40)}
+    assert (2, 3) not in pairs and len(pairs) > 5 and all(len(p) == 2 for p in pairs)
+    assert list(soundness.key_bias("key/bias", 4)) == [0, 1, 2, 3] and not soundness.key_bias("value/bias", 4)
+
+
+def test_a_key_bias_swap_leaves_torch_attention_unchanged():
+    """Why the swapper passes over key-bias pairs: on the real layer, its output does not move (float32 rounding)."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    layer = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    with torch.no_grad():
+        layer.in_proj_bias.normal_()
+        x = torch.randn(3, 5, 8)
+        before = layer(x, x, x, need_weights=False)[0]
+        layer.in_proj_bias[[9, 14]] = layer.in_proj_bias[[14, 9]].clone()  # two entries of the key bias (8..15)
+        after = layer(x, x, x, need_weights=False)[0]
+        layer.in_proj_bias[[1, 14]] = layer.in_proj_bias[[14, 1]].clone()  # a query entry with a key entry: it moves
+        moved = layer(x, x, x, need_weights=False)[0]
+    assert np.allclose(before.numpy(), after.numpy(), atol=1e-5)
+    assert not np.allclose(before.numpy(), moved.numpy(), atol=1e-3)

@@ -156,3 +156,31 @@ def test_single_swaps_are_caught(source, target):
 
         caught += verify_sequence_pair(source, target, converter=swapped).verdict == "fail"
     assert caught >= 19
+
+
+def test_a_swap_hidden_in_the_bfloat16_rounding_shows_on_the_grid_draws(monkeypatch):
+    """Two recurrent weights 7 % apart (0.347, 0.372) swapped: within the rounding bound on the normal draw, caught
+    on a grid draw, where the same two entries hold 0 and -1."""
+    s = spec("torch:lstm", **KW)
+
+    def swapped(w):
+        out = {k: np.array(v, copy=True) for k, v in w.items()}
+        flat = out["weight_hh_l0"].reshape(-1)
+        flat[[126, 134]] = flat[[134, 126]]
+        return out
+
+    assert verify_module.draw_grid(s, seed=5)[0]["weight_hh_l0"].ravel()[[126, 134]].tolist() == [0.0, -1.0]
+    r = verify_sequence_pair(s, s, dtype="bfloat16", converter=swapped, seed=4, mutants=False)
+    assert r.verdict == "fail" and "on grid draw 2 (draw_grid seed=5)" in r.reason, r.reason
+    monkeypatch.setattr(verify_module, "GRID_DRAWS", 0)
+    assert verify_sequence_pair(s, s, dtype="bfloat16", converter=swapped, seed=4, mutants=False).verdict == "pass"
+
+
+def test_grid_draws_are_exact_in_low_precision_and_well_apart():
+    s = spec("keras:gru", **KW)
+    weights, x = verify_module.draw_grid(s, seed=3)
+    for w in weights.values():
+        assert np.array_equal(w.astype(np.float16), w) and np.mean(w == 0) > 0.25
+        gaps = np.diff(np.unique(np.abs(w[w != 0])))
+        assert np.all(gaps >= np.abs(w[w != 0]).min())  # distinct magnitudes differ by at least the smallest one
+    assert x.shape == (verify_module.GRID_BATCH, 5, 5)
