@@ -1,10 +1,13 @@
 """Harness overhead: one verified case (``verify_pair``, mutants included) against the bare work
 of the same case — build both real layers, set weights, run each forward once — per backend.
+
+Each figure is the median over rounds that alternate the two (the machine may be shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -25,7 +28,12 @@ def bare(backend: str, src, dst, x: np.ndarray, kernel, bias) -> None:
     t(x)
 
 
-def rows(cases: int = 40) -> list[tuple[str, float, float, float]]:
+def rows(cases: int = 40, rounds: int = 5) -> list[tuple[str, float, float, float]]:
+    """Per backend: (name, bare s, case s, case / bare), each the median over ``rounds`` rounds.
+
+    A round times ``cases`` bare runs, then ``cases`` verified cases: the two alternate, so a busy
+    machine slows both alike, and the median drops the rounds it slowed most.
+    """
     out = []
     for backend, preset in PRESET.items():
         if not backends.get(backend).available():
@@ -37,15 +45,18 @@ def rows(cases: int = 40) -> list[tuple[str, float, float, float]]:
         x = rng.standard_normal((4, *src.input_shape)).astype(np.float32)
         bare(backend, src, dst, x, kernel, bias)  # warm up: framework import, first-call compilation
         ec.verify_pair(src, dst, source_backend=backend, target_backend=backend)
-        start = time.perf_counter()
-        for _ in range(cases):
-            bare(backend, src, dst, x, kernel, bias)
-        t_bare = (time.perf_counter() - start) / cases
-        start = time.perf_counter()
-        for seed in range(cases):
-            ec.verify_pair(src, dst, source_backend=backend, target_backend=backend, seed=seed)
-        t_case = (time.perf_counter() - start) / cases
-        out.append((backend, t_bare, t_case, t_case / t_bare))
+        t_bare, t_case = [], []
+        for r in range(rounds):
+            start = time.perf_counter()
+            for _ in range(cases):
+                bare(backend, src, dst, x, kernel, bias)
+            t_bare.append((time.perf_counter() - start) / cases)
+            start = time.perf_counter()
+            for seed in range(r * cases, (r + 1) * cases):
+                ec.verify_pair(src, dst, source_backend=backend, target_backend=backend, seed=seed)
+            t_case.append((time.perf_counter() - start) / cases)
+        ratio = statistics.median(c / b for b, c in zip(t_bare, t_case))
+        out.append((backend, statistics.median(t_bare), statistics.median(t_case), ratio))
     return out
 
 
@@ -59,9 +70,10 @@ def render(table, markdown: bool = False) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cases", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
-    print(render(rows(args.cases), args.markdown))
+    print(render(rows(args.cases, args.rounds), args.markdown))
 
 
 if __name__ == "__main__":

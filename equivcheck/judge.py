@@ -2,9 +2,11 @@
 
 Every layer-level check hands the judge the same things — two specs, two backends, the dtype and
 a converter (or the planned conversion): :func:`equivcheck.verification.verify_pair`, the checker's
-cases, explore's confirming run and the soundness benchmark all go through :func:`judge_pair`;
-a whole-model check replays its pairs on captured data and uses the same mutant engine
-(:func:`mutant_outcomes`) and diagnosis (:func:`equivcheck.diagnosis.diagnose_pair`).
+cases and the soundness benchmark all go through :func:`judge_pair`; explore's confirming run,
+whose two sides are black boxes rather than backends, judges them with the same exact reference
+and bound (:class:`Reference`, which reads a kernel covering the map a block at a time from the
+stored array); a whole-model check replays its pairs on captured data and uses the same mutant
+engine (:func:`mutant_outcomes`) and diagnosis (:func:`equivcheck.modelcheck.judge.diagnose_pair`).
 
 The judge probes both backends once (:func:`equivcheck.backends.probe.probe`), draws weights
 and inputs from those facts (sparser where a backend sums below float32, so that one wrong
@@ -16,14 +18,16 @@ with the exact float64 result under its own probed bound, rejects every mutant o
 A mutant is judged in float64 on the reference: it is rejected only where its exact output
 moves from the right one by more than the two bounds together, so that no run of the real
 layer within its bound could pass it. The proof needs no forward pass of the real layer per
-mutant.
+mutant: a pair's catalogue, and for a small kernel the index that gathers every mutant kernel
+at once, is worked out once per pair; all mutants of the layer's own kind go through one stacked
+float64 forward and are judged in one pass over the stacked outputs.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +42,7 @@ from equivcheck.compare import Comparison, compare, error_bound
 from equivcheck.data import detection_batch, nonzeros_for, sample_inputs, sample_weights
 from equivcheck.dtypes import np_dtype
 from equivcheck.errors import EquivcheckError, SpecError, VerificationError
-from equivcheck.mapping import Mapping
+from equivcheck.mapping import Mapping, Reshape, Transpose
 from equivcheck.memory import require_memory
 from equivcheck.planning import convert as planned_convert
 from equivcheck.planning import plan
@@ -246,14 +250,58 @@ class Reference:
         y = reference_forward(spec or self.spec, k, b, self.abs_x64 if absolute else self.x64)
         return self.adapt[1](y, self.x)
 
-    def outputs(self, kernel: np.ndarray, bias: np.ndarray | None,
-                spec: LayerSpec | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(exact, |W|·|x| + |b|, exact before the bias: None without one)."""
+    def outputs(self, kernel: np.ndarray, bias: np.ndarray | None, spec: LayerSpec | None = None, *,
+                stored: Mapping | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(exact, |W|·|x| + |b|, exact before the bias: None without one).
+
+        ``stored``: ``kernel`` is a stored array and ``stored(kernel)`` the layer's kernel. A kernel
+        that covers the map (a VGG fc6 as a 7×7 conv) is then read a block of output channels at a
+        time, straight from the stored array: no full-size copy, in float32 or float64.
+        """
+        spec = spec or self.spec
+        if stored is not None:
+            lean = self._covering(kernel, bias, spec, stored)
+            if lean is not None:
+                return lean
+            kernel = stored.apply(kernel)
         nb = self.forward(kernel, None, spec=spec)
         mag = self.forward(kernel, bias, absolute=True, spec=spec)
         if bias is None:
             return nb, mag, None
         return nb + _per_channel(bias, nb), mag, nb
+
+    def _covering(self, stored_kernel: np.ndarray, bias: np.ndarray | None, spec: LayerSpec,
+                  stored: Mapping) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """:meth:`outputs` of a conv whose kernel covers the map, a block of output channels at a time; None for
+        any other layer. Each output is one dot product of the canonical kernel's row with the flat map."""
+        from equivcheck.planning import canonical
+
+        if not (isinstance(spec, ConvSpec) and spec.groups == 1 and spec.covers_map):
+            return None
+        to_canon = canonical(spec)
+        m = stored if to_canon.is_identity else stored.then(to_canon)
+        last = spec.data_format == CHANNELS_LAST and self.x.ndim > 2
+        flat = (np.moveaxis(self.x64, -1, 1) if last else self.x64).reshape(len(self.x), -1)
+        aflat = (np.moveaxis(self.abs_x64, -1, 1) if last else self.abs_x64).reshape(len(self.x), -1)
+        n, o = flat.shape[0], spec.out_channels
+        y, mag = np.empty((n, o)), np.empty((n, o))
+        for o0, o1, part in _kernel_rows(m, stored_kernel, max(1, CHUNK_WEIGHTS // flat.shape[1])):
+            # einsum's own loop, not BLAS: no thread pool to contend with on a busy machine
+            y[:, o0:o1] = np.einsum("nk,ok->no", flat, part)
+            np.abs(part, out=part)
+            mag[:, o0:o1] = np.einsum("nk,ok->no", aflat, part)
+        nb = None
+        if bias is not None:
+            b64 = np.asarray(bias, np.float64)
+            nb = y.copy()
+            y += b64
+            mag += np.abs(b64)
+        shape = (n, o, *(1,) * spec.rank)
+
+        def out(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else self.adapt[1](to_layout(a.reshape(shape), spec), self.x)
+
+        return out(y), out(mag), out(nb)
 
     def _before_bias(self, nb: np.ndarray | None) -> np.ndarray | None:
         """The sum before the bias matters to the bound only where the output is rounded twice."""
@@ -266,6 +314,49 @@ class Reference:
     def bound(self, exact: np.ndarray, mag: np.ndarray, nb: np.ndarray | None) -> np.ndarray:
         return sum(error_bound(exact, mag, dtype=self.dtype, fan_in=self.fan, accumulate=acc,
                                exact_without_bias=self._before_bias(nb)) for acc in self.accumulate)
+
+
+#: A kernel that covers the map is read this many float64 weights at a time (:meth:`Reference.outputs`).
+CHUNK_WEIGHTS = 1 << 19
+
+
+def _rows_view(m: Mapping, a: np.ndarray) -> np.ndarray | None:
+    """``m.apply(a)`` as a view whose leading axes make up the output channels; None if no view exists.
+
+    The final reshape (atoms → the kernel's axes) is left out: it is the one step that would copy.
+    """
+    ops = list(m.simplify().ops)
+    if ops and isinstance(ops[-1], Reshape):
+        ops.pop()
+    view = a
+    for op in ops:
+        if isinstance(op, Reshape):
+            try:
+                view = view.reshape(op.shape, copy=False)
+            except (ValueError, TypeError):
+                return None
+        elif isinstance(op, Transpose):
+            view = view.transpose(op.perm)
+        else:
+            view = view[tuple(slice(None, None, -1) if i in op.axes else slice(None) for i in range(view.ndim))]
+    return view
+
+
+def _kernel_rows(m: Mapping, a: np.ndarray, rows: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(o0, o1, block)``: rows ``o0:o1`` of the canonical kernel ``m(a)`` as a float64 (rows, in) block."""
+    o = m.out_shape[0]
+    view = _rows_view(m, a)
+    lead = next((k for k in range(1, view.ndim + 1) if math.prod(view.shape[:k]) == o), None) if view is not None else None
+    if view is None or lead is None or view.ndim == 0:
+        k2 = m.apply(a).reshape(o, -1)
+        for o0 in range(0, o, rows):
+            yield o0, min(o, o0 + rows), k2[o0 : o0 + rows].astype(np.float64)
+        return
+    inner = math.prod(view.shape[1:lead])
+    step = max(1, rows // inner)
+    for i0 in range(0, view.shape[0], step):
+        block = np.array(view[i0 : i0 + step], dtype=np.float64)
+        yield i0 * inner, min(o, (i0 + step) * inner), block.reshape(-1, a.size // o)
 
 
 def judge_pair(
@@ -304,7 +395,7 @@ def judge_pair(
         reads, nonzeros_for(reads, [f.accumulate for f in case.facts.values()]))
     in_elems = n * math.prod(reads.input_shape)
     out_elems = n * max(math.prod(source.output_shape), math.prod(target.output_shape))
-    require_memory(f"verifying {source.describe()} -> {target.describe()}",
+    require_memory(_label(source, target),
                    8 * (6 * math.prod(source.kernel_shape) + 4 * in_elems + 10 * out_elems))
     kernel, bias, x = draw_data(source, target, dtype, case.facts, seed, batch) if data is None else data
     try:
@@ -314,7 +405,8 @@ def judge_pair(
             raise
         right = None
     convert = converter or (lambda k, b: planned_convert(source, target, k, b))
-    new_kernel, new_bias = _call_converter(convert, kernel, bias, target, dtype)
+    # A user's converter gets copies (it may write into them); the planned one never writes into its input.
+    new_kernel, new_bias = _call_converter(convert, kernel, bias, target, dtype, copy=converter is not None)
 
     # A zero input adds exact zeros: rounding errors come from the non-zero products only.
     fan = max(1, min(fan_in(source), int(np.count_nonzero(x.reshape(len(x), -1), axis=1).max(initial=1))))
@@ -362,9 +454,14 @@ def _identify(source: LayerSpec, target: LayerSpec, kernel: np.ndarray, bias: np
     return identify(source, target, new_kernel, new_bias, source_kernel=kernel, source_bias=bias)
 
 
+@functools.lru_cache(maxsize=256)
+def _label(source: LayerSpec, target: LayerSpec) -> str:
+    return f"verifying {source.describe()} -> {target.describe()}"
+
+
 def _call_converter(convert: Converter, kernel: np.ndarray, bias: np.ndarray | None, target: LayerSpec,
-                    dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    result = convert(kernel.copy(), None if bias is None else bias.copy())
+                    dtype: str, *, copy: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    result = convert(kernel.copy(), None if bias is None else bias.copy()) if copy else convert(kernel, bias)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise SpecError(f"converter returned {type(result).__name__}: expected a (kernel, bias) tuple")
     arrays = []
@@ -401,18 +498,57 @@ def _stacked(spec: LayerSpec, count: int) -> tuple[LayerSpec, int, int] | None:
             -1 if spec.data_format == CHANNELS_LAST else 1)
 
 
-def _many(ref: Reference, kernels: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Exact outputs (no bias) and ``|W|·|x|`` of several kernels of ``ref.spec``: one stacked forward each."""
-    stack = _stacked(ref.spec, len(kernels)) if len(kernels) > 1 else None
-    if stack is None:
-        return ([ref.forward(k, None) for k in kernels], [ref.forward(k, None, absolute=True) for k in kernels])
-    spec, k_axis, y_axis = stack
-    big = np.concatenate([np.asarray(k, np.float64) for k in kernels], axis=k_axis)
-    out = []
-    for k, x in ((big, ref.x64), (np.abs(big), ref.abs_x64)):
-        pieces = np.split(reference_forward(spec, k, None, x), len(kernels), axis=y_axis)
-        out.append([ref.adapt[1](p, ref.x) for p in pieces])
-    return out[0], out[1]
+#: Kernels up to this size have their stacked mutant kernels gathered through one index cached per pair (less
+#: per-case Python and copying); larger ones are rearranged a mutant at a time (the index would outweigh them).
+GATHER_MAX_KERNEL = 1 << 15
+
+
+@dataclass(frozen=True)
+class _MutantPlan:
+    """What a pair's mutants need besides the data, worked out once per pair (:func:`_mutant_plan`)."""
+
+    found: tuple[Any, ...]  # the catalogue: equivcheck.mutations.Mutant
+    same_layer: tuple[int, ...]  # the mutants of the side's own layer, judged together
+    maps: tuple[Mapping, ...]  # for each of them: the source kernel to the side's kernel
+    stack: tuple[LayerSpec, int, int] | None  # see _stacked; None: one forward per mutant
+    index: np.ndarray | None  # the stacked kernel as indices into the flat source kernel (small kernels only)
+    kernel_shape: tuple[int, ...] = ()  # the source kernel's, which the index reads
+
+
+@functools.lru_cache(maxsize=16)  # an index is at most GATHER_MAX_KERNEL × mutants × 8 bytes
+def _mutant_plan(source: LayerSpec, target: LayerSpec, right: Mapping, side: LayerSpec, on_source: bool) -> _MutantPlan:
+    from equivcheck.mutations import mutants
+
+    found = tuple(mutants(source, target, right))
+    same = tuple(i for i, m in enumerate(found) if not m.ambiguous and m.target is None)
+    maps = tuple(_back_to_source(found[i].mapping, right) if on_source else found[i].mapping for i in same)
+    stack = _stacked(side, len(same)) if len(same) > 1 else None
+    index = None
+    size = math.prod(source.kernel_shape)
+    if stack is not None and size <= GATHER_MAX_KERNEL:
+        flat = np.arange(size, dtype=np.intp).reshape(source.kernel_shape)  # intp: numpy gathers fastest with it
+        index = np.concatenate([m.apply(flat) for m in maps], axis=stack[1])
+        index.setflags(write=False)
+    return _MutantPlan(found, same, maps, stack, index, tuple(source.kernel_shape))
+
+
+def _many(ref: Reference, kernel: np.ndarray, mplan: _MutantPlan) -> tuple[np.ndarray, np.ndarray]:
+    """Exact outputs (no bias) and ``|W|·|x|`` of ``mplan``'s same-layer mutants of ``kernel`` on ``ref``'s batch,
+    stacked on a new first axis: one forward each where the layer stacks."""
+    if mplan.stack is None:
+        kernels = [m.apply(kernel) for m in mplan.maps]
+        return (np.stack([ref.forward(k, None) for k in kernels]),
+                np.stack([ref.forward(k, None, absolute=True) for k in kernels]))
+    spec, k_axis, y_axis = mplan.stack
+    if mplan.index is not None and kernel.shape == mplan.kernel_shape:
+        big = np.asarray(kernel, np.float64).reshape(-1)[mplan.index]  # one gather: every mutant kernel at once
+    else:
+        big = np.concatenate([np.asarray(m.apply(kernel), np.float64) for m in mplan.maps], axis=k_axis)
+    y = reference_forward(spec, big, None, ref.x64)
+    mag = reference_forward(spec, np.abs(big, out=big), None, ref.abs_x64)
+    count = len(mplan.maps)
+    return (np.stack([ref.adapt[1](p, ref.x) for p in np.split(y, count, axis=y_axis)]),
+            np.stack([ref.adapt[1](p, ref.x) for p in np.split(mag, count, axis=y_axis)]))
 
 
 def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel: np.ndarray,
@@ -425,10 +561,8 @@ def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel
     the mutant's own: a real layer within its bound then fails on it, whatever it rounds. A
     mutant of the target's own layer is computed on the source side (``source_ref``) through the
     inverse of the right mapping — the same function — with every such mutant in one stacked
-    forward pass.
+    forward pass, and all of them judged in one pass over the stacked outputs.
     """
-    from equivcheck.mutations import mutants
-
     if kernel.size > MUTANT_ROWS_KERNEL:
         on_rows = _on_rows(source, target, right, kernel, bias, ref, source_ref)
         if on_rows is not None:
@@ -436,17 +570,23 @@ def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel
     exact, mag, nb = right_outputs
     bound = ref.bound(exact, mag, nb)
     target_bias = bias if target.bias else None  # the planned conversion never rearranges a bias
-    found = mutants(source, target, right)
-    outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None] | None] = {}
-    same_layer = [i for i, m in enumerate(found) if not m.ambiguous and m.target is None]
-    if same_layer:
-        side = source_ref or ref
-        kernels = [_back_to_source(found[i].mapping, right).apply(kernel) if side is not ref
-                   else found[i].mapping.apply(kernel) for i in same_layer]
-        ys, mags = _many(side, kernels)
-        for i, y, m in zip(same_layer, ys, mags):
-            b = target_bias if found[i].bias is None or target_bias is None else found[i].bias.apply(target_bias)
-            outputs[i] = (y, m, None) if b is None else (y + _per_channel(b, y), m + _per_channel(np.abs(b), y), y)
+    side = source_ref or ref
+    mplan = _mutant_plan(source, target, right, side.spec, side is not ref)
+    found = mplan.found
+    ratios: dict[int, float] = {}
+    if mplan.same_layer:
+        ys, mags = _many(side, kernel, mplan)
+        if ys.shape[1:] != exact.shape:  # the wrong layer does not even give the right shape
+            ratios.update(dict.fromkeys(mplan.same_layer, math.inf))
+        else:
+            nbs = None
+            if target_bias is not None:
+                b = np.stack([_per_channel(target_bias if found[i].bias is None else found[i].bias.apply(target_bias),
+                                           exact) for i in mplan.same_layer])
+                nbs, ys, mags = ys, ys + b, mags + np.abs(b)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r = np.abs(ys - exact) / (bound + ref.bound(ys, mags, nbs))
+            ratios.update(zip(mplan.same_layer, np.max(r.reshape(len(r), -1), axis=1, initial=0.0).tolist()))
     out = []
     for i, mutant in enumerate(found):
         convention = str(mutant.convention)
@@ -454,20 +594,19 @@ def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel
             out.append(MutationOutcome(mutant.name, mutant.description, "ambiguous", convention=convention,
                                        mapping=mutant.mapping))
             continue
-        if i not in outputs:  # another layer altogether (a padding mistake): its own forward
+        if i not in ratios:  # another layer altogether (a padding mistake): its own forward
             b = target_bias if mutant.bias is None or target_bias is None else mutant.bias.apply(target_bias)
             try:
-                outputs[i] = ref.outputs(mutant.mapping.apply(kernel), b, spec=mutant.target)
+                got = ref.outputs(mutant.mapping.apply(kernel), b, spec=mutant.target)
             except EquivcheckError:
-                outputs[i] = None
-        got = outputs[i]
-        if got is None or got[0].shape != exact.shape:  # the wrong layer does not even give the right shape
-            out.append(MutationOutcome(mutant.name, mutant.description, "rejected", math.inf, convention=convention,
-                                       mapping=mutant.mapping))
-            continue
-        y, m_mag, m_nb = got
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = float(np.max(np.abs(y - exact) / (bound + ref.bound(y, m_mag, m_nb)), initial=0.0))
+                got = None
+            if got is None or got[0].shape != exact.shape:  # the wrong layer does not even give the right shape
+                ratios[i] = math.inf
+            else:
+                y, m_mag, m_nb = got
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratios[i] = float(np.max(np.abs(y - exact) / (bound + ref.bound(y, m_mag, m_nb)), initial=0.0))
+        ratio = ratios[i]
         out.append(MutationOutcome(mutant.name, mutant.description, "rejected" if ratio > 1 else "not rejected",
                                    ratio, convention=convention, mapping=mutant.mapping))
     return out

@@ -86,3 +86,62 @@ def test_the_checker_judges_through_the_judge_with_the_facts_data():
     direct = ec.verify_pair(src, dst, seed=11)
     assert via_checker.comparison == direct.comparison
     assert [m.outcome for m in via_checker.mutations] == [m.outcome for m in direct.mutations]
+
+
+@pytest.mark.parametrize(("source", "target", "shape"), [
+    *PAIRS[:3], ("keras:dense", "keras:conv", dict(channels=3, spatial=(3, 4), units=5)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_stacked_mutants_are_judged_as_one_at_a_time(source, target, shape):
+    """The stacked judgement (one forward, one pass over all mutants) gives each mutant the ratio that judging it
+    alone on the target's own layer gives."""
+    from equivcheck.judge import Reference, pair_facts
+    from equivcheck.specs import fan_in
+
+    src, dst = ec.spec(source, **shape), ec.spec(target, **shape)
+    facts, _ = pair_facts(src, dst, "numpy", "numpy", "float32")
+    kernel, bias, x = draw_data(src, dst, "float32", facts, seed=5)
+    case = judge_pair(src, dst, seed=5, data=(kernel, bias, x))
+    fan = max(1, min(fan_in(src), int(np.count_nonzero(x.reshape(len(x), -1), axis=1).max())))
+    tgt = Reference.probed(dst, src, x, facts["target"], dtype="float32", fan=fan)
+    exact, mag, nb = Reference.probed(src, dst, x, facts["source"], dtype="float32", fan=fan).outputs(kernel, bias)
+    bound = tgt.bound(exact, mag, nb)
+    by_name = {m.name: m for m in mutants(src, dst, case.mapping)}
+    checked = 0
+    for outcome in case.mutations:
+        mutant = by_name[outcome.name]
+        if outcome.outcome == "ambiguous" or mutant.target is not None:
+            continue
+        b = bias if mutant.bias is None or bias is None else mutant.bias.apply(bias)
+        y, m_mag, m_nb = tgt.outputs(mutant.mapping.apply(kernel), b if dst.bias else None)
+        alone = float(np.max(np.abs(y - exact) / (bound + tgt.bound(y, m_mag, m_nb))))
+        assert outcome.max_error_ratio == pytest.approx(alone, rel=1e-9), outcome.name
+        assert outcome.outcome == ("rejected" if alone > 1 else "not rejected")
+        checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize(("source", "target"), [("keras:dense", "torch:conv"), ("torch:dense", "keras:conv"),
+                                                ("torch:conv", "keras:conv")])
+def test_the_lean_reference_reads_a_covering_kernel_in_blocks(source, target, monkeypatch):
+    """``Reference.outputs(stored=...)``: a kernel covering the map is read block by block from the stored array
+    (explore's fc6 check), never through a full-size forward, and gives the full reference's outputs."""
+    from equivcheck import judge
+    from equivcheck.planning import plan
+
+    shape = dict(channels=3, spatial=(3, 4), units=5)
+    conv = dict(shape, kernel_size=(3, 4))
+    src, dst = ec.spec(source, **(conv if "conv" in source else shape)), ec.spec(target, **conv)
+    assert dst.covers_map
+    rng = np.random.default_rng(0)
+    stored = rng.standard_normal(src.kernel_shape).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    x = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+    m = plan(src, dst)
+    full = judge.Reference(dst, dst, x, dtype="float32", fan=36).outputs(m.apply(stored), bias)
+    monkeypatch.setattr(judge, "CHUNK_WEIGHTS", 2 * 36)  # two output channels per block: three blocks
+    monkeypatch.setattr(judge, "reference_forward", lambda *a: pytest.fail("a full-size forward was run"))
+    lean = judge.Reference(dst, dst, x, dtype="float32", fan=36).outputs(stored, bias, stored=m)
+    for a, b in zip(full, lean):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+    assert not np.array_equal(lean[0], lean[2])  # the bias was added after the sum kept as `exact before the bias`

@@ -2,9 +2,9 @@
 
 Random float32 weights go through the source as they are and through the target after the
 mapping; both outputs are judged against the exact result (float64, from the source's
-probed canonical kernel) with :func:`equivcheck.compare.compare`'s ``|W|·|x|`` bound, as
-:mod:`equivcheck.verify` does. The batch holds ``x``, ``y`` and ``-x``, so the same call also
-tells whether the target is affine (``f(x) + f(-x) = 2 f(0)``).
+probed canonical kernel) by the judge's :class:`equivcheck.judge.Reference` — the one exact
+reference and ``|W|·|x|`` bound every check uses. The batch holds ``x``, ``y`` and ``-x``, so the
+same call also tells whether the target is affine (``f(x) + f(-x) = 2 f(0)``).
 """
 
 from __future__ import annotations
@@ -16,18 +16,15 @@ from typing import Any
 import numpy as np
 
 from equivcheck._arrays import aligned_empty
-from equivcheck.compare import Comparison, compare
+from equivcheck.compare import Comparison
 from equivcheck.exploration.atoms import stored_index
 from equivcheck.exploration.conventions import Candidate
 from equivcheck.exploration.probe import Probed
-from equivcheck.mapping import Mapping, Reshape, Transpose
-from equivcheck.specs import ConvSpec, fan_in
+from equivcheck.judge import Reference
+from equivcheck.mapping import Mapping
+from equivcheck.specs import fan_in
 
-__all__ = ["Verification", "nearest_candidate", "reference", "verify_mapping"]
-
-
-# Float64 copies of the kernel are made this many weights at a time.
-CHUNK_WEIGHTS = 1 << 19
+__all__ = ["Verification", "nearest_candidate", "verify_mapping"]
 
 
 @dataclass(frozen=True)
@@ -69,77 +66,6 @@ def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _rows_view(m: Mapping, a: np.ndarray) -> np.ndarray | None:
-    """``m.apply(a)`` as a view whose leading axes make up the canonical output channels; None if no view exists.
-
-    The final reshape (atoms → canonical axes) is left out: it is the one step that would copy.
-    """
-    ops = list(m.simplify().ops)
-    if ops and isinstance(ops[-1], Reshape):
-        ops.pop()
-    view = a
-    for op in ops:
-        if isinstance(op, Reshape):
-            try:
-                view = view.reshape(op.shape, copy=False)
-            except (ValueError, TypeError):
-                return None
-        elif isinstance(op, Transpose):
-            view = view.transpose(op.perm)
-        else:
-            view = view[tuple(slice(None, None, -1) if i in op.axes else slice(None) for i in range(view.ndim))]
-    return view
-
-
-def _kernel_rows(m: Mapping, a: np.ndarray, rows: int):
-    """Yield ``(o0, o1, block)``: rows ``o0:o1`` of the canonical kernel ``m(a)`` as a float64 (rows, in) block."""
-    o = m.out_shape[0]
-    view = _rows_view(m, a)
-    lead = next((k for k in range(1, view.ndim + 1) if math.prod(view.shape[:k]) == o), None) if view is not None else None
-    if view is None or lead is None or view.ndim == 0:
-        k2 = m.apply(a).reshape(o, -1)
-        for o0 in range(0, o, rows):
-            yield o0, min(o, o0 + rows), k2[o0 : o0 + rows].astype(np.float64)
-        return
-    inner = math.prod(view.shape[1:lead])
-    step = max(1, rows // inner)
-    for i0 in range(0, view.shape[0], step):
-        block = np.array(view[i0 : i0 + step], dtype=np.float64)
-        yield i0 * inner, min(o, (i0 + step) * inner), block.reshape(-1, a.size // o)
-
-
-def reference(geo: ConvSpec, canonical: Mapping, kernel: np.ndarray, bias: np.ndarray | None,
-              x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact output and ``|W|·|x|`` of the layer whose canonical kernel is ``canonical(kernel)``, in float64.
-
-    A kernel covering the map is read a block of output channels at a time, straight from the
-    stored kernel: no full-size copy.
-    """
-    x64 = x.astype(np.float64)
-    b64 = None if bias is None else bias.astype(np.float64)
-    n, o = x.shape[0], geo.out_channels
-    if not geo.transposed and geo.groups == 1 and geo.covers_map:
-        flat = x64.reshape(n, -1)
-        aflat = np.abs(flat)
-        y, mag = np.empty((n, o)), np.empty((n, o))
-        for o0, o1, part in _kernel_rows(canonical, kernel, max(1, CHUNK_WEIGHTS // flat.shape[1])):
-            # einsum's own loop, not BLAS: no thread pool to contend with on a busy machine
-            y[:, o0:o1] = np.einsum("nk,ok->no", flat, part)
-            np.abs(part, out=part)
-            mag[:, o0:o1] = np.einsum("nk,ok->no", aflat, part)
-        if b64 is not None:
-            y += b64
-            mag += np.abs(b64)
-        shape = (n, o, *(1,) * geo.rank)
-        return y.reshape(shape), mag.reshape(shape)
-    from equivcheck.backends.numpy import forward
-
-    k64 = canonical.apply(kernel).astype(np.float64)
-    y = forward(geo, k64, b64, x64)
-    mag = forward(geo, np.abs(k64), None if b64 is None else np.abs(b64), np.abs(x64))
-    return y, mag
-
-
 def verify_mapping(src: Probed, dst: Probed, mapping: Mapping, *, seed: int = 0,
                    source_canonical: Mapping | None = None) -> Verification:
     """Run random weights through both sides (the target's through ``mapping``) and judge them."""
@@ -166,12 +92,15 @@ def verify_mapping(src: Probed, dst: Probed, mapping: Mapping, *, seed: int = 0,
     y_dst = t.run(w_dst, b_dst, x)
     canon_src = source_canonical or src.canonical
     assert canon_src is not None
-    if dst.canonical is not None and dst.canonical.is_reshape:
-        exact, mag = reference(geo, dst.canonical, w_dst, b_src, x)  # rows of the canonical kernel are contiguous
+    # The judge's exact reference, each side judged in its own dtype (the bias rounded with the sum, as a black box
+    # may add it); a kernel that covers the map is read from the stored array a block at a time.
+    ref_src, ref_dst = (Reference(geo, geo, x, dtype=d, fan=fan_in(geo), roundings=1) for d in (s.dtype, t.dtype))
+    if dst.canonical is not None and dst.canonical.is_reshape:  # rows of the canonical kernel are contiguous
+        exact, mag, nb = ref_src.outputs(w_dst, b_src, stored=dst.canonical)
     else:
-        exact, mag = reference(geo, canon_src, w, b_src, x)
-    cmp_src = compare(y_src, exact, mag, dtype=s.dtype, fan_in=fan_in(geo))
-    cmp_dst = compare(y_dst, exact, mag, dtype=t.dtype, fan_in=fan_in(geo))
+        exact, mag, nb = ref_src.outputs(w, b_src, stored=canon_src)
+    cmp_src = ref_src.compare(y_src, exact, mag, nb)
+    cmp_dst = ref_dst.compare(y_dst, exact, mag, nb)
     # How far the target is from the source itself (not from the reference: a side that did not
     # probe cleanly is only approximated by the canonical kernel used for the reference).
     norm = float(np.linalg.norm(y_src))
