@@ -51,11 +51,43 @@ def _shape(xc: np.ndarray) -> list[int]:
     return shape
 
 
+def _factor(n: int) -> float:
+    """The reduction factor of :func:`judge_norm`'s bound: ``16 + 4·sqrt(n)``."""
+    return 16 + 4 * math.sqrt(n)
+
+
+def _unit_of(xc: np.ndarray, dtype: str | None) -> str:
+    """The dtype the layer is judged in: ``dtype`` where given, else the input's own (float32 when unknown)."""
+    name = dtype or np.asarray(xc).dtype.name
+    return name if name in _UNIT else "float32"
+
+
+def _spread(x: np.ndarray, mu: np.ndarray, var: np.ndarray, eps: float, dtype: str) -> np.ndarray:
+    """The magnitude of ``(x - mean)/sqrt(var + eps)`` for the bound, the variance computed either way.
+
+    ``E[x²] - E[x]²`` (one pass, Flax's default ``use_fast_variance=True``) cancels: with ``c = 4 + 8·sqrt(n)``
+    that variance is off by at most ``d = c·u·(E[x²] + E[x]²)`` (the two sums off by ``c/2·u`` of their
+    magnitudes, ``E[x]²`` twice the mean's error, the subtraction one rounding), then clipped at zero, so the
+    computed ``1/sqrt(var + eps)`` lies in ``[r, r_hi]``, ``r_hi = 1/sqrt(max(var - d, 0) + eps)`` (the exact
+    worst case, not its linearisation: ``d`` may reach ``var``). The output then moves by ``|x - mean|·(r_hi - r)``
+    (divided by the bound's ``(16 + 4·sqrt(n))·u`` to be a magnitude) and the rounding of ``x - mean`` is scaled
+    by up to ``r_hi``. A two-pass variance (``d`` far smaller) is inside it.
+    """
+    n = x.shape[-1]
+    u = _UNIT[dtype]
+    d = (4 + 8 * math.sqrt(n)) * u * ((x * x).mean(axis=-1, keepdims=True) + mu * mu)
+    r = 1 / np.sqrt(var + eps)
+    r_hi = 1 / np.sqrt(np.maximum(var - d, 0.0) + eps)
+    return (np.abs(x) + np.abs(mu)) * r_hi + np.abs(x - mu) * (r_hi - r) / (_factor(n) * u)
+
+
 def reference(kind: str, xc: np.ndarray, kernel: np.ndarray | None, bias: np.ndarray | None,
-              config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int]:
+              config: dict[str, Any], dtype: str | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(the exact output in float64, a magnitude per output for the bound, elements per reduction).
 
-    ``xc`` is canonical: ``(N, C, *spatial)`` (batch and group norm) or ``(N, F)`` (layer norm).
+    ``xc`` is canonical: ``(N, C, *spatial)`` (batch and group norm) or ``(N, F)`` (layer norm). ``dtype`` is
+    the one :func:`judge_norm` is given (``xc``'s own when None). The layer and group norm magnitudes cover
+    the variance computed either way, two-pass or one-pass (:func:`_spread`).
     """
     x = np.asarray(xc, np.float64)
     channels = x.shape[1]
@@ -71,17 +103,17 @@ def reference(kind: str, xc: np.ndarray, kernel: np.ndarray | None, bias: np.nda
     if kind == "layernorm":
         flat = x.reshape(len(x), -1)
         mu = flat.mean(axis=1, keepdims=True)
-        sd = np.sqrt(((flat - mu) ** 2).mean(axis=1, keepdims=True) + eps)
-        y = (flat - mu) / sd * g + b
-        mag = (np.abs(flat) + np.abs(mu)) / sd * np.abs(g) + np.abs(b)
+        var = ((flat - mu) ** 2).mean(axis=1, keepdims=True)
+        y = (flat - mu) / np.sqrt(var + eps) * g + b
+        mag = _spread(flat, mu, var, eps, _unit_of(xc, dtype)) * np.abs(g) + np.abs(b)
         return y.reshape(x.shape), mag.reshape(x.shape), flat.shape[1]
     groups = config["groups"]
     grouped = x.reshape(len(x), groups, -1)
     mu = grouped.mean(axis=2, keepdims=True)
-    sd = np.sqrt(((grouped - mu) ** 2).mean(axis=2, keepdims=True) + eps)
-    y = ((grouped - mu) / sd).reshape(x.shape) * g.reshape(_shape(x)) + b.reshape(_shape(x))
-    mag = ((np.abs(grouped) + np.abs(mu)) / sd).reshape(x.shape) * np.abs(g.reshape(_shape(x))) + \
-        np.abs(b.reshape(_shape(x)))
+    var = ((grouped - mu) ** 2).mean(axis=2, keepdims=True)
+    y = ((grouped - mu) / np.sqrt(var + eps)).reshape(x.shape) * g.reshape(_shape(x)) + b.reshape(_shape(x))
+    spread = _spread(grouped, mu, var, eps, _unit_of(xc, dtype))
+    mag = spread.reshape(x.shape) * np.abs(g.reshape(_shape(x))) + np.abs(b.reshape(_shape(x)))
     return y, mag, grouped.shape[2]
 
 
@@ -89,7 +121,7 @@ def judge_norm(actual: np.ndarray, exact: np.ndarray, mag: np.ndarray, n: int, d
     """``actual`` against the float64 ``exact`` under ``(16 + 4·sqrt(n))·u·magnitude`` (+ the output's own rounding)."""
     u = _UNIT[dtype]
     a = np.asarray(actual, np.float64)
-    bound = (16 + 4 * math.sqrt(n)) * u * mag + u * np.abs(exact) + np.finfo(np.float64).tiny
+    bound = _factor(n) * u * mag + u * np.abs(exact) + np.finfo(np.float64).tiny
     finite = np.isfinite(a)
     with np.errstate(invalid="ignore"):
         err = np.where(finite, np.abs(a - exact), np.inf)

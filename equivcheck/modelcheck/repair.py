@@ -13,7 +13,8 @@ permutation folded into its kernel: the fix changes the layer's weights, not the
 so. A failing pair no weight change fixes (the graph feeds the layer a different input, the
 layer's weights are already right, its configuration differs) is refused in one line naming it.
 
-Formats: torch modules, Keras 3 models, ONNX models (``ModelProto``, ``.onnx`` path or
+Formats: torch modules, Keras 3 models, tf_keras (Keras 2) models in memory or ``.h5`` files (the
+repaired model a tf_keras model of its own), ONNX models (``ModelProto``, ``.onnx`` path or
 ``InferenceSession``: the repaired model is a ``ModelProto`` with its initializers rewritten) and
 Flax linen ``(module, variables)`` tuples (new variables; the module is shared).
 """
@@ -146,12 +147,16 @@ def _framework(model: Any) -> str:
         return "keras"
     if is_onnx(model):
         return "onnx"
+    from equivcheck.modelcheck.tf_keras_adapter import is_tf_keras
+
+    if is_tf_keras(model):
+        return "tf_keras"
     from equivcheck.modelcheck.flax_adapter import is_flax
 
     if is_flax(model) and isinstance(model, tuple):
         return "flax"
-    raise RepairError(f"model={type(model).__name__} cannot be repaired: expected a torch module, a Keras 3 model, an "
-                      "ONNX model (ModelProto, .onnx path, InferenceSession) or a Flax (module, variables) tuple")
+    raise RepairError(f"model={type(model).__name__} cannot be repaired: expected a torch module, a Keras 3 or tf_keras "
+                      "(Keras 2: in memory or .h5) model, an ONNX model (ModelProto, .onnx path, InferenceSession) or a Flax (module, variables) tuple")
 
 
 class _Side(ABC):
@@ -269,6 +274,29 @@ class _Keras(_Side):
         name = _base(layer)
         values = [kernel] + ([bias] if bias is not None and len(self.names(layer)) > 1 else [])
         return [f"converted_model.get_layer({name!r}).set_weights([{', '.join(values)}])"]
+
+
+class _TfKeras(_Keras):
+    """A tf_keras (Keras 2) model, in memory or an ``.h5`` file (read as :mod:`~equivcheck.modelcheck.tf_keras_adapter`
+    does): the Keras side, its variables named by ``name`` (tf_keras variables have no ``path``)."""
+
+    def __init__(self, model: Any) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            from equivcheck.modelcheck.tf_keras_adapter import load_tf_keras_model
+
+            model = load_tf_keras_model(model)
+        super().__init__(model)
+
+    def names(self, layer: str) -> tuple[str, ...]:
+        real = self._layer(layer)
+        bias = getattr(real, "bias", None)
+        return tuple(v.name.removesuffix(":0") for v in (real.kernel, bias) if v is not None)
+
+    def set(self, layer: str, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+        real = self._layer(layer)
+        for var, value in ((real.kernel, kernel), (getattr(real, "bias", None), bias)):
+            if var is not None and value is not None:
+                var.assign(np.asarray(value, dtype=var.dtype.as_numpy_dtype))
 
 
 class _Onnx(_Side):
@@ -468,7 +496,8 @@ def _tree_copy(tree: Any) -> Any:
     return {k: _tree_copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
 
 
-_SIDES: dict[str, type[_Side]] = {"torch": _Torch, "keras": _Keras, "onnx": _Onnx, "flax": _Flax}
+_SIDES: dict[str, type[_Side]] = {"torch": _Torch, "keras": _Keras, "tf_keras": _TfKeras, "onnx": _Onnx,
+                                   "flax": _Flax}
 #: Files a torch state dict is written to (as ``equivcheck check-models`` reads them).
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".safetensors", ".npz")
 
@@ -477,9 +506,12 @@ def _copy(model: Any, framework: str) -> Any:
     """A copy of the converted model whose weights can change without touching the original."""
     if framework == "torch":
         return copy.deepcopy(model)
-    if framework == "keras":
-        import keras
+    if framework in ("keras", "tf_keras"):
+        import importlib
 
+        keras = importlib.import_module("keras" if framework == "keras" else "tf_keras")
+        if isinstance(model, (str, os.PathLike)):  # an .h5 file: read afresh, a model of its own
+            return _TfKeras(model).model
         try:
             clone = keras.models.clone_model(model)
             clone.set_weights(model.get_weights())

@@ -1,13 +1,18 @@
 """Capture of recurrent and attention layers as a model runs: torch ``nn.LSTM``/``GRU``/``RNN`` and
-``nn.MultiheadAttention`` (forward hooks), Keras 3 ``LSTM``/``GRU``/``SimpleRNN`` and ``MultiHeadAttention``
-(the functional graph's call of the layer).
+``nn.MultiheadAttention`` (forward hooks), Keras 3 ``LSTM``/``GRU``/``SimpleRNN`` (bare or in ``Bidirectional``)
+and ``MultiHeadAttention`` (the functional graph's call of the layer).
 
 Each becomes a :class:`~equivcheck.modelcheck.layers.Linear` record of kind ``lstm``/``gru``/``rnn``/``mha``
 whose ``config`` holds its spec (an :mod:`equivcheck.sequence` preset built from the layer's own
 configuration), its weights as named tensors under its framework's names (``named``), its inputs
 as ``(batch, time, features)`` (``inputs``; a torch layer that is not ``batch_first`` is brought
-there), its class and parameter count. A layer outside what a spec describes gives the reason
-instead, and stays unchecked by name. Checked by :mod:`equivcheck.modelcheck.sequence_pairs`.
+there), its class and parameter count. A bidirectional torch layer and a Keras ``Bidirectional``
+wrapper (``merge_mode="concat"``, the backward layer the forward one reading backwards) are one
+``bidirectional=True`` spec. An attention call's masks are captured as one ``(batch, query, key)``
+boolean ``mask`` (True: may attend) or, where they cannot be described (a float mask adding finite
+values, a mask differing per head), ``mask_unknown`` says why. A layer outside what a spec describes
+gives the reason instead, and stays unchecked by name. Checked by
+:mod:`equivcheck.modelcheck.sequence_pairs`.
 """
 
 from __future__ import annotations
@@ -47,9 +52,20 @@ def _is_bias(name: str) -> bool:
 
 
 def _record(name: str, framework: str, kind: str, spec: Any, named: dict[str, np.ndarray], inputs: tuple[np.ndarray, ...],
-            y: np.ndarray, cls: str, layer: Any, index: int) -> Linear:
-    config = {"sequence": spec, "named": named, "inputs": inputs, "class": cls, "params": _params(named)}
+            y: np.ndarray, cls: str, layer: Any, index: int, mask: np.ndarray | None = None, mask_unknown: str = "") -> Linear:
+    config = {"sequence": spec, "named": named, "inputs": inputs, "class": cls, "params": _params(named),
+              "mask": mask, "mask_unknown": mask_unknown}
     return Linear(name, framework, kind, _kernel(named), None, inputs[0], y, config, layer=layer, index=index)
+
+
+def _or_none(allowed: np.ndarray) -> np.ndarray | None:
+    """The ``(batch, query, key)`` mask (True: may attend), None where it allows everything."""
+    return None if bool(np.all(allowed)) else allowed
+
+
+def _causal(steps: int, keys: int) -> np.ndarray:
+    """Query ``t`` may attend keys ``0..t`` (torch's ``is_causal``, Keras' ``use_causal_mask``)."""
+    return np.tril(np.ones((steps, keys), bool))
 
 
 # -- torch -------------------------------------------------------------------------------------
@@ -82,20 +98,12 @@ def _torch_unsupported(module: Any, kind: str, args: tuple, kwargs: dict[str, An
             return f"kdim={module.kdim}, vdim={module.vdim} differ from embed_dim={e}"
         if module.bias_k is not None or module.add_zero_attn:
             return "add_bias_kv/add_zero_attn"
-        masks = {"key_padding_mask": 3, "attn_mask": 5}
-        for key, at in masks.items():
-            if kwargs.get(key) is not None or (len(args) > at and args[at] is not None):
-                return f"called with {key}: masks are not checked yet"
-        if kwargs.get("is_causal") or (len(args) > 7 and args[7]):
-            return "called with is_causal=True: masks are not checked yet"
         qkv = [*args[:3], *(kwargs[k] for k in ("query", "key", "value") if k in kwargs)][:3]
         if len(qkv) < 3 or not all(isinstance(a, torch.Tensor) and a.ndim == 3 for a in qkv):
             return "not called on three batched (3-D) tensors"
         return ""
     if module.num_layers != 1:
         return f"num_layers={module.num_layers}: stacked layers are not checked yet"
-    if module.bidirectional:
-        return "bidirectional: not checked yet"
     if getattr(module, "proj_size", 0):
         return f"proj_size={module.proj_size}: not checked yet"
     if not module.bias:
@@ -127,14 +135,56 @@ def torch_sequence_record(module: Any, name: str, args: tuple, kwargs: dict[str,
 
     named = {k: _numpy(v) for k, v in module.state_dict().items()}
     y = output[0] if isinstance(output, tuple) else output
+    mask, unknown = None, ""
     if kind == "mha":
         qkv = [*args[:3], *(kwargs[k] for k in ("query", "key", "value") if k in kwargs)][:3]
         s = spec("torch:mha", embed_dim=module.embed_dim, heads=module.num_heads, bias=module.in_proj_bias is not None)
         inputs = tuple(seq(a) for a in qkv)
+        mask, unknown = _torch_mask(module, args, kwargs, inputs[0].shape[0], inputs[0].shape[1], inputs[1].shape[1])
     else:
-        s = spec(f"torch:{kind}", input_size=module.input_size, units=module.hidden_size)
+        s = spec(f"torch:{kind}", input_size=module.input_size, units=module.hidden_size,
+                 bidirectional=bool(module.bidirectional))
         inputs = (seq(args[0]),)
-    return _record(name, "torch", kind, s, named, inputs, seq(y), cls, module, index)
+    return _record(name, "torch", kind, s, named, inputs, seq(y), cls, module, index, mask, unknown)
+
+
+def _torch_mask(module: Any, args: tuple, kwargs: dict[str, Any], batch: int, steps: int,
+                keys: int) -> tuple[np.ndarray | None, str]:
+    """``nn.MultiheadAttention``'s ``key_padding_mask``, ``attn_mask`` and ``is_causal`` as one ``(batch, query,
+    key)`` mask, True where a query may attend (torch's boolean masks are True where it may *not*; a float mask
+    adds: 0 allows, -inf blocks); else (None, why it cannot be described)."""
+    def arg(key: str, at: int) -> Any:
+        return kwargs[key] if key in kwargs else (args[at] if len(args) > at else None)
+
+    allowed = np.ones((batch, steps, keys), bool)
+    for key, at in (("key_padding_mask", 3), ("attn_mask", 5)):
+        t = arg(key, at)
+        if t is None:
+            continue
+        a = _numpy(t)
+        if a.dtype != bool:
+            a = np.asarray(a, np.float64)
+            if not np.all((a == 0) | np.isneginf(a)):
+                return None, f"called with a float {key} holding finite non-zero values (a bias on the scores)"
+            a = np.isneginf(a)
+        if key == "key_padding_mask":
+            if a.shape != (batch, keys):
+                return None, f"called with key_padding_mask of shape {a.shape}: expected (batch, keys) {(batch, keys)}"
+            allowed &= ~a[:, None, :]
+            continue
+        if a.ndim == 3 and a.shape[0] == batch * module.num_heads:
+            per = a.reshape(batch, module.num_heads, steps, keys)
+            if not np.all(per == per[:, :1]):
+                return None, "called with an attn_mask that differs between heads"
+            a = per[:, 0]
+        if a.shape[-2:] != (steps, keys):
+            return None, f"called with attn_mask of shape {a.shape}: expected (query, key) {(steps, keys)}"
+        if arg("is_causal", 7) and not np.all(~a == _causal(steps, keys)):
+            return None, "called with is_causal=True and an attn_mask that is not causal: torch may apply either"
+        allowed &= ~a
+    if arg("is_causal", 7):
+        allowed &= _causal(steps, keys)
+    return _or_none(allowed), ""
 
 
 # -- Keras 3 -----------------------------------------------------------------------------------
@@ -145,8 +195,9 @@ def keras_sequence(layer: Any, *, retraced: bool = False) -> tuple[str, dict[str
     from equivcheck.sequence.presets import spec
 
     cls = type(layer).__name__
-    kind = _KERAS.get(cls)
-    if kind is None:
+    wrapped = getattr(layer, "forward_layer", None) if cls == "Bidirectional" else None
+    kind = _KERAS.get(type(wrapped).__name__ if wrapped is not None else cls)
+    if kind is None or (wrapped is not None and kind == "mha"):
         return None
     nodes = list(getattr(layer, "_inbound_nodes", []))
     node = nodes[-1] if retraced and nodes else (nodes[0] if len(nodes) == 1 else None)
@@ -156,40 +207,45 @@ def keras_sequence(layer: Any, *, retraced: bool = False) -> tuple[str, dict[str
         return f"{cls} of Keras 2 (tf_keras): recurrent and attention layers are checked in Keras 3 only"
     cfg = layer.get_config()
     args, kwargs = list(node.arguments.args), dict(node.arguments.kwargs)
+    if wrapped is not None:
+        return _keras_bidirectional(layer, kind, node)
     if kind == "mha":
-        extra = {k: v for k, v in kwargs.items() if k not in ("key", "training") and v not in (None, False)}
-        if any(a is not None for a in args[3:]) or extra:
-            return f"{cls} called with {', '.join(sorted(extra)) or 'masks'}: masks are not checked yet"
+        bound = dict(zip(_MHA_ARGS, args)) | kwargs
+        if bound.get("return_attention_scores"):
+            return f"{cls} called with return_attention_scores=True: not checked yet"
         if cfg.get("use_gate") or cfg.get("sliding_window") or cfg.get("output_shape") is not None:
             return f"{cls} with use_gate/sliding_window/output_shape: not checked yet"
         if cfg.get("value_dim") not in (None, cfg["key_dim"]):
             return f"{cls} value_dim={cfg['value_dim']} differs from key_dim={cfg['key_dim']}: not checked yet"
-        key = kwargs.get("key")
-        if key is None and len(args) > 2:
-            key = args[2]
-        q, v = args[0], args[1]
+        key = bound.get("key")
+        q, v = bound["query"], bound["value"]
         k = v if key is None else key
         dims = {int(t.shape[-1]) for t in (q, k, v)}
         if len(dims) != 1 or any(len(t.shape) != 3 for t in (q, k, v)):
             return f"{cls} with query, key and value of other sizes or ranks: not checked yet"
         s = spec("keras:mha", embed_dim=dims.pop(), heads=int(cfg["num_heads"]), head_dim=int(cfg["key_dim"]),
                  bias=bool(cfg.get("use_bias", True)))
-        return kind, {"sequence": s, "class": cls, "tensors": [q, k, v, node.output_tensors[0]]}
-    if not cfg.get("return_sequences") or cfg.get("return_state") or cfg.get("go_backwards") or cfg.get("stateful"):
-        return (f"{cls} with return_sequences={cfg.get('return_sequences')}, return_state={cfg.get('return_state')}, "
-                f"go_backwards={cfg.get('go_backwards')}, stateful={cfg.get('stateful')}: only a whole sequence out "
-                "(return_sequences=True, no state) is checked")
+        masks = _keras_masks(bound, q, v, key)
+        if isinstance(masks, str):
+            return f"{cls} {masks}"
+        return kind, {"sequence": s, "class": cls, "tensors": [q, k, v, *masks.values(), node.output_tensors[0]],
+                      "masks": list(masks), "causal": bool(bound.get("use_causal_mask"))}
+    if cfg.get("return_state") or cfg.get("go_backwards") or cfg.get("stateful"):
+        return (f"{cls} with return_state={cfg.get('return_state')}, go_backwards={cfg.get('go_backwards')}, "
+                f"stateful={cfg.get('stateful')}: only a layer reading forward from a zero state, its state not "
+                "returned, is checked")
     if cfg.get("activation") != "tanh" or cfg.get("recurrent_activation", "sigmoid") != "sigmoid" \
             or not cfg.get("use_bias", True):
         return f"{cls} with activation/recurrent_activation other than tanh/sigmoid or use_bias=False: not checked yet"
     if any(a is not None for a in args[1:]) or any(v is not None for k, v in kwargs.items() if k != "training"):
         return f"{cls} called with an initial state or a mask: only a zero initial state, unmasked, is checked"
     x = args[0]
-    if len(x.shape) != 3:
-        return f"{cls} on a {len(x.shape)}-D input: expected (batch, time, features)"
+    if len(x.shape) != 3 or _keras_mask_of(x) is not None:
+        return f"{cls} on a {len(x.shape)}-D or masked input: expected (batch, time, features), unmasked"
     extra = {"reset_after": bool(cfg.get("reset_after", True))} if kind == "gru" else {}
     s = spec(f"keras:{kind}", input_size=int(x.shape[-1]), units=int(cfg["units"]), **extra)
-    return kind, {"sequence": s, "class": cls, "tensors": [x, node.output_tensors[0]]}
+    return kind, {"sequence": s, "class": cls, "tensors": [x, node.output_tensors[0]],
+                  "last_step": not cfg.get("return_sequences")}
 
 
 def keras_sequence_record(layer: Any, kind: str, cfg: dict[str, Any], values: list[Any], index: int) -> Linear:
@@ -199,10 +255,91 @@ def keras_sequence_record(layer: Any, kind: str, cfg: dict[str, Any], values: li
     s = cfg["sequence"]
     named = {}
     for key in tensor_shapes(s):
-        hits = [w for w in layer.weights if w.path.endswith("/" + key)]
+        prefix, _, leaf = key.rpartition("/")
+        held = {"forward": "forward_layer", "backward": "backward_layer"}.get(prefix)
+        weights = getattr(layer, held).weights if held else layer.weights
+        hits = [w for w in weights if w.path.endswith("/" + (leaf if held else key))]
         if len(hits) != 1:
             raise EquivcheckError(f"Keras layer {layer.name!r}: weight {key!r} matches {len(hits)} variables of "
                                   f"{[w.path for w in layer.weights]}")
         named[key] = np.asarray(hits[0])
     arrays = [np.asarray(v) for v in values]
-    return _record(layer.name, "keras", kind, s, named, tuple(arrays[:-1]), arrays[-1], cfg["class"], layer, index)
+    if kind != "mha":
+        record = _record(layer.name, "keras", kind, s, named, (arrays[0],), arrays[-1], cfg["class"], layer, index)
+        record.config["last_step"] = cfg.get("last_step", False)  # return_sequences=False: (batch, units) out
+        return record
+    q, k = arrays[0], arrays[1]
+    allowed = np.ones((q.shape[0], q.shape[1], k.shape[1]), bool)
+    for role, value in zip(cfg["masks"], arrays[3:-1]):  # Keras' _compute_attention_mask: every mask and-ed
+        m = np.asarray(value).astype(bool)
+        if role == "query":
+            allowed &= m[:, :, None]
+        elif role in ("value", "key"):
+            allowed &= m[:, None, :]
+        else:
+            allowed &= np.broadcast_to(m, allowed.shape)
+    if cfg["causal"]:
+        allowed &= _causal(q.shape[1], k.shape[1])
+    return _record(layer.name, "keras", kind, s, named, tuple(arrays[:3]), arrays[-1], cfg["class"], layer, index,
+                   _or_none(allowed))
+
+
+_MHA_ARGS = ("query", "value", "key", "query_mask", "value_mask", "key_mask", "attention_mask",
+             "return_attention_scores", "training", "use_causal_mask")
+
+
+def _keras_mask_of(t: Any) -> Any:
+    from keras import backend
+
+    get = getattr(backend, "get_keras_mask", None)
+    return get(t) if get is not None else getattr(t, "_keras_mask", None)
+
+
+def _keras_masks(bound: dict[str, Any], q: Any, v: Any, key: Any) -> dict[str, Any] | str:
+    """The masks a Keras ``MultiHeadAttention`` call combines, role → symbolic tensor (or constant): the query's
+    own Keras mask, the value's and key's (given or their own), ``attention_mask``; or why one cannot be captured.
+    The combination is checked where it counts: the layer's own output must be what the mask describes."""
+    found: dict[str, Any] = {}
+    candidates = {"query": _keras_mask_of(q),
+                  "value": bound.get("value_mask") if bound.get("value_mask") is not None else _keras_mask_of(v),
+                  "key": None if key is None or key is v else
+                  (bound.get("key_mask") if bound.get("key_mask") is not None else _keras_mask_of(key)),
+                  "attention": bound.get("attention_mask")}
+    for role, t in candidates.items():
+        if t is None:
+            continue
+        if not hasattr(t, "shape") or (role != "attention" and len(t.shape) != 2) or \
+                (role == "attention" and len(t.shape) not in (2, 3)):
+            return f"called with a {role} mask of shape {getattr(t, 'shape', type(t).__name__)}: not captured"
+        found[role] = t
+    return found
+
+
+def _keras_bidirectional(layer: Any, kind: str, node: Any) -> tuple[str, dict[str, Any]] | str:
+    """A Keras ``Bidirectional`` wrapper of an LSTM/GRU/SimpleRNN: both directions as one bidirectional spec."""
+    from equivcheck.sequence.presets import spec
+
+    args, kwargs = list(node.arguments.args), dict(node.arguments.kwargs)
+    fw, bw = layer.forward_layer, layer.backward_layer
+    cls = f"Bidirectional({type(fw).__name__})"
+    wcfg, fcfg, bcfg = layer.get_config(), fw.get_config(), bw.get_config()
+    if wcfg.get("merge_mode") != "concat":
+        return f"{cls} with merge_mode={wcfg.get('merge_mode')!r}: only 'concat' is checked"
+    same = {k: v for k, v in fcfg.items() if k not in ("name", "go_backwards", "trainable")}
+    other = {k: v for k, v in bcfg.items() if k not in ("name", "go_backwards", "trainable")}
+    if type(bw) is not type(fw) or same != other or fcfg.get("go_backwards") or not bcfg.get("go_backwards"):
+        return f"{cls} whose backward layer is not the forward one reading backwards: not checked yet"
+    if not fcfg.get("return_sequences") or fcfg.get("return_state") or fcfg.get("stateful"):
+        return f"{cls} with return_sequences={fcfg.get('return_sequences')}, return_state={fcfg.get('return_state')}, " \
+               f"stateful={fcfg.get('stateful')}: only a whole sequence out is checked"
+    if fcfg.get("activation") != "tanh" or fcfg.get("recurrent_activation", "sigmoid") != "sigmoid" \
+            or not fcfg.get("use_bias", True):
+        return f"{cls} with activation/recurrent_activation other than tanh/sigmoid or use_bias=False: not checked yet"
+    if any(a is not None for a in args[1:]) or any(v is not None for k, v in kwargs.items() if k != "training"):
+        return f"{cls} called with an initial state or a mask: only a zero initial state, unmasked, is checked"
+    x = args[0]
+    if len(x.shape) != 3 or _keras_mask_of(x) is not None:
+        return f"{cls} on a {len(x.shape)}-D or masked input: expected (batch, time, features), unmasked"
+    extra = {"reset_after": bool(fcfg.get("reset_after", True))} if kind == "gru" else {}
+    s = spec(f"keras:{kind}", input_size=int(x.shape[-1]), units=int(fcfg["units"]), bidirectional=True, **extra)
+    return kind, {"sequence": s, "class": cls, "tensors": [x, node.output_tensors[0]]}

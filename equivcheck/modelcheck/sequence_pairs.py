@@ -8,10 +8,16 @@ and judged against the source's captured output under the bound of
 :func:`~equivcheck.sequence.verify.verify_sequence_pair` (dtype, fan-in and recurrence depth);
 a failing pair is named from the weights (:func:`~equivcheck.sequence.verify.identify`).
 
-Sequence in, sequence out, zero initial state. Layers outside what a spec describes (two or
-more layers, bidirectional, a projection, masks, an initial state, key/value sizes other than
-the embedding, activations other than the defaults, a Keras layer returning its last step
-only) are not recorded: they stay unchecked, named, with the reason.
+Sequence in, sequence out, zero initial state; bidirectional layers (torch ``bidirectional=True``,
+Keras ``Bidirectional(...)`` concatenating) as one spec, a direction order mistake named.
+Attention masks (torch ``key_padding_mask``/``attn_mask``/``is_causal``, Keras ``attention_mask``,
+``use_causal_mask`` and the query/value Keras masks) are captured as one (batch, query, key)
+mask: a converted layer whose mask differs fails ("attention mask", an inverted one named); a
+mask that cannot be captured, or a query that may attend to nothing, makes the row
+``inconclusive``, never ``pass``. Layers outside what a spec describes (two or more layers, a
+projection, an initial state, key/value sizes other than the embedding, activations other than
+the defaults, a Keras layer returning its last step only) are not recorded: they stay
+unchecked, named, with the reason.
 """
 
 from __future__ import annotations
@@ -49,13 +55,55 @@ def _relative(a: Any, b: Any) -> float:
     return worst
 
 
-def _replay(spec: Any, weights: dict[str, Any], inputs: Any, dtype: str) -> tuple[np.ndarray, str]:
-    """The layer of ``spec`` with ``weights`` on ``inputs`` on its framework's real layer (numpy where that is missing)."""
+def _replay(spec: Any, weights: dict[str, Any], inputs: Any, dtype: str, mask: np.ndarray | None = None
+            ) -> tuple[np.ndarray, str]:
+    """The layer of ``spec`` with ``weights`` on ``inputs`` on its framework's real layer (numpy where that is missing).
+    ``mask`` (batch, query, key), True where a query may attend: the batch run in groups sharing one mask, as every
+    framework's layer takes a (query, key) mask."""
     from equivcheck.sequence.backends import run
     from equivcheck.sequence.verify import resolve_backend
 
     backend, note = resolve_backend(spec, dtype)
-    return run(backend, spec, weights, inputs, dtype=dtype), note
+    if mask is None:
+        return run(backend, spec, weights, inputs, dtype=dtype), note
+    if backend not in ("numpy", "torch", "keras", "flax"):
+        raise EquivcheckError(f"a masked {spec.describe()} cannot be replayed on {backend}: it takes no mask")
+    out: np.ndarray | None = None
+    groups: dict[bytes, list[int]] = {}
+    for b in range(len(mask)):
+        groups.setdefault(np.packbits(mask[b]).tobytes(), []).append(b)
+    for rows in groups.values():
+        y = run(backend, spec, weights, tuple(a[rows] for a in inputs), dtype=dtype, mask=mask[rows[0]])
+        if out is None:
+            out = np.empty((len(mask), *y.shape[1:]))
+        out[rows] = y
+    assert out is not None
+    return out, note
+
+
+def _mask(record: Linear) -> np.ndarray | None:
+    """A record's attention mask as the reference reads it: (batch, 1 head, query, key); None when unmasked."""
+    m = record.config.get("mask")
+    return None if m is None else np.asarray(m, bool)[:, None]
+
+
+def _mask_differs(ms: np.ndarray | None, mc: np.ndarray | None, shape: tuple[int, ...]) -> str:
+    """Why the converted layer's mask is not the source's, or ""."""
+    a = np.ones(shape, bool) if ms is None else np.broadcast_to(ms, shape)
+    b = np.ones(shape, bool) if mc is None else np.broadcast_to(mc, shape) if mc.shape[1:] == shape[1:] else None
+    if b is None:
+        return f"the converted layer's attention mask has shape {mc.shape}, the source's {shape}"
+    if np.array_equal(a, b):
+        return ""
+    if mc is None:
+        return "the converted layer is called without the source's attention mask"
+    if ms is None:
+        return "the converted layer is called with an attention mask the source does not have"
+    if not np.any(a & b):
+        return ("attention mask inverted: no (query, key) pair the source may attend is allowed in the converted layer "
+                "(torch's boolean masks are True where a query may not attend, Keras' where it may)")
+    return (f"the converted layer's attention mask differs from the source's at {int(np.count_nonzero(a != b))} "
+            f"of {a.size} (query, key) positions")
 
 
 def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, mutants: bool, seed: int = 0, *,
@@ -84,23 +132,52 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
     row.boundary_ok = rel <= boundary
     row.boundary = "same layout (batch, time, features)" if row.boundary_ok else \
         f"values differ from the source's (max relative difference {rel:.3g})"
-    exact = reference.forward(ss, ws, xs)
-    bound = reference.error_bound(ss, ws, xs, dtype)
+    unknown = [f"{side} {r.config['class']} {r.config['mask_unknown']}" for side, r in (("source", s), ("converted", c))
+               if r.config.get("mask_unknown")]
+    if unknown:  # replayed without its mask, the layer would differ for that alone: no verdict either way
+        row.verdict = "inconclusive"
+        row.notes.append(f"mask not captured ({'; '.join(unknown)}): the pair is not replayed")
+        return row
+    ms, mc = _mask(s), _mask(c)
+    if ms is not None or mc is not None:
+        rows = ms if ms is not None else mc
+        assert rows is not None
+        differs = _mask_differs(ms, mc, rows.shape)
+        if differs:
+            row.mistake, row.diagnosis = "attention mask", differs
+            return row
+        if not np.all(np.any(rows, axis=-1)):
+            row.verdict = "inconclusive"
+            row.notes.append(f"{int(np.count_nonzero(~np.any(rows, axis=-1)))} query positions may attend to no key: "
+                             "their output is each framework's own (NaN in torch, the plain mean in Keras)")
+            return row
+        row.notes.append(f"masked: {int(np.count_nonzero(~rows))} of {rows.size} (query, key) pairs blocked, "
+                         "the same in both models")
+    exact = reference.forward(ss, ws, xs, ms)
+    bound = reference.error_bound(ss, ws, xs, dtype, ms)
     y_s = np.asarray(s.y, np.float64)
+    exact_s, bound_s = exact, bound  # what the captured source output is judged against
+    if s.config.get("last_step"):  # Keras return_sequences=False: the replay is judged against the exact sequence
+        exact_s, bound_s = exact[:, -1], bound[:, -1]
+        row.notes.append("the source layer returns its last step only: the converted layer's whole sequence is judged "
+                         "against the exact one, the source's last step against its exact value")
+    mask2 = None if ms is None else ms[:, 0]
     try:
-        y_c, note = _replay(cs, wc, xs, dtype)
+        y_c, note = _replay(cs, wc, xs, dtype, mask2)
     except EquivcheckError as exc:
         row.diagnosis, row.mistake = str(exc).splitlines()[0], "replay"
         return row
     if note:
         row.notes.append(note)
-    if y_c.shape != y_s.shape:
+    if y_c.shape != exact.shape or y_s.shape != exact_s.shape:
         row.mistake = "output shape"
         row.diagnosis = f"the converted layer gives outputs of shape {y_c.shape[1:]}, the source {y_s.shape[1:]}"
         return row
     fan = ss.fan_in
+    own = compare_outputs(y_s, exact_s, bound_s, dtype, fan)
+    if s.config.get("last_step"):
+        y_s = exact  # within bound of it by `own`; the converted layer may differ from it by its own bound
     row.comparison = compare_outputs(y_c, y_s, 2 * bound, dtype, fan)
-    own = compare_outputs(y_s, exact, bound, dtype, fan)
     if not row.comparison.passed:
         found = identify_mutant(ss, cs, ws, wc, dtype)
         if found is not None:
@@ -114,7 +191,7 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
             else:
                 row.mistake, row.diagnosis = "wrong weights", named
         with contextlib.suppress(EquivcheckError):
-            fixed, _ = _replay(cs, convert(ss, cs, ws), xs, dtype)
+            fixed, _ = _replay(cs, convert(ss, cs, ws), xs, dtype, mask2)
             if row.mistake != "weights right, output differs" and compare_outputs(fixed, y_s, 2 * bound, dtype, fan).passed:
                 row.mapping = "; ".join(right.code("numpy").splitlines())
         if not own.passed:
@@ -128,9 +205,10 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
         row.notes.append(f"the source layer's own output is not the {ss.describe()} its parameters describe "
                          f"(error/bound {own.max_error_ratio:.3g}): the reference cannot be trusted")
         return row
-    if c.y.size and c.y.shape == y_s.shape and row.boundary_ok:
-        mine = compare_outputs(np.asarray(c.y, np.float64), reference.forward(cs, wc, xc),
-                               reference.error_bound(cs, wc, xc, dtype), dtype, cs.fan_in)
+    last = slice(None) if not c.config.get("last_step") else (slice(None), -1)
+    if c.y.size and row.boundary_ok and c.y.shape == exact[last].shape:
+        mine = compare_outputs(np.asarray(c.y, np.float64), reference.forward(cs, wc, xc, mc)[last],
+                               reference.error_bound(cs, wc, xc, dtype, mc)[last], dtype, cs.fan_in)
         if not mine.passed:
             row.verdict = "inconclusive"
             row.notes.append(f"the converted layer's own output is not the {cs.describe()} its parameters describe "
@@ -140,7 +218,7 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
         return row
     row.verdict = "pass"
     if mutants:
-        missed = _missed(ss, cs, ws, wc, xs, dtype, seed)
+        missed = _missed(ss, cs, ws, wc, xs, dtype, seed, ms)
         if missed:
             row.verdict = "inconclusive"
             row.notes.append(f"these wrong conversions would also pass on this data: {', '.join(missed)}")
@@ -148,12 +226,13 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
 
 
 def _missed(ss: Any, cs: Any, ws: dict[str, np.ndarray], wc: dict[str, np.ndarray], xs: Any, dtype: str,
-            seed: int) -> list[str]:
-    """The mutants that the captured input does not reject, and (where there are some) designed data does not either."""
+            seed: int, mask: np.ndarray | None = None) -> list[str]:
+    """The mutants that the captured input (under its mask) does not reject, and (where there are some) designed
+    data, unmasked (the weights do not depend on the mask), does not either."""
     from equivcheck.sequence import reference
     from equivcheck.sequence.verify import DRAWS, LOW_PRECISION_BATCH, compare_outputs, draw, judge_mutants
 
-    missed = [o.name for o in judge_mutants(ss, cs, ws, xs, dtype) if o.outcome != "rejected"]
+    missed = [o.name for o in judge_mutants(ss, cs, ws, xs, dtype, mask) if o.outcome != "rejected"]
     if not missed:
         return []
     first = xs[0] if isinstance(xs, tuple) else xs

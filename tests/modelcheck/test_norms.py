@@ -184,3 +184,55 @@ def test_flax_norm_layers_pair_with_torch(ec, torch):
         net[1].running_mean.copy_(t(st["bn"]["var"]))
     first = ec.check_models((module, variables), net, input_shape=(2, 6, 5, 3)).first_divergence
     assert (first.source, first.mistake) == ("bn", "mean and variance swapped")
+
+
+def _one_pass(x, g, b, eps):
+    """A float32 layer norm whose variance is E[x²] - E[x]² (Flax's use_fast_variance), clipped at zero."""
+    mu = x.mean(axis=-1, keepdims=True, dtype=np.float32)
+    var = np.maximum((x * x).mean(axis=-1, keepdims=True, dtype=np.float32) - mu * mu, np.float32(0))
+    return ((x - mu) / np.sqrt(var + np.float32(eps)) * g + b).astype(np.float32)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0, 3000.0])
+def test_one_pass_variance_is_inside_the_bound_and_norm_mistakes_still_fail(offset):
+    from equivcheck.modelcheck.norms import judge_norm, reference
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((6, 16)) + offset).astype(np.float32)
+    g, b = rng.uniform(0.5, 2, 16).astype(np.float32), rng.uniform(-1, 1, 16).astype(np.float32)
+    exact, mag, n = reference("layernorm", x, g, b, {"eps": 1e-5})
+    assert judge_norm(_one_pass(x, g, b, 1e-5), exact, mag, n, "float32").passed
+    assert judge_norm(exact.astype(np.float32), exact, mag, n, "float32").passed
+    # on designed data (zero-mean, dense) the bound stays tight: eps and affine mistakes fail by far
+    d = rng.standard_normal((6, 16)).astype(np.float32)
+    exact_d, mag_d, _ = reference("layernorm", d, g, b, {"eps": 1e-5})
+    for wrong in (_one_pass(d, g, b, 1e-3), _one_pass(d, b, g, 1e-5), _one_pass(d, g, b, 1e-5) * 1.001):
+        assert judge_norm(wrong, exact_d, mag_d, n, "float32").max_error_ratio > 4
+    # group norm: the same one-pass variance per group
+    xg = (rng.standard_normal((2, 4, 3, 5)) + offset).astype(np.float32)  # (N, C, H, W), 2 groups
+    gg, bg = g[:4], b[:4]
+    exact_g, mag_g, ng = reference("groupnorm", xg, gg, bg, {"eps": 1e-5, "groups": 2})
+    grouped = xg.reshape(2, 2, -1)
+    mu = grouped.mean(axis=-1, keepdims=True, dtype=np.float32)
+    var = np.maximum((grouped * grouped).mean(axis=-1, keepdims=True, dtype=np.float32) - mu * mu, np.float32(0))
+    yg = ((grouped - mu) / np.sqrt(var + np.float32(1e-5))).reshape(xg.shape) * gg[:, None, None] + bg[:, None, None]
+    assert judge_norm(yg.astype(np.float32), exact_g, mag_g, ng, "float32").passed
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_flax_layer_and_group_norm_outputs_are_inside_the_bound(jax, fast):
+    linen = pytest.importorskip("flax.linen", reason="flax not installed: pip install 'equivcheck[jax]'")
+    from equivcheck.modelcheck.norms import judge_norm, reference
+
+    rng = np.random.default_rng(2)
+    for offset in (0.0, 50.0, 5000.0):
+        x = (rng.standard_normal((4, 3, 2, 8)) + offset).astype(np.float32)  # NHWC
+        g, b = rng.uniform(0.5, 2, 8).astype(np.float32), rng.uniform(-1, 1, 8).astype(np.float32)
+        v = {"params": {"scale": g, "bias": b}}
+        y = np.asarray(linen.LayerNorm(epsilon=1e-5, use_fast_variance=fast).apply(v, x))
+        flat = x.reshape(-1, 8)
+        exact, mag, n = reference("layernorm", flat, g, b, {"eps": 1e-5})
+        assert judge_norm(y.reshape(-1, 8), exact, mag, n, "float32").passed, (offset, fast)
+        y = np.asarray(linen.GroupNorm(num_groups=2, epsilon=1e-5, use_fast_variance=fast).apply(v, x))
+        exact, mag, n = reference("groupnorm", x.transpose(0, 3, 1, 2), g, b, {"eps": 1e-5, "groups": 2})
+        assert judge_norm(y.transpose(0, 3, 1, 2), exact, mag, n, "float32").passed, (offset, fast)

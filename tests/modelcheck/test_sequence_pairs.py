@@ -113,22 +113,24 @@ def test_torch_to_torch_pairs_and_unsupported_layers_stay_unchecked_by_name(ec, 
     class Bi(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lstm = nn.LSTM(F, 3, batch_first=True, bidirectional=True)
-            self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
-            self.fc = nn.Linear(6, 2)
+            self.lstm = nn.LSTM(F, 3, batch_first=True, num_layers=2)
+            self.attn = nn.MultiheadAttention(3, 1, batch_first=True)
+            self.fc = nn.Linear(3, 2)
 
         def forward(self, x):
             h, _ = self.lstm(x)
-            mask = torch.ones(T, T, dtype=torch.bool).triu(1)
-            return self.fc(self.attn(h, h, h, attn_mask=mask)[0])
+            bias = torch.linspace(-1, 0, T * T).reshape(T, T)  # a float mask adding finite values: a bias on the scores
+            return self.fc(self.attn(h, h, h, attn_mask=bias)[0])
 
     bi = Bi().eval()
     result = ec.check_models(bi, copy.deepcopy(bi), input_shape=(2, T, F))
     assert result.verdict == "inconclusive", result.render()
     found = {(u.model, u.name, u.kind): u.why for u in result.unchecked}
-    assert set(found) == {(m, n, k) for m in ("source", "converted") for n, k in (("lstm", "LSTM"), ("attn", "MultiheadAttention"))}
-    assert "bidirectional" in found["source", "lstm", "LSTM"] and "mask" in found["source", "attn", "MultiheadAttention"]
+    assert set(found) == {(m, "lstm", "LSTM") for m in ("source", "converted")}
+    assert "num_layers=2" in found["source", "lstm", "LSTM"]
     assert result.unchecked[0].weights == sum(p.numel() for p in bi.lstm.parameters())
+    attn = next(r for r in result.layers if r.source == "attn")
+    assert attn.verdict == "inconclusive" and "mask not captured" in " ".join(attn.notes), attn.notes
 
 
 @pytest.mark.parametrize("cell", ["GRU", "RNN"])
@@ -171,3 +173,121 @@ def test_gru_and_simple_rnn_time_first_pair_and_a_gru_gate_order_is_named(ec, to
         first = ec.check_models(net, port((0, 1, 2)), input_shape=(2, T, F)).first_divergence
         assert (first.source, first.mistake) == ("rnn", "gate order"), first.diagnosis
         assert first.diagnosis.startswith("GRU gate order: the kernel is r,z,n"), first.diagnosis
+
+
+
+@pytest.fixture(scope="module")
+def binet(torch):
+    nn = torch.nn
+
+    class BiNet(nn.Module):
+        """A bidirectional LSTM (batch first) → causal self-attention with a key padding mask (from the data: a key
+        whose first feature is above 0.5 is padding, the first step never) → Linear."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(F, 3, batch_first=True, bidirectional=True)
+            self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h, _ = self.lstm(x)
+            pad = x[:, :, 0] > 0.5
+            pad[:, 0] = False
+            causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+            return self.fc(self.attn(h, h, h, key_padding_mask=pad, attn_mask=causal, is_causal=True,
+                                     need_weights=False)[0])
+
+    torch.manual_seed(3)
+    model = BiNet().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name:
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+def _bi_port(net, keras, *, swap=False, invert=False):
+    """BiNet in Keras: ``Bidirectional(LSTM)`` (``swap``: the directions exchanged), attention with
+    ``use_causal_mask`` and an ``attention_mask`` of the keys that may be attended (``invert``: torch's polarity
+    kept, True meaning padding)."""
+    p = {k: v.detach().numpy().astype(np.float64) for k, v in net.state_dict().items()}
+    L, ops = keras.layers, keras.ops
+    inp = keras.Input((T, F))
+    bi = L.Bidirectional(L.LSTM(3, return_sequences=True), name="lstm")
+    h = bi(inp)
+    first = np.arange(T) == 0
+
+    def keys(x):
+        pad = ops.logical_and(x[:, :, 0] > 0.5, ops.convert_to_tensor(~first))
+        return (pad if invert else ops.logical_not(pad))[:, None, :]
+
+    mask = L.Lambda(keys, name="keys")(inp)
+    a = L.MultiHeadAttention(2, 3, name="attn")(h, h, attention_mask=mask, use_causal_mask=True)
+    model = keras.Model(inp, L.Dense(2, name="fc")(a))
+
+    def lstm(s):  # torch i,f,g,o is Keras i,f,c,o: kernels transposed, the two biases summed
+        return [p[f"lstm.weight_ih_l0{s}"].T, p[f"lstm.weight_hh_l0{s}"].T, p[f"lstm.bias_ih_l0{s}"] + p[f"lstm.bias_hh_l0{s}"]]
+
+    fw, bw = lstm(""), lstm("_reverse")
+    bi.forward_layer.set_weights(bw if swap else fw)
+    bi.backward_layer.set_weights(fw if swap else bw)
+    w, b = p["attn.in_proj_weight"], p["attn.in_proj_bias"]
+    parts = []
+    for i in range(3):
+        parts += [w[i * 6:(i + 1) * 6].T.reshape(6, 2, 3), b[i * 6:(i + 1) * 6].reshape(2, 3)]
+    model.get_layer("attn").set_weights([*parts, p["attn.out_proj.weight"].T.reshape(2, 3, 6), p["attn.out_proj.bias"]])
+    model.get_layer("fc").set_weights([p["fc.weight"].T, p["fc.bias"]])
+    return model
+
+
+def test_bidirectional_lstm_and_masked_attention_are_checked_pairs(ec, binet, keras):
+    result = ec.check_models(binet, _bi_port(binet, keras), input_shape=(2, T, F))
+    assert result.verdict == "pass", result.render()
+    assert result.unchecked == []
+    assert [(r.source, r.converted, r.kind) for r in result.layers] == [
+        ("lstm", "lstm", "lstm"), ("attn", "attn", "mha"), ("fc", "fc", "dense")]
+    attn = result.layers[1]
+    assert any(n.startswith("masked: ") for n in attn.notes) and "bidirectional" in result.layers[0].notes[0]
+
+
+def test_bidirectional_directions_exchanged_and_an_inverted_mask_are_named(ec, binet, keras):
+    first = ec.check_models(binet, _bi_port(binet, keras, swap=True), input_shape=(2, T, F)).first_divergence
+    assert (first.source, first.mistake) == ("lstm", "direction order"), first.diagnosis
+    result = ec.check_models(binet, _bi_port(binet, keras, invert=True), input_shape=(2, T, F))
+    assert result.verdict == "fail"
+    first = result.first_divergence
+    assert (first.source, first.mistake) == ("attn", "attention mask"), result.render()
+    assert "inverted" in first.diagnosis, first.diagnosis
+
+
+def test_a_keras_lstm_returning_its_last_step_pairs_with_torch_both_ways(ec, torch, keras):
+    """Keras ``LSTM(units)`` (return_sequences=False) ↔ torch ``lstm(x)[0][:, -1]``: a checked pair, the input
+    read as (batch, time, features) on both sides, a gate-order mistake named."""
+    k = keras.Sequential([keras.Input((T, F)), keras.layers.LSTM(3), keras.layers.Dense(2)])
+    kernel, recurrent, bias = k.layers[0].get_weights()
+    source, target = ec.spec("keras:lstm", input_size=F, units=3), ec.spec("torch:lstm", input_size=F, units=3)
+
+    class Net(torch.nn.Module):
+        def __init__(self, weights) -> None:
+            super().__init__()
+            self.lstm, self.fc = torch.nn.LSTM(F, 3, batch_first=True), torch.nn.Linear(3, 2)
+            with torch.no_grad():
+                for name, value in weights.items():
+                    getattr(self.lstm, name).copy_(torch.tensor(np.asarray(value, np.float32)))
+                self.fc.weight.copy_(torch.tensor(k.layers[1].get_weights()[0].T))
+                self.fc.bias.copy_(torch.tensor(k.layers[1].get_weights()[1]))
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    weights = {"kernel": kernel, "recurrent_kernel": recurrent, "bias": bias}
+    right = Net(ec.convert(source, target, weights)).eval()
+    for a, b in ((k, right), (right, k)):
+        result = ec.check_models(a, b, input_shape=(2, T, F))
+        assert result.verdict == "pass", result.render()
+        assert [r.kind for r in result.layers] == ["lstm", "dense"] and not result.unchecked
+    wrong = Net(ec.convert(source.replace(gate_order="iofg"), target, weights)).eval()
+    failed = ec.check_models(k, wrong, input_shape=(2, T, F))
+    assert failed.verdict == "fail" and failed.first_divergence.source == k.layers[0].name, failed.render()
+    assert "gate order" in failed.first_divergence.diagnosis

@@ -182,3 +182,33 @@ def test_a_missing_broken_or_unsafe_h5_is_one_line(ec, tf_keras, tmp_path):
             load_model(path)
         assert "\n" not in str(err.value) and str(path) in str(err.value)
     assert "Lambda layer 'times_two'" in str(err.value)
+
+
+@pytest.mark.parametrize(("mistake", "layer"), [("flatten", "fc"), ("transpose", "conv2")])
+def test_repair_fixes_a_tf_keras_port_and_proves_it(ec, tf_keras, tmp_path, mistake, layer):
+    import numpy as np
+
+    net = make_net()
+    wrong = to_tf_keras(net, mistake)
+    before = [w.copy() for w in wrong.get_weights()]
+    result = ec.check_models(net, wrong)
+    assert result.verdict == "fail"
+    fixed = result.repair()
+    assert fixed.passed, fixed.check.render()
+    assert isinstance(fixed.model, tf_keras.Model) and fixed.model is not wrong
+    assert [f.converted for f in fixed.patch.fixes] == [layer] and fixed.patch.framework == "tf_keras"
+    assert fixed.patch.fixes[0].parameters == (f"{layer}/kernel", f"{layer}/bias")
+    assert all(np.array_equal(a, b) for a, b in zip(before, wrong.get_weights()))  # the original is untouched
+    x = np.random.default_rng(0).standard_normal((2, 12, 8, 3)).astype(np.float32)
+    import torch
+
+    with torch.no_grad():
+        y = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert np.allclose(fixed.model(x).numpy(), y, rtol=1e-4, atol=1e-5)
+    assert "converted_model.get_layer" in result.patch().code()
+    if mistake == "flatten":
+        return
+    path = tmp_path / "wrong.h5"  # an .h5 file: read afresh, repaired as a model of its own
+    wrong.save(str(path))
+    from_file = ec.check_models(net, str(path), input_shape=SHAPE)
+    assert from_file.verdict == "fail" and from_file.repair().passed
