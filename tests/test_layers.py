@@ -24,11 +24,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data and files", ("equivcheck.data", "equivcheck.files", "equivcheck.file_index",
                         "equivcheck.model_weights", "equivcheck.sequence.reference")),
     # strategies draw backends too: they sit on the registry
-    ("backends", ("equivcheck.backends", "equivcheck.sequence.backends", "equivcheck.strategies")),
+    ("backends", ("equivcheck.backends", "equivcheck.sequence.backends", "equivcheck.sequence.tflite", "equivcheck.strategies")),
     ("judging", ("equivcheck.compare", "equivcheck.backends.probe", "equivcheck.mutations", "equivcheck.identification",
                  "equivcheck.diagnosis", "equivcheck.judge")),
     ("checks", ("equivcheck.verification", "equivcheck.checker", "equivcheck.exploration", "equivcheck.modelcheck",
-                "equivcheck.fcn", "equivcheck.sequence")),
+                "equivcheck.modelcheck.torch_trace", "equivcheck.fcn", "equivcheck.sequence")),
     ("report", ("equivcheck.report", "equivcheck.report.terminal")),
     ("faces", ("equivcheck", "equivcheck.cli", "equivcheck.plugin", "equivcheck.demo", "equivcheck.__main__",
                "equivcheck.modelcheck.commands", "equivcheck.fcn.commands", "equivcheck.report.example")),

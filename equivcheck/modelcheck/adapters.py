@@ -2,7 +2,9 @@
 output; run one layer alone on a given input.
 
 torch: forward hooks on every leaf module (inputs and outputs copied in the hook, so in-place
-activations after a layer cannot change what was recorded). Keras 3: one functional model over
+activations after a layer cannot change what was recorded); the layout a flattened dense input reads
+comes from the model's torch.fx graph (``torch_trace``), from the captured activations where the
+graph cannot be traced or does not say (and the notes say which). Keras 3: one functional model over
 the original graph whose outputs are each linear layer's input (and the map a Dense input was
 flattened from); the layer's own output is recomputed by replaying it, with any fused activation
 switched off. Frameworks are imported only when a model of theirs is handled.
@@ -53,6 +55,9 @@ class Adapter(ABC):
     name = ""
     dtype = "float32"
     data_format = CHANNELS_FIRST
+    #: False where no layer fixes where channels sit (a Keras model of Dense, LSTM, attention): its input
+    #: is read in the other model's layout, since (batch, time, features) is the same in every framework.
+    has_layout = True
 
     @abstractmethod
     def input_shape(self) -> tuple[int, ...] | None:
@@ -122,6 +127,7 @@ class TorchAdapter(Adapter):
             self.notes.append(f"{role} model {self.name} was in training mode: checked in eval mode (dropout off, "
                               "batch-norm running statistics), its mode restored afterwards")
         model.eval()
+        self._graph: Any = None  # the model's torch.fx graph (traced on the first run), or why it cannot be traced
 
     def close(self) -> None:
         for m, mode in self._modes.items():
@@ -185,6 +191,11 @@ class TorchAdapter(Adapter):
         last_map: list[Any] = [None]
         seen: dict[str, int] = {}
         others: dict[str, Other] = {}
+        shapes: dict[str, list[tuple[int, ...]]] = {}  # each module's output shapes, in call order: the graph's sizes
+        if self._graph is None:  # traced before any hook is set
+            from equivcheck.modelcheck.torch_trace import trace
+
+            self._graph = trace(self.model)
 
         def hook(module: Any, args: tuple, output: Any) -> None:
             found = self._config(module)
@@ -213,8 +224,10 @@ class TorchAdapter(Adapter):
                         rec.map_before = _torch_numpy(last_map[0])
                         rec.map_letters = conv_letters(last_map[0].ndim - 2, CHANNELS_FIRST)
                 records.append(rec)
-            if isinstance(output, torch.Tensor) and output.ndim >= 3:
-                last_map[0] = output
+            if isinstance(output, torch.Tensor):
+                shapes.setdefault(self._names.get(id(module), ""), []).append(tuple(output.shape))
+                if output.ndim >= 3:
+                    last_map[0] = output
 
         from equivcheck.modelcheck.sequence_capture import torch_sequence_kind, torch_sequence_record
 
@@ -253,6 +266,7 @@ class TorchAdapter(Adapter):
             raise ModelError(f"{self.role} model {self.name} returns {type(y).__name__}: expected one tensor")
         for rec in records:
             resolve_layout(rec)
+        self._graph_layouts(records, shapes, tuple(x.shape))
         ran = {r.name.split("#")[0] for r in records} | set(others)
         for name, module in self.model.named_modules():
             if any(name.startswith(self._names[id(m)] + ".") for m in sequence):  # attention's out_proj: counted in it
@@ -263,6 +277,47 @@ class TorchAdapter(Adapter):
                 others[name] = Other(name or kind, kind, held, -1)
         self.others = outermost(list(others.values()))
         return _torch_numpy(y), records
+
+    def _graph_layouts(self, records: list[Linear], shapes: dict[str, list[tuple[int, ...]]],
+                       input_shape: tuple[int, ...]) -> None:
+        """Each flattened dense input's layout as the traced graph gives it; where the graph does not say (or cannot
+        be traced), the layout judged from the captured activations stays. Either way the notes say which."""
+        from equivcheck.modelcheck.torch_trace import dense_layouts
+
+        dense = [r for r in records if r.kind == "dense" and "sequence" not in r.config]
+        if not dense:
+            return
+        notes = []
+        if isinstance(self._graph, str):
+            notes.append(f"{self.role} torch model {self.name} not traced: {self._graph}; layout judged from captured "
+                         "activations")
+        else:
+            kinds: dict[int, str | None] = {}
+
+            def kind_of(module: Any) -> str | None:
+                if id(module) not in kinds:
+                    found = self._config(module)
+                    kinds[id(module)] = None if found is None else found[0]
+                return kinds[id(module)]
+
+            found = dense_layouts(self._graph, input_shape, shapes, kind_of)
+            for rec in dense:
+                got = found.get(rec.name)
+                if got is None:
+                    continue
+                seen = rec.layout
+                if got.layout is None:
+                    if seen is not None and not seen.is_flat:  # plain features need no saying
+                        notes.append(f"{self.role} {rec.name}: not traced ({got.how}); layout judged from captured "
+                                     f"activations ({seen.describe()})")
+                elif seen is not None and not seen.is_flat and seen != got.layout:
+                    notes.append(f"{self.role} {rec.name}: the graph gives {got.how} but the captured activations show "
+                                 f"{seen.describe()}: the activations' layout used")
+                else:
+                    rec.layout = got.layout
+                    if not got.layout.is_flat:
+                        notes.append(f"{self.role} {rec.name} reads {got.how}: traced from the graph (torch.fx)")
+        self.notes.extend(n for n in notes if n not in self.notes)
 
     def replay(self, layer: Linear, x: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -351,9 +406,10 @@ class KerasAdapter(Adapter):
         self._inputs: dict[int, Any] = {}  # layer id -> its input in the traced graph, where not layer.input
         if any(isinstance(layer, keras.Model) for layer in model.layers):
             self.model = model = self._flatten(model)
-        self.data_format = next((layer.get_config()["data_format"] for layer in model.layers
-                                 if layer.get_config().get("data_format") in (CHANNELS_FIRST, CHANNELS_LAST)),
-                                keras.backend.image_data_format())
+        formats = [layer.get_config().get("data_format") for layer in model.layers]
+        formats = [f for f in formats if f in (CHANNELS_FIRST, CHANNELS_LAST)]
+        self.data_format = formats[0] if formats else keras.backend.image_data_format()
+        self.has_layout = bool(formats)
         self._why: dict[int, str] = {}  # layer id -> why a recurrent or attention layer is not checked
         self._linear = [(layer, *found) for layer in model.layers if (found := self._config(layer)) is not None]
         self._capture = None

@@ -53,14 +53,22 @@ def _relative(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     diff = np.subtract(a, b)
     np.abs(diff, out=diff)
     err = float(np.max(diff, initial=0.0))
-    if not math.isfinite(err) or not np.isfinite(a.max(initial=0.0)) or not np.isfinite(a.min(initial=0.0)):
+    if not math.isfinite(err):  # a NaN or Inf in either (a finite difference everywhere: both finite)
         return math.inf, math.inf
     scale = float(max(abs(float(b.max(initial=0.0))), abs(float(b.min(initial=0.0)))))
     return err, (err / scale if scale > 0 else (0.0 if err == 0 else math.inf))
 
 
 # -- inputs --------------------------------------------------------------------------------
+def _adopt_layout(src: Adapter, dst: Adapter) -> None:
+    """A model whose layers fix no channel axis reads its input in its partner's layout."""
+    for one, other in ((src, dst), (dst, src)):
+        if not one.has_layout and other.has_layout:
+            one.data_format = other.data_format
+
+
 def _batch_shape(input_shape: Any, src: Adapter, dst: Adapter) -> tuple[int, ...]:
+    _adopt_layout(src, dst)
     if input_shape is not None:
         if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, (tuple, list)):
             raise SpecError(f"input_shape={input_shape!r} is not a shape: expected e.g. (2, 3, 32, 32), batch first")
@@ -91,6 +99,8 @@ def _from_canonical(x: np.ndarray, data_format: str) -> np.ndarray:
 def _inputs(shape: tuple[int, ...], src: Adapter, dst: Adapter, dtype: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Designed inputs for the source and the same values laid out for the converted model."""
     from equivcheck.data import sample_inputs
+
+    _adopt_layout(src, dst)
 
     per = shape[1:]
     canon = (per[-1], *per[:-1]) if src.data_format == CHANNELS_LAST and len(per) > 1 else per
