@@ -229,20 +229,21 @@ class TorchAdapter(Adapter):
                 if output.ndim >= 3:
                     last_map[0] = output
 
-        from equivcheck.modelcheck.sequence_capture import torch_sequence_kind, torch_sequence_record
+        from equivcheck.modelcheck.sequence_capture import torch_sequence_kind, torch_sequence_records
 
         def sequence_hook(module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
             name = self._names.get(id(module), type(module).__name__)
-            found = torch_sequence_record(module, name, args, kwargs, output, len(records))
+            found = torch_sequence_records(module, name, args, kwargs, output, len(records))
             if isinstance(found, str):  # a recurrent or attention layer no spec describes: why, by name
                 others.setdefault(name, Other(name or type(module).__name__, type(module).__name__,
                                               _own_weights(module) + sum(_own_weights(m) for m in module.modules()
                                                                          if m is not module), len(records), found))
                 return
             seen[name] = seen.get(name, 0) + 1
-            if seen[name] > 1:
-                found.name = f"{name}#{seen[name]}"
-            records.append(found)
+            for rec in found:  # one per stacked layer ("lstm[0]", "lstm[1]"; "lstm#2[0]" on the second call)
+                if seen[name] > 1:
+                    rec.name = f"{name}#{seen[name]}{rec.name[len(name):]}"
+                records.append(rec)
 
         sequence = [m for m in self.model.modules() if torch_sequence_kind(m) is not None]
         inside = {id(m) for q in sequence for m in q.modules()}
@@ -267,7 +268,7 @@ class TorchAdapter(Adapter):
         for rec in records:
             resolve_layout(rec)
         self._graph_layouts(records, shapes, tuple(x.shape))
-        ran = {r.name.split("#")[0] for r in records} | set(others)
+        ran = {r.config.get("module", r.name.split("#")[0]) for r in records} | set(others)  # a stack's layers: its module
         for name, module in self.model.named_modules():
             if any(name.startswith(self._names[id(m)] + ".") for m in sequence):  # attention's out_proj: counted in it
                 continue

@@ -6,7 +6,15 @@ Each becomes a :class:`~equivcheck.modelcheck.layers.Linear` record of kind ``ls
 whose ``config`` holds its spec (an :mod:`equivcheck.sequence` preset built from the layer's own
 configuration), its weights as named tensors under its framework's names (``named``), its inputs
 as ``(batch, time, features)`` (``inputs``; a torch layer that is not ``batch_first`` is brought
-there), its class and parameter count. A bidirectional torch layer and a Keras ``Bidirectional``
+there), its class and parameter count. A torch layer of ``num_layers=N`` becomes N records, one per stacked
+layer, named ``lstm[0]`` … ``lstm[N-1]`` (the module's name and the layer's index; ``lstm#2[0]`` for the first
+layer of a module's second call): record ``k`` holds the weights ``weight_ih_l{k}``, ``weight_hh_l{k}``,
+``bias_ih_l{k}``, ``bias_hh_l{k}`` (and ``_reverse``) under its spec's names (``…_l0``; ``names`` maps them to
+the module's), its input is layer ``k-1``'s whole output sequence and its output layer ``k``'s. Those
+come from the module's sub-layers run one by one (each a one-layer module holding its weights, on its
+device and dtype), which must reproduce the module's own output bit for bit, else the module stays
+unchecked, saying so. So a torch stack pairs with N stacked Keras layers (``return_sequences=True``),
+either way. A bidirectional torch layer and a Keras ``Bidirectional``
 wrapper (``merge_mode="concat"``, the backward layer the forward one reading backwards) are one
 ``bidirectional=True`` spec. An attention call's masks are captured as one ``(batch, query, key)``
 boolean ``mask`` (True: may attend) or, where they cannot be described (a float mask adding finite
@@ -17,15 +25,17 @@ gives the reason instead, and stays unchecked by name. Checked by
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
 
 from equivcheck.errors import EquivcheckError
 from equivcheck.modelcheck.layers import Linear
+from equivcheck.sequence.named import tensor_shapes
 
 __all__ = ["SEQUENCE_KINDS", "is_sequence", "keras_sequence", "keras_sequence_record", "torch_sequence_kind",
-           "torch_sequence_record"]
+           "torch_sequence_records"]
 
 SEQUENCE_KINDS = ("lstm", "gru", "rnn", "mha")
 _TORCH = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn", "MultiheadAttention": "mha"}
@@ -102,8 +112,9 @@ def _torch_unsupported(module: Any, kind: str, args: tuple, kwargs: dict[str, An
         if len(qkv) < 3 or not all(isinstance(a, torch.Tensor) and a.ndim == 3 for a in qkv):
             return "not called on three batched (3-D) tensors"
         return ""
-    if module.num_layers != 1:
-        return f"num_layers={module.num_layers}: stacked layers are not checked yet"
+    if module.num_layers > 1 and module.dropout and module.training:
+        return (f"num_layers={module.num_layers} with dropout={module.dropout} in training mode: the dropout between "
+                "its stacked layers is random (checked in eval mode)")
     if getattr(module, "proj_size", 0):
         return f"proj_size={module.proj_size}: not checked yet"
     if not module.bias:
@@ -117,9 +128,10 @@ def _torch_unsupported(module: Any, kind: str, args: tuple, kwargs: dict[str, An
     return ""
 
 
-def torch_sequence_record(module: Any, name: str, args: tuple, kwargs: dict[str, Any], output: Any,
-                          index: int) -> Linear | str:
-    """The record of a torch recurrent or attention module as it ran, or why it is not checked."""
+def torch_sequence_records(module: Any, name: str, args: tuple, kwargs: dict[str, Any], output: Any,
+                           index: int) -> list[Linear] | str:
+    """The records of a torch recurrent or attention module as it ran (one per stacked layer: ``name[k]`` where
+    ``num_layers`` > 1), or why it is not checked."""
     from equivcheck.sequence.presets import spec
 
     kind = torch_sequence_kind(module)
@@ -141,11 +153,67 @@ def torch_sequence_record(module: Any, name: str, args: tuple, kwargs: dict[str,
         s = spec("torch:mha", embed_dim=module.embed_dim, heads=module.num_heads, bias=module.in_proj_bias is not None)
         inputs = tuple(seq(a) for a in qkv)
         mask, unknown = _torch_mask(module, args, kwargs, inputs[0].shape[0], inputs[0].shape[1], inputs[1].shape[1])
-    else:
-        s = spec(f"torch:{kind}", input_size=module.input_size, units=module.hidden_size,
-                 bidirectional=bool(module.bidirectional))
-        inputs = (seq(args[0]),)
-    return _record(name, "torch", kind, s, named, inputs, seq(y), cls, module, index, mask, unknown)
+        return [_record(name, "torch", kind, s, named, inputs, seq(y), cls, module, index, mask, unknown)]
+    bidirectional = bool(module.bidirectional)
+    if module.num_layers == 1:
+        s = spec(f"torch:{kind}", input_size=module.input_size, units=module.hidden_size, bidirectional=bidirectional)
+        return [_record(name, "torch", kind, s, named, (seq(args[0]),), seq(y), cls, module, index)]
+    outs = _stacked_outputs(module, args[0])
+    if isinstance(outs, str):
+        return f"{cls} num_layers={module.num_layers}: {outs}"
+    if outs[-1].shape != y.shape or not _equal(outs[-1], y):
+        return (f"{cls} num_layers={module.num_layers}: its layers run one by one do not reproduce its output bit for "
+                "bit, so no layer's input is known exactly")
+    records = []
+    for k, (x, out) in enumerate(zip([args[0], *outs[:-1]], outs)):
+        size = module.input_size if k == 0 else module.hidden_size * (2 if bidirectional else 1)
+        s = spec(f"torch:{kind}", input_size=size, units=module.hidden_size, bidirectional=bidirectional)
+        names = {key: _layer_name(key, k) for key in tensor_shapes(s)}  # the spec's name → the module's
+        if not set(names.values()) <= set(named):
+            return f"{cls} num_layers={module.num_layers}: layer {k}'s weights {sorted(set(names.values()) - set(named))} not found"
+        rec = _record(f"{name}[{k}]", "torch", kind, s, {key: named[real] for key, real in names.items()}, (seq(x),),
+                      seq(y if k == module.num_layers - 1 else out), cls, module, index + k)
+        rec.config.update(module=name, stacked=(k, module.num_layers), names=names)
+        records.append(rec)
+    return records
+
+
+def _layer_name(key: str, k: int) -> str:
+    """``weight_ih_l0`` (a one-layer spec's name) as stacked layer ``k``'s: ``weight_ih_l{k}`` (``_reverse`` kept)."""
+    return re.sub(r"_l0(?=$|_reverse$)", f"_l{k}", key)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def _stacked_outputs(module: Any, x: Any) -> list[Any] | str:
+    """Each stacked layer's whole output sequence (the module's own layout): its layers run one by one, each as a
+    one-layer module of the same class, dtype and device holding that layer's weights (built without drawing
+    random numbers), on the previous one's output."""
+    import torch
+
+    p = next(module.parameters())
+    extra = {"nonlinearity": module.nonlinearity} if isinstance(module, torch.nn.RNN) else {}
+    state = module.state_dict()
+    outs: list[Any] = []
+    h = x
+    with torch.no_grad():
+        for k in range(module.num_layers):
+            size = module.input_size if k == 0 else module.hidden_size * (2 if module.bidirectional else 1)
+            try:
+                sub = type(module)(size, module.hidden_size, num_layers=1, bias=True, batch_first=module.batch_first,
+                                   bidirectional=module.bidirectional, device="meta", dtype=p.dtype, **extra)
+                sub = sub.to_empty(device=p.device)
+                sub.load_state_dict({key: state[_layer_name(key, k)] for key in sub.state_dict()})
+                h = sub.eval()(h)[0]
+            except Exception as exc:  # a subclass that cannot be built this way: the module stays unchecked
+                line = (str(exc).strip().splitlines() or [""])[0]
+                return f"its layer {k} cannot be run alone ({type(exc).__name__}: {line})"
+            outs.append(h)
+    return outs
 
 
 def _torch_mask(module: Any, args: tuple, kwargs: dict[str, Any], batch: int, steps: int,

@@ -3,27 +3,37 @@
 
 Each side's layer is captured as a record holding its spec, named weights and ``(batch, time,
 features)`` inputs (:mod:`equivcheck.modelcheck.sequence_capture`). A converted layer is replayed alone on its partner's
-captured input, on a real layer built from its spec (:mod:`equivcheck.sequence.backends`),
-and judged against the source's captured output under the bound of
-:func:`~equivcheck.sequence.verify.verify_sequence_pair` (dtype, fan-in and recurrence depth);
-a failing pair is named from the weights (:func:`~equivcheck.sequence.verify.identify`).
+captured input, on a real layer built from its spec (:mod:`equivcheck.sequence.backends`), and
+judged as :func:`~equivcheck.sequence.verify.verify_sequence_pair` judges a pair: each side
+against the float64 reference of the *source's* spec and weights on that input, under its own
+bound (dtype, fan-in and recurrence depth; the converted side's never below the source's:
+:func:`~equivcheck.sequence.verify.judgement_bounds`), a mutant rejected where its exact output
+lands more than its own bound plus the converted side's from the exact one. A failing pair is
+named from the weights (:func:`~equivcheck.sequence.verify.identify`).
 
 Sequence in, sequence out, zero initial state; bidirectional layers (torch ``bidirectional=True``,
-Keras ``Bidirectional(...)`` concatenating) as one spec, a direction order mistake named.
+Keras ``Bidirectional(...)`` concatenating) as one spec, a direction order mistake named. A torch
+layer of ``num_layers=N`` (uni- or bidirectional, dropout between its layers off in eval mode) is
+N pairs, ``lstm[0]`` … ``lstm[N-1]``, one per stacked layer, each on its own input (the previous
+layer's output sequence) and paired with one of N stacked Keras layers (``return_sequences=True``;
+the last may return its last step), either way: a mistake in one layer is named at that layer, and
+the right mapping names the torch weights of that layer (``weight_ih_l1``…).
 Attention masks (torch ``key_padding_mask``/``attn_mask``/``is_causal``, Keras ``attention_mask``,
 ``use_causal_mask`` and the query/value Keras masks) are captured as one (batch, query, key)
 mask: a converted layer whose mask differs fails ("attention mask", an inverted one named); a
 mask that cannot be captured, or a query that may attend to nothing, makes the row
-``inconclusive``, never ``pass``. Layers outside what a spec describes (two or more layers, a
-projection, an initial state, key/value sizes other than the embedding, activations other than
-the defaults, a Keras layer returning its last step only) are not recorded: they stay
-unchecked, named, with the reason.
+``inconclusive``, never ``pass``. A Keras layer returning its last step only pairs too: its own last
+step is judged against the exact one, its partner's whole sequence against the exact sequence.
+Layers outside what a spec describes (a projection, an initial state, key/value sizes other than
+the embedding, activations other than the defaults, dropout between stacked layers in training
+mode) are not recorded: they stay unchecked, named, with the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -113,7 +123,7 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
     two captured inputs still count as the same."""
     from equivcheck.sequence import reference
     from equivcheck.sequence.named import convert, plan
-    from equivcheck.sequence.verify import compare_outputs, convention_of, identify, identify_mutant
+    from equivcheck.sequence.verify import compare_outputs, convention_of, identify, identify_mutant, judgement_bounds
 
     kind = s.kind if s.kind == c.kind else f"{s.kind} → {c.kind}"
     row = LayerRow(s.name, c.name, kind, dtype, "fail")
@@ -121,6 +131,7 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
     ws = {k: np.asarray(v, np.float64) for k, v in s.config["named"].items()}
     wc = {k: np.asarray(v, np.float64) for k, v in c.config["named"].items()}
     row.notes.append(f"{ss.describe()} ↔ {cs.describe()}")
+    row.notes += [note for note in (_stacked_note(r, side) for side, r in (("source", s), ("converted", c))) if note]
     try:
         right = plan(ss, cs)
     except EquivcheckError as exc:
@@ -153,8 +164,7 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
             return row
         row.notes.append(f"masked: {int(np.count_nonzero(~rows))} of {rows.size} (query, key) pairs blocked, "
                          "the same in both models")
-    exact = reference.forward(ss, ws, xs, ms)
-    bound = reference.error_bound(ss, ws, xs, dtype, ms)
+    exact, bound, bound_c = judgement_bounds(ss, cs, ws, xs, dtype, ms)  # each side under its own bound
     y_s = np.asarray(s.y, np.float64)
     exact_s, bound_s = exact, bound  # what the captured source output is judged against
     if s.config.get("last_step"):  # Keras return_sequences=False: the replay is judged against the exact sequence
@@ -175,9 +185,7 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
         return row
     fan = ss.fan_in
     own = compare_outputs(y_s, exact_s, bound_s, dtype, fan)
-    if s.config.get("last_step"):
-        y_s = exact  # within bound of it by `own`; the converted layer may differ from it by its own bound
-    row.comparison = compare_outputs(y_c, y_s, 2 * bound, dtype, fan)
+    row.comparison = compare_outputs(y_c, exact, bound_c, dtype, fan)
     if not row.comparison.passed:
         found = identify_mutant(ss, cs, ws, wc, dtype)
         if found is not None:
@@ -192,8 +200,8 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
                 row.mistake, row.diagnosis = "wrong weights", named
         with contextlib.suppress(EquivcheckError):
             fixed, _ = _replay(cs, convert(ss, cs, ws), xs, dtype, mask2)
-            if row.mistake != "weights right, output differs" and compare_outputs(fixed, y_s, 2 * bound, dtype, fan).passed:
-                row.mapping = "; ".join(right.code("numpy").splitlines())
+            if row.mistake != "weights right, output differs" and compare_outputs(fixed, exact, bound_c, dtype, fan).passed:
+                row.mapping = "; ".join(_real_names(right.code("numpy"), s, c).splitlines())
         if not own.passed:
             row.notes.append(f"the source layer's own output is not what its spec describes (error/bound "
                              f"{own.max_error_ratio:.3g})")
@@ -225,12 +233,30 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
     return row
 
 
+def _stacked_note(record: Linear, side: str) -> str:
+    """What a record of one layer of a torch stack (``num_layers`` > 1) is, for the row's notes; else ""."""
+    if "stacked" not in record.config:
+        return ""
+    k, n = record.config["stacked"]
+    reverse = f", *_l{k}_reverse" if any(v.endswith("_reverse") for v in record.config["names"].values()) else ""
+    fed = "on the model's input" if k == 0 else f"on layer {k - 1}'s output sequence"
+    return (f"{side} {record.name}: layer {k} of {record.config['class']} {record.config['module']} "
+            f"(num_layers={n}; weights *_l{k}{reverse}), {fed}")
+
+
+def _real_names(code: str, s: Linear, c: Linear) -> str:
+    """A plan's code with the weights of a torch stack's layer under the module's names (``weight_ih_l1``, not the
+    one-layer spec's ``weight_ih_l0``): ``w[...]`` the source's, ``out[...]`` the converted layer's."""
+    rename = {"w": s.config.get("names", {}), "out": c.config.get("names", {})}
+    return re.sub(r"\b(w|out)\['([^']*)'\]", lambda m: f"{m[1]}[{rename[m[1]].get(m[2], m[2])!r}]", code)
+
+
 def _missed(ss: Any, cs: Any, ws: dict[str, np.ndarray], wc: dict[str, np.ndarray], xs: Any, dtype: str,
             seed: int, mask: np.ndarray | None = None) -> list[str]:
     """The mutants that the captured input (under its mask) does not reject, and (where there are some) designed
     data, unmasked (the weights do not depend on the mask), does not either."""
-    from equivcheck.sequence import reference
     from equivcheck.sequence.verify import DRAWS, LOW_PRECISION_BATCH, compare_outputs, draw, judge_mutants
+    from equivcheck.sequence.verify import judgement_bounds as bounds_of
 
     missed = [o.name for o in judge_mutants(ss, cs, ws, xs, dtype, mask) if o.outcome != "rejected"]
     if not missed:
@@ -244,8 +270,8 @@ def _missed(ss: Any, cs: Any, ws: dict[str, np.ndarray], wc: dict[str, np.ndarra
             y, _ = _replay(cs, wc, designed, dtype)
         except EquivcheckError:
             return missed
-        if not compare_outputs(y, reference.forward(ss, ws, designed),
-                               2 * reference.error_bound(ss, ws, designed, dtype), dtype, ss.fan_in).passed:
+        exact, _, bound_c = bounds_of(ss, cs, ws, designed, dtype)
+        if not compare_outputs(y, exact, bound_c, dtype, ss.fan_in).passed:
             return missed  # the captured data stays the evidence
         again = {o.name for o in judge_mutants(ss, cs, ws, designed, dtype) if o.outcome != "rejected"}
         missed = [m for m in missed if m in again]

@@ -16,6 +16,7 @@ sequence reversed and its outputs put back in time order, concatenated after the
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -135,12 +136,18 @@ UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, 
 GROWTH = 4.0
 
 
+def _growth(n: int, ua: float) -> float:
+    """The factor on Σ|terms| of a sum of ``n`` terms rounded at ``ua``: ``GROWTH·√n·ua``, or the worst case
+    ``γ_n = n·ua / (1 − n·ua)`` where that is smaller (short sums: ``n`` < 16)."""
+    return min(GROWTH * math.sqrt(n) * ua, n * ua / (1 - n * ua))
+
+
 def error_bound(spec: SequenceSpec, weights: dict[str, Any], inputs: Any, dtype: str, mask: Any = None, *,
                 accumulate: str | None = None) -> np.ndarray:
     """A bound on |layer − exact| per output element, for a layer computing in ``dtype``.
 
     A running error analysis along the exact float64 computation: each sum of ``n`` products
-    adds ``4·√n·u_acc·Σ|products|`` (``u_acc`` the unit roundoff of ``accumulate``, the precision
+    adds ``min(4·√n, γ_n)·u_acc·Σ|products|`` (``u_acc`` the unit roundoff of ``accumulate``, the precision
     the sums run in: by default ``dtype`` itself, the worst a framework does), each rounded
     result ``u·|value|`` (twice where a bias is added apart), each activation its rounding plus the error of its argument
     times the largest slope over that argument's error interval; errors in the state are
@@ -182,8 +189,8 @@ def _direction_bound(cell: str, reset_after: bool, W: np.ndarray, R: np.ndarray,
                      u: float, ua: float) -> np.ndarray:
     batch, steps, inputs = x.shape
     units = R.shape[1]
-    g_in = GROWTH * np.sqrt(inputs + 1) * ua  # a sum over the inputs and a bias
-    g_rec = GROWTH * np.sqrt(units + 1) * ua
+    g_in = _growth(inputs + 1, ua)  # a sum over the inputs and a bias
+    g_rec = _growth(units + 1, ua)
     act = 4 * u  # an activation: its own error (a few ulps) and its rounding, relative to its value
     aW, aR = np.abs(W), np.abs(R)
     h, c = np.zeros((batch, units)), np.zeros((batch, units))
@@ -248,7 +255,7 @@ def _attention_bound(spec: AttentionSpec, c: dict[str, np.ndarray], q: np.ndarra
                      mask: Any, u: float, ua: float) -> np.ndarray:
     E, Dh = q.shape[-1], spec.head_dim
     W, b = _in_projections(spec, c)
-    g_in = GROWTH * np.sqrt(E + 1) * ua
+    g_in = _growth(E + 1, ua)
     proj, err = [], []
     for j, a in enumerate((q, k, v)):
         p = np.einsum("bte,nde->btnd", a, W[j]) + b[j]
@@ -259,7 +266,7 @@ def _attention_bound(spec: AttentionSpec, c: dict[str, np.ndarray], q: np.ndarra
     scale = 1 / np.sqrt(Dh)
     scores = np.einsum("btnd,bsnd->bnts", pq, pk) * scale
     e_scores = (np.einsum("btnd,bsnd->bnts", np.abs(pq), ek) + np.einsum("btnd,bsnd->bnts", eq, np.abs(pk) + ek)
-                + GROWTH * np.sqrt(Dh) * ua * np.einsum("btnd,bsnd->bnts", np.abs(pq), np.abs(pk))) * scale
+                + _growth(Dh, ua) * np.einsum("btnd,bsnd->bnts", np.abs(pq), np.abs(pk))) * scale
     e_scores = e_scores + 3 * u * np.abs(scores)  # the product's rounding, the scaling's (before or after)
     keys = k.shape[1]
     if mask is not None:
@@ -270,16 +277,16 @@ def _attention_bound(spec: AttentionSpec, c: dict[str, np.ndarray], q: np.ndarra
     p = np.exp(shifted)
     p = p / p.sum(-1, keepdims=True)
     e_shift = p * np.expm1(e_scores + e_scores.max(-1, keepdims=True))  # the weights still sum to one
-    e_round = p * (6 * u + GROWTH * np.sqrt(keys) * ua)  # exp, sum, division and the weight's own rounding
+    e_round = p * (6 * u + _growth(keys, ua))  # exp, sum, division and the weight's own rounding
     heads = np.einsum("bnts,bsnd->btnd", p, pv)
     spread = np.abs(pv.transpose(0, 2, 1, 3)[:, :, None] - heads.transpose(0, 2, 1, 3)[:, :, :, None])
     # spread[b, n, t, s, d] = |v[b, s, n, d] - head[b, t, n, d]|
     e_heads = (np.einsum("bnts,bsnd->btnd", p, ev) + np.einsum("bnts,bntsd->btnd", e_shift, spread)
                + np.einsum("bnts,bsnd->btnd", e_shift + e_round, ev) + np.einsum("bnts,bsnd->btnd", e_round, np.abs(pv))
-               + GROWTH * np.sqrt(keys) * ua * np.einsum("bnts,bsnd->btnd", p, np.abs(pv)) + u * np.abs(heads))
+               + _growth(keys, ua) * np.einsum("bnts,bsnd->btnd", p, np.abs(pv)) + u * np.abs(heads))
     Wo = c["Wo"]
     bo = c.get("bo", np.zeros(Wo.shape[0]))
     out = np.einsum("btnd,end->bte", heads, Wo) + bo
-    g_out = GROWTH * np.sqrt(spec.inner_dim + 1) * ua
+    g_out = _growth(spec.inner_dim + 1, ua)
     return (np.einsum("btnd,end->bte", e_heads, np.abs(Wo))
             + g_out * (np.einsum("btnd,end->bte", np.abs(heads), np.abs(Wo)) + np.abs(bo)) + u * (2 * np.abs(out) + np.abs(bo)))

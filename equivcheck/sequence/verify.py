@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from equivcheck.sequence.named import canonical, convert, from_canonical, plan, 
 from equivcheck.sequence.specs import AttentionSpec, RecurrentSpec, SequenceSpec
 
 __all__ = ["Mutant", "SequenceResult", "compare_outputs", "convention_of", "draw", "draw_grid", "error_bound", "failure_message",
-           "identify", "identify_mutant", "judge_mutants", "mutants", "resolve_backend", "spec_record",
+           "identify", "identify_mutant", "judge_mutants", "judgement_bounds", "mutants", "resolve_backend", "spec_record",
            "tolerance", "verify_sequence_pair"]
 
 #: Gate orders of the frameworks, per cell (canonical letters): torch/Keras/Flax and ONNX.
@@ -45,6 +46,10 @@ DRAWS = 3
 #: misplaced weight moves the output by far more than the rounding bound (a single swap of two weights shows there).
 GRID_DRAWS = 2
 GRID_BATCH = 64
+#: Attention whose sums run below float32: inputs drawn at this scale. Its softmax carries a score's error
+#: exponentially (a weight moves by up to e^{ε_i + max ε}), so large scores put the bound beyond any misplaced
+#: weight's effect; halved inputs quarter the scores and bring it back within reach.
+LOW_SUM_ATTENTION_SCALE = 0.5
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,9 @@ def spec_record(spec: SequenceSpec) -> dict[str, Any]:
 
 
 # -- data ------------------------------------------------------------------------------------
-def draw(spec: SequenceSpec, *, seed: int = 0, batch: int = 2, steps: int = 5) -> tuple[dict[str, np.ndarray], Any]:
-    """Float64 weights (spec's names) and inputs: kernels ~ N(0, 1/fan-in), biases ~ N(0, 1/4), inputs N(0, 1).
+def draw(spec: SequenceSpec, *, seed: int = 0, batch: int = 2, steps: int = 5, scale: float = 1.0
+         ) -> tuple[dict[str, np.ndarray], Any]:
+    """Float64 weights (spec's names) and inputs: kernels ~ N(0, 1/fan-in), biases ~ N(0, 1/4), inputs N(0, scale²).
 
     With these scales a gate pre-activation has a standard deviation near 0.7: no gate saturates.
     """
@@ -123,18 +129,18 @@ def draw(spec: SequenceSpec, *, seed: int = 0, batch: int = 2, steps: int = 5) -
     weights = {}
     for name, shape in tensor_shapes(spec).items():
         is_bias = "bias" in name or name in ("B",) or name.endswith("/bias")
-        scale = 0.5 if is_bias else 1.0 / math.sqrt(spec.fan_in)
-        weights[name] = rng.standard_normal(shape) * scale
+        std = 0.5 if is_bias else 1.0 / math.sqrt(spec.fan_in)
+        weights[name] = rng.standard_normal(shape) * std
     if isinstance(spec, AttentionSpec):
-        inputs: Any = tuple(rng.standard_normal((batch, steps, spec.embed_dim)) for _ in range(3))
+        inputs: Any = tuple(scale * rng.standard_normal((batch, steps, spec.embed_dim)) for _ in range(3))
     else:
-        inputs = rng.standard_normal((batch, steps, spec.input_size))
+        inputs = scale * rng.standard_normal((batch, steps, spec.input_size))
     return weights, inputs
 
 
-def draw_grid(spec: SequenceSpec, *, seed: int = 0, batch: int = GRID_BATCH, steps: int = 5
+def draw_grid(spec: SequenceSpec, *, seed: int = 0, batch: int = GRID_BATCH, steps: int = 5, scale: float = 1.0
               ) -> tuple[dict[str, np.ndarray], Any]:
-    """A draw on which a misplaced weight shows in low precision: weights on a coarse grid, inputs ~ N(0, 4).
+    """A draw on which a misplaced weight shows in low precision: weights on a coarse grid, inputs ~ N(0, 4·scale²).
 
     Each canonical tensor (input kernel, recurrent kernel, biases; attention projections) holds half
     exact zeros and half ±s or ±2s, with s the power of two nearest the scale of :func:`draw` (the
@@ -145,13 +151,13 @@ def draw_grid(spec: SequenceSpec, *, seed: int = 0, batch: int = GRID_BATCH, ste
     """
     if steps < 3:
         raise SpecError(f"steps={steps} is too short: recurrent kernels only matter from 3 steps on")
-    normal, inputs = draw(spec, seed=seed, batch=batch, steps=steps)
+    normal, inputs = draw(spec, seed=seed, batch=batch, steps=steps, scale=scale)
     rng = np.random.default_rng([seed, 1])
     mags = np.array([0.0, 0.0, 1.0, 2.0])
     grid = {}
     for name, w in canonical(spec).apply(normal).items():
-        scale = 0.5 if name.startswith("b") else 1.0 / math.sqrt(spec.fan_in)
-        step = 2.0 ** round(math.log2(scale / math.sqrt(float(np.mean(mags**2)))))
+        std = 0.5 if name.startswith("b") else 1.0 / math.sqrt(spec.fan_in)
+        step = 2.0 ** round(math.log2(std / math.sqrt(float(np.mean(mags**2)))))
         grid[name] = rng.choice(mags, size=w.shape) * rng.choice([-1.0, 1.0], size=w.shape) * step * (
             2 if name.startswith("R") else 1) + 0.0  # + 0.0: no negative zeros
     inputs = tuple(2 * a for a in inputs) if isinstance(inputs, tuple) else 2 * inputs
@@ -326,13 +332,14 @@ def convention_of(mutant_name: str) -> str:
 
 
 # -- verify ----------------------------------------------------------------------------------
-def _accumulation(backends: tuple[str, ...], dtype: str) -> str:
-    """The precision the backends' sums run in, as their probes found it for a dense layer (the widest of them);
-    the dtype itself where a probe cannot tell."""
+def _accumulation(layers: tuple[tuple[str, SequenceSpec], ...], dtype: str) -> str:
+    """The precision the sums of these ``(backend, spec)`` layers run in: as the backends' probes found it for a
+    dense layer (the widest of them), the dtype itself where a probe cannot tell; float32 where the dense answer is
+    below it but every layer itself fits float32 sums (:func:`_sums_fit_float32`)."""
     if dtype in ("float32", "float64"):
         return dtype
     found = []
-    for name in backends:
+    for name, _ in layers:
         if name == "numpy":
             continue
         try:
@@ -344,7 +351,43 @@ def _accumulation(backends: tuple[str, ...], dtype: str) -> str:
         if not (facts.runs and facts.decided and facts.accumulate in reference.UNIT_ROUNDOFF):
             return dtype
         found.append(facts.accumulate)
-    return max(found, key=reference.UNIT_ROUNDOFF.__getitem__, default="float64")
+    widest = max(found, key=reference.UNIT_ROUNDOFF.__getitem__, default="float64")
+    if low_sums(widest) and all(name == "numpy" or _sums_fit_float32(name, spec, dtype) for name, spec in layers):
+        return "float32"
+    return widest
+
+
+#: Draws a layer's own sums are probed on, and the share of the float32-sum bound its errors must stay within there.
+SUM_PROBE_DRAWS = 6
+SUM_PROBE_MARGIN = 1 / 3
+
+
+@functools.cache
+def _sums_fit_float32(backend: str, spec: SequenceSpec, dtype: str) -> bool:
+    """Whether the real layer's errors in ``dtype`` stay within :data:`SUM_PROBE_MARGIN` of the float32-sum bound on
+    :data:`SUM_PROBE_DRAWS` draws (grid draws among them): its sums run in float32 though the backend's dense
+    matmul sums lower (TensorFlow without oneDNN sums a bfloat16 ``MatMul`` in bfloat16, its attention's einsums
+    in float32). Measured once per process, per layer and dtype; ``False`` where the layer does not run."""
+    worst = 0.0
+    for i in range(SUM_PROBE_DRAWS):
+        make = draw_grid if i % 2 else draw
+        weights, inputs = make(spec, seed=10_000 + i, batch=LOW_PRECISION_BATCH)
+        weights, inputs = {k: _rounded(v, dtype) for k, v in weights.items()}, _rounded(inputs, dtype)
+        try:
+            y = run(backend, spec, weights, inputs, dtype=dtype)
+        except EquivcheckError:
+            return False
+        exact = reference.forward(spec, weights, inputs)
+        bound = reference.error_bound(spec, weights, inputs, dtype, accumulate="float32")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(y == exact, 0.0, np.abs(y - exact) / bound)
+        worst = max(worst, float(np.nan_to_num(ratio, nan=np.inf).max(initial=0.0)))
+    return worst <= SUM_PROBE_MARGIN
+
+
+def low_sums(accumulate: str) -> bool:
+    """Whether sums in ``accumulate`` run below float32 (bfloat16 or float16 sums)."""
+    return reference.UNIT_ROUNDOFF[accumulate] > reference.UNIT_ROUNDOFF["float32"]
 
 
 def _rounded(a: Any, dtype: str) -> Any:
@@ -392,17 +435,29 @@ def compare_outputs(y: Any, ref: Any, bound: Any, dtype: str, fan_in: int, accum
                        accumulate or dtype, fan_in)
 
 
+def judgement_bounds(source: SequenceSpec, target: SequenceSpec, weights: dict[str, Any], inputs: Any, dtype: str,
+                     mask: Any = None, accumulate: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What a run of the pair on ``inputs`` is judged against: ``(exact, bound, bound_t)``, the float64 reference
+    output of ``source`` with ``weights``, the source's own bound and the target's (its own bound on the right
+    conversion, never below the source's). A source run passes within ``bound`` of ``exact``, a target run within
+    ``bound_t``; a mutant is rejected beyond ``bound_t`` plus its own (:func:`judge_mutants`)."""
+    w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
+    acc = accumulate or dtype
+    bound = reference.error_bound(source, w, inputs, dtype, mask, accumulate=acc)
+    own = reference.error_bound(target, convert(source, target, w), inputs, dtype, mask, accumulate=acc)
+    return reference.forward(source, w, inputs, mask), bound, np.maximum(bound, own)
+
+
 def judge_mutants(source: SequenceSpec, target: SequenceSpec, weights: dict[str, Any], inputs: Any, dtype: str,
                   mask: Any = None, accumulate: str | None = None) -> list[MutationOutcome]:
-    """Each mutant of ``weights`` (source to target), judged on ``inputs`` against the float64 reference: rejected
-    where it lands beyond every pair of runs within their bounds, for a judgement of the target against the source
-    under twice the source's bound (a passing run may be three bounds from the exact output)."""
+    """Each mutant of ``weights`` (source to target), judged on ``inputs`` against the float64 reference as
+    :func:`verify_sequence_pair` judges it: rejected where its exact output lands more than its own bound plus the
+    target's (:func:`judgement_bounds`) from the exact output, where no target run within its bound is."""
     w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
     x = _rounded(inputs, "float64")
     acc = accumulate or dtype
-    exact = reference.forward(source, w, x, mask)
-    bound = reference.error_bound(source, w, x, dtype, mask, accumulate=acc)
-    return _judge_mutants(source, target, w, x, mask, exact, 3 * bound, dtype, acc)
+    exact, _, bound_t = judgement_bounds(source, target, w, x, dtype, mask, acc)
+    return _judge_mutants(source, target, w, x, mask, exact, bound_t, dtype, acc)
 
 
 def _check_converted(target: SequenceSpec, converted: Any) -> dict[str, np.ndarray]:
@@ -459,18 +514,15 @@ def verify_sequence_pair(source: SequenceSpec, target: SequenceSpec, *, source_b
         if low and name not in LOW_PRECISION:
             case.verdict, case.reason = "skip", f"{name} does not run recurrent or attention layers in {dtype} here"
             return case
-    accumulate = _accumulation((source_backend, target_backend), dtype)
+    accumulate = _accumulation(((source_backend, source), (target_backend, target)), dtype)
     n = batch or (LOW_PRECISION_BATCH if low else 2)
+    scale = LOW_SUM_ATTENTION_SCALE if isinstance(source, AttentionSpec) and low_sums(accumulate) else 1.0
 
     def bounds(weights: dict[str, np.ndarray], inputs: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The exact output, the source's bound, the target's (its own running bound on the right conversion,
-        never below the source's)."""
-        bound = reference.error_bound(source, weights, inputs, dtype, mask, accumulate=accumulate)
-        own = reference.error_bound(target, convert(source, target, weights), inputs, dtype, mask, accumulate=accumulate)
-        return reference.forward(source, weights, inputs, mask), bound, np.maximum(bound, own)
+        return judgement_bounds(source, target, weights, inputs, dtype, mask, accumulate)
 
     for attempt in range(DRAWS if low and mutants else 1):
-        weights, inputs = draw(source, seed=seed + attempt, batch=n, steps=steps)
+        weights, inputs = draw(source, seed=seed + attempt, batch=n, steps=steps, scale=scale)
         weights, inputs = {k: _rounded(v, dtype) for k, v in weights.items()}, _rounded(inputs, dtype)  # exact in dtype
         exact, bound, bound_t = bounds(weights, inputs)
         outcomes = _judge_mutants(source, target, weights, inputs, mask, exact, bound_t, dtype, accumulate) if mutants else []
@@ -481,8 +533,8 @@ def verify_sequence_pair(source: SequenceSpec, target: SequenceSpec, *, source_b
     case.mutations = outcomes
     case.rows = tuple((o.name, o.description, o.max_error_ratio, o.outcome == "rejected") for o in outcomes)
     draws = [("", weights, inputs, exact, bound, bound_t)]
-    for j in range(GRID_DRAWS if low else 0):  # where a misplaced weight shows above the rounding
-        w, x = draw_grid(source, seed=seed + j, batch=max(n, GRID_BATCH), steps=steps)
+    for j in range((GRID_DRAWS * (2 if low_sums(accumulate) else 1)) if low else 0):  # where a misplaced weight shows above the rounding
+        w, x = draw_grid(source, seed=seed + j, batch=max(n, GRID_BATCH), steps=steps, scale=scale)
         w, x = {k: _rounded(v, dtype) for k, v in w.items()}, _rounded(x, dtype)
         draws.append((f" on grid draw {j + 1} (draw_grid seed={seed + j})", w, x, *bounds(w, x)))
     fan = source.fan_in

@@ -145,3 +145,29 @@ def test_transposed_conv_mutants_are_replayed(ec, torch):
         bad[0].weight.copy_(bad[0].weight.flip(-1, -2))
     first = ec.check_models(net, bad, input_shape=(2, 3, 5, 6)).first_divergence
     assert (first.source, first.kind) == ("0", "conv_transpose") and "flip" in first.mistake
+
+
+def test_a_stacked_lstm_counts_each_layer_once_and_names_a_dropped_layer(ec, torch):
+    """torch ``num_layers=3`` → a copy keeping only its first two layers (the converter dropped the third): layers 0
+    and 1 are checked pairs, layer 2 is unpaired by its own name with exactly its own weights, and nothing of the
+    module is counted again as an unchecked ``lstm``."""
+    class Stack(torch.nn.Module):
+        def __init__(self, layers: int) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(4, 3, num_layers=layers, batch_first=True)
+            self.fc = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(2)
+    net = Stack(3).eval()
+    short = Stack(2).eval()
+    short.load_state_dict({k: v for k, v in net.state_dict().items() if "_l2" not in k})
+    result = ec.check_models(net, short, input_shape=(2, 5, 4))
+    assert [(r.source, r.converted, r.verdict) for r in result.layers[:2]] == [
+        ("lstm[0]", "lstm[0]", "pass"), ("lstm[1]", "lstm[1]", "pass")], result.render()
+    assert [(u.model, u.name, u.kind, u.weights) for u in result.unpaired] == [
+        ("source", "lstm[2]", "LSTM", 4 * 3 * (3 + 3) + 2 * 4 * 3)], result.render()
+    assert result.verdict == "fail" and "lstm[2]" in result.likely_cause, result.render()
+    assert not ec.check_models(net, copy.deepcopy(net), input_shape=(2, 5, 4)).unchecked  # all 3 layers paired

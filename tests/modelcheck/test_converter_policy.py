@@ -14,8 +14,8 @@ def _lstm_net(torch):
     class LstmNet(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lstm = torch.nn.LSTM(4, 3, batch_first=True, num_layers=2)  # no spec checks a stacked LSTM yet
-            self.fc = torch.nn.Linear(3, 3)
+            self.lstm = torch.nn.LSTM(4, 3, batch_first=True, proj_size=2)  # no spec checks a projected LSTM yet
+            self.fc = torch.nn.Linear(2, 3)
 
         def forward(self, x):
             h, _ = self.lstm(x)
@@ -32,7 +32,8 @@ def test_inconclusive_fails_the_test_listing_the_unchecked_layers(torch):
     with pytest.raises(ConversionCheckFailed) as info:
         check_model_converter(copy.deepcopy, net, input_shape=(2, 5, 4))
     first = str(info.value).splitlines()[0]
-    assert first.startswith("model check inconclusive: unchecked: source lstm (LSTM, 204 weights")
+    assert first.startswith("model check inconclusive: unchecked: source lstm (LSTM, 102 weights")  # 48+24+24+6
+    assert "proj_size=2" in first
     assert "unchecked: converted lstm (LSTM" in first and "allow_unchecked=" in first
     assert info.value.record.verdict == "inconclusive"  # the ModelCheck, for code that catches the failure
 

@@ -113,9 +113,9 @@ def test_torch_to_torch_pairs_and_unsupported_layers_stay_unchecked_by_name(ec, 
     class Bi(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lstm = nn.LSTM(F, 3, batch_first=True, num_layers=2)
-            self.attn = nn.MultiheadAttention(3, 1, batch_first=True)
-            self.fc = nn.Linear(3, 2)
+            self.lstm = nn.LSTM(F, 3, batch_first=True, proj_size=2)  # a projection: no spec describes it
+            self.attn = nn.MultiheadAttention(2, 1, batch_first=True)
+            self.fc = nn.Linear(2, 2)
 
         def forward(self, x):
             h, _ = self.lstm(x)
@@ -127,7 +127,7 @@ def test_torch_to_torch_pairs_and_unsupported_layers_stay_unchecked_by_name(ec, 
     assert result.verdict == "inconclusive", result.render()
     found = {(u.model, u.name, u.kind): u.why for u in result.unchecked}
     assert set(found) == {(m, "lstm", "LSTM") for m in ("source", "converted")}
-    assert "num_layers=2" in found["source", "lstm", "LSTM"]
+    assert "proj_size=2" in found["source", "lstm", "LSTM"]
     assert result.unchecked[0].weights == sum(p.numel() for p in bi.lstm.parameters())
     attn = next(r for r in result.layers if r.source == "attn")
     assert attn.verdict == "inconclusive" and "mask not captured" in " ".join(attn.notes), attn.notes
@@ -291,3 +291,41 @@ def test_a_keras_lstm_returning_its_last_step_pairs_with_torch_both_ways(ec, tor
     failed = ec.check_models(k, wrong, input_shape=(2, T, F))
     assert failed.verdict == "fail" and failed.first_divergence.source == k.layers[0].name, failed.render()
     assert "gate order" in failed.first_divergence.diagnosis
+
+
+def test_a_pair_is_judged_against_the_float64_reference_under_the_converted_layers_own_bound(ec, net, keras):
+    """Issue 25: the converted layer replayed on the source's captured input is judged against the exact output of
+    the *source's* spec and weights (not the source's captured output) under its own bound, as verify_pair does."""
+    from equivcheck.modelcheck.sequence_pairs import _replay, check_sequence_pair
+    from equivcheck.modelcheck.sides import adapter_for
+    from equivcheck.sequence.verify import judgement_bounds
+
+    x = np.random.default_rng(0).standard_normal((2, T, F)).astype(np.float32)
+    s = next(r for r in adapter_for(net, "source").run(x)[1] if r.name == "lstm")
+    c = next(r for r in adapter_for(_port(net, keras), "converted").run(x, outputs=False)[1] if r.name == "lstm")
+    row = check_sequence_pair(s, c, "float32", False, False)
+    assert row.verdict == "pass", row.notes
+    ss, cs = s.config["sequence"], c.config["sequence"]
+    ws = {k: np.asarray(v, np.float64) for k, v in s.config["named"].items()}
+    xs = np.asarray(s.config["inputs"][0], np.float64)
+    exact, bound, bound_c = judgement_bounds(ss, cs, ws, xs, "float32")
+    y_c, _ = _replay(cs, {k: np.asarray(v, np.float64) for k, v in c.config["named"].items()}, xs, "float32")
+    worst = row.comparison.worst_index
+    assert row.comparison.bound_at_worst == bound_c[worst] != 2 * bound[worst]
+    assert np.all(bound_c >= bound)  # the converted layer's bound is never below the source's
+    assert row.comparison.max_abs_error == pytest.approx(float(np.abs(y_c - exact).max()), rel=1e-12)
+
+
+def test_mutants_are_judged_as_verify_pair_judges_them(ec):
+    """judge_mutants (the model check's mutants) gives verify_pair's very ratios on verify_pair's data: a mutant is
+    rejected beyond its own bound plus the target's."""
+    from equivcheck.sequence.verify import draw, judge_mutants, verify_sequence_pair
+
+    source, target = ec.spec("torch:lstm", input_size=F, units=3), ec.spec("keras:lstm", input_size=F, units=3)
+    case = verify_sequence_pair(source, target, dtype="float32", seed=0)
+    weights, inputs = draw(source, seed=0, batch=2, steps=5)
+    weights = {k: v.astype(np.float32) for k, v in weights.items()}
+    outcomes = judge_mutants(source, target, weights, inputs.astype(np.float32), "float32")
+    assert [o.name for o in outcomes] == [m.name for m in case.mutations] and len(outcomes) >= 5
+    assert [o.max_error_ratio for o in outcomes] == pytest.approx([m.max_error_ratio for m in case.mutations], rel=1e-9)
+    assert all(o.outcome == "rejected" for o in outcomes)
