@@ -34,7 +34,7 @@ from equivcheck.errors import EquivcheckError
 from equivcheck.modelcheck.layers import Linear
 from equivcheck.sequence.named import tensor_shapes
 
-__all__ = ["SEQUENCE_KINDS", "is_sequence", "keras_sequence", "keras_sequence_record", "torch_sequence_kind",
+__all__ = ["SEQUENCE_KINDS", "is_sequence", "keras_sequence", "keras_sequence_record", "sequence_record", "torch_sequence_kind",
            "torch_sequence_records"]
 
 SEQUENCE_KINDS = ("lstm", "gru", "rnn", "mha")
@@ -61,7 +61,7 @@ def _is_bias(name: str) -> bool:
     return "bias" in name.split("/")[-1].split(".")[-1] or name == "B"
 
 
-def _record(name: str, framework: str, kind: str, spec: Any, named: dict[str, np.ndarray], inputs: tuple[np.ndarray, ...],
+def sequence_record(name: str, framework: str, kind: str, spec: Any, named: dict[str, np.ndarray], inputs: tuple[np.ndarray, ...],
             y: np.ndarray, cls: str, layer: Any, index: int, mask: np.ndarray | None = None, mask_unknown: str = "") -> Linear:
     config = {"sequence": spec, "named": named, "inputs": inputs, "class": cls, "params": _params(named),
               "mask": mask, "mask_unknown": mask_unknown}
@@ -153,11 +153,11 @@ def torch_sequence_records(module: Any, name: str, args: tuple, kwargs: dict[str
         s = spec("torch:mha", embed_dim=module.embed_dim, heads=module.num_heads, bias=module.in_proj_bias is not None)
         inputs = tuple(seq(a) for a in qkv)
         mask, unknown = _torch_mask(module, args, kwargs, inputs[0].shape[0], inputs[0].shape[1], inputs[1].shape[1])
-        return [_record(name, "torch", kind, s, named, inputs, seq(y), cls, module, index, mask, unknown)]
+        return [sequence_record(name, "torch", kind, s, named, inputs, seq(y), cls, module, index, mask, unknown)]
     bidirectional = bool(module.bidirectional)
     if module.num_layers == 1:
         s = spec(f"torch:{kind}", input_size=module.input_size, units=module.hidden_size, bidirectional=bidirectional)
-        return [_record(name, "torch", kind, s, named, (seq(args[0]),), seq(y), cls, module, index)]
+        return [sequence_record(name, "torch", kind, s, named, (seq(args[0]),), seq(y), cls, module, index)]
     outs = _stacked_outputs(module, args[0])
     if isinstance(outs, str):
         return f"{cls} num_layers={module.num_layers}: {outs}"
@@ -171,7 +171,7 @@ def torch_sequence_records(module: Any, name: str, args: tuple, kwargs: dict[str
         names = {key: _layer_name(key, k) for key in tensor_shapes(s)}  # the spec's name → the module's
         if not set(names.values()) <= set(named):
             return f"{cls} num_layers={module.num_layers}: layer {k}'s weights {sorted(set(names.values()) - set(named))} not found"
-        rec = _record(f"{name}[{k}]", "torch", kind, s, {key: named[real] for key, real in names.items()}, (seq(x),),
+        rec = sequence_record(f"{name}[{k}]", "torch", kind, s, {key: named[real] for key, real in names.items()}, (seq(x),),
                       seq(y if k == module.num_layers - 1 else out), cls, module, index + k)
         rec.config.update(module=name, stacked=(k, module.num_layers), names=names)
         records.append(rec)
@@ -333,7 +333,7 @@ def keras_sequence_record(layer: Any, kind: str, cfg: dict[str, Any], values: li
         named[key] = np.asarray(hits[0])
     arrays = [np.asarray(v) for v in values]
     if kind != "mha":
-        record = _record(layer.name, "keras", kind, s, named, (arrays[0],), arrays[-1], cfg["class"], layer, index)
+        record = sequence_record(layer.name, "keras", kind, s, named, (arrays[0],), arrays[-1], cfg["class"], layer, index)
         record.config["last_step"] = cfg.get("last_step", False)  # return_sequences=False: (batch, units) out
         return record
     q, k = arrays[0], arrays[1]
@@ -348,7 +348,7 @@ def keras_sequence_record(layer: Any, kind: str, cfg: dict[str, Any], values: li
             allowed &= np.broadcast_to(m, allowed.shape)
     if cfg["causal"]:
         allowed &= _causal(q.shape[1], k.shape[1])
-    return _record(layer.name, "keras", kind, s, named, tuple(arrays[:3]), arrays[-1], cfg["class"], layer, index,
+    return sequence_record(layer.name, "keras", kind, s, named, tuple(arrays[:3]), arrays[-1], cfg["class"], layer, index,
                    _or_none(allowed))
 
 
