@@ -58,7 +58,8 @@ def named_swapper(seed: int):
     """A converter of named tensors (recurrent and attention layers) that keeps them all but swaps one pair of
     distinct weights in one tensor (the same draws each call).
 
-    A pair inside an attention key bias is passed over (the next pair is drawn): exchanging two key-bias
+    A pair inside an attention key bias is passed over (the next pair is drawn; a tensor that is all key bias,
+    Keras's ``key/bias``, is never chosen): exchanging two key-bias
     entries provably leaves the layer's function unchanged (softmax is shift-invariant per query:
     ``q·(k + b) = q·k + q·b`` is the same for every key), so such a converter makes no mistake.
     """
@@ -66,7 +67,8 @@ def named_swapper(seed: int):
     def swap_one_pair(weights):
         out = {k: np.array(v, copy=True) for k, v in weights.items()}
         rng = np.random.default_rng(seed)
-        names = sorted(k for k, v in out.items() if np.unique(v).size > 1)
+        names = sorted(k for k, v in out.items()  # a tensor holding a pair to swap: not a whole key bias
+                       if np.unique(v).size > 1 and len(key_bias(k, v.size)) < v.size)
         name = names[rng.integers(len(names))]
         flat, inert = out[name].reshape(-1), key_bias(name, out[name].size)
         for _ in range(100):

@@ -21,7 +21,7 @@ from equivcheck.sequence.specs import AttentionSpec, RecurrentSpec, SequenceSpec
 __all__ = ["LOW_PRECISION", "backend_of", "run"]
 
 #: The runtimes whose recurrent and attention layers run in float16 and bfloat16 (CPU).
-LOW_PRECISION = ("numpy", "torch", "keras")
+LOW_PRECISION = ("numpy", "torch", "keras", "flax")
 
 
 def backend_of(spec: SequenceSpec) -> str:

@@ -345,7 +345,8 @@ def _accumulation(layers: tuple[tuple[str, SequenceSpec], ...], dtype: str) -> s
         try:
             from equivcheck.backends.probe import layer_kinds, probe
 
-            facts = probe(name, layer_kinds(name)["dense"], dtype)
+            probed = PROBED_AS.get(name, name)
+            facts = probe(probed, layer_kinds(probed)["dense"], dtype)
         except (EquivcheckError, KeyError, ImportError):
             return dtype
         if not (facts.runs and facts.decided and facts.accumulate in reference.UNIT_ROUNDOFF):
@@ -357,6 +358,8 @@ def _accumulation(layers: tuple[tuple[str, SequenceSpec], ...], dtype: str) -> s
     return widest
 
 
+#: Sequence backends whose dense matmul is another backend's: Flax's is JAX's.
+PROBED_AS = {"flax": "jax"}
 #: Draws a layer's own sums are probed on, and the share of the float32-sum bound its errors must stay within there.
 SUM_PROBE_DRAWS = 6
 SUM_PROBE_MARGIN = 1 / 3
@@ -498,7 +501,9 @@ def verify_sequence_pair(source: SequenceSpec, target: SequenceSpec, *, source_b
     it); ``skip``: a layer does not run here (not installed, or not in this dtype).
     In float16/bfloat16 the batch is larger and the data are redrawn (up to ``DRAWS`` times) until
     the reference rejects every mutant, and the layers must agree on ``GRID_DRAWS`` :func:`draw_grid`
-    draws too, where a single misplaced weight shows above the rounding.
+    draws too, where a single misplaced weight shows above the rounding; a mutant rejected on a grid
+    draw counts as rejected (a converter making that mistake fails there). Where the sums run below
+    float32 (as probed) both counts double, and attention draws its inputs at ``LOW_SUM_ATTENTION_SCALE``.
     """
     np_dtype(dtype)
     low = dtype in ("float16", "bfloat16")
@@ -521,7 +526,7 @@ def verify_sequence_pair(source: SequenceSpec, target: SequenceSpec, *, source_b
     def bounds(weights: dict[str, np.ndarray], inputs: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return judgement_bounds(source, target, weights, inputs, dtype, mask, accumulate)
 
-    for attempt in range(DRAWS if low and mutants else 1):
+    for attempt in range((DRAWS * (2 if low_sums(accumulate) else 1)) if low and mutants else 1):
         weights, inputs = draw(source, seed=seed + attempt, batch=n, steps=steps, scale=scale)
         weights, inputs = {k: _rounded(v, dtype) for k, v in weights.items()}, _rounded(inputs, dtype)  # exact in dtype
         exact, bound, bound_t = bounds(weights, inputs)
@@ -530,13 +535,19 @@ def verify_sequence_pair(source: SequenceSpec, target: SequenceSpec, *, source_b
             break
     if attempt:
         case.notes.append(f"data drawn {attempt + 1} times (seeds {seed}..{seed + attempt}) for the mutants to be rejected")
-    case.mutations = outcomes
-    case.rows = tuple((o.name, o.description, o.max_error_ratio, o.outcome == "rejected") for o in outcomes)
     draws = [("", weights, inputs, exact, bound, bound_t)]
     for j in range((GRID_DRAWS * (2 if low_sums(accumulate) else 1)) if low else 0):  # where a misplaced weight shows above the rounding
         w, x = draw_grid(source, seed=seed + j, batch=max(n, GRID_BATCH), steps=steps, scale=scale)
         w, x = {k: _rounded(v, dtype) for k, v in w.items()}, _rounded(x, dtype)
         draws.append((f" on grid draw {j + 1} (draw_grid seed={seed + j})", w, x, *bounds(w, x)))
+    for _, w, x, exact_g, _, bound_g in draws[1:]:  # the layers must agree there too: a mutant rejected there fails
+        if all(o.outcome == "rejected" for o in outcomes):
+            break
+        again = {g.name: g for g in _judge_mutants(source, target, w, x, mask, exact_g, bound_g, dtype, accumulate)
+                 if g.outcome == "rejected"}
+        outcomes = [o if o.outcome == "rejected" else again.get(o.name, o) for o in outcomes]
+    case.mutations = outcomes
+    case.rows = tuple((o.name, o.description, o.max_error_ratio, o.outcome == "rejected") for o in outcomes)
     fan = source.fan_in
     for where, weights, inputs, exact, bound, bound_t in draws:
         try:

@@ -46,6 +46,17 @@ def test_the_swapper_passes_over_pairs_inside_a_key_bias(soundness):
     assert list(soundness.key_bias("key/bias", 4)) == [0, 1, 2, 3] and not soundness.key_bias("value/bias", 4)
 
 
+def test_the_swapper_never_picks_a_tensor_that_is_all_key_bias(soundness):
+    """Keras's ``key/bias`` has no pair to swap: chosen, the converter would make no mistake at all."""
+    import numpy as np
+
+    w = {"attention/key/bias": np.arange(4.0), "attention/value/bias": np.arange(4.0)}
+    for seed in range(20):
+        out = soundness.named_swapper(seed)(w)
+        assert np.array_equal(out["attention/key/bias"], w["attention/key/bias"])
+        assert (out["attention/value/bias"] != w["attention/value/bias"]).sum() == 2
+
+
 def test_a_key_bias_swap_leaves_torch_attention_unchanged():
     """Why the swapper passes over key-bias pairs: on the real layer, its output does not move (float32 rounding)."""
     import numpy as np

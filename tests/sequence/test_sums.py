@@ -81,3 +81,17 @@ def test_draws_scale_the_inputs_only():
     g1, y1 = verify_module.draw_grid(spec, seed=3)
     g2, y2 = verify_module.draw_grid(spec, seed=3, scale=0.5)
     assert all(np.array_equal(g1[k], g2[k]) for k in g1) and all(np.array_equal(a / 2, b) for a, b in zip(y1, y2))
+
+
+def test_a_mutant_the_normal_draws_miss_is_rejected_on_a_grid_draw(monkeypatch):
+    """Under bfloat16 sums a GRU's reset placement hides in the bound on the normal draws but not on the grid draws,
+    where the layers must agree too: the case is ``pass``, the mutant named rejected, not ``inconclusive``."""
+    monkeypatch.setattr(verify_module, "_accumulation", lambda layers, dtype: "bfloat16")
+    gru = ec.spec("keras:gru", input_size=5, units=6, reset_after=False)
+    case = verify_module.verify_sequence_pair(gru, gru, source_backend="numpy", target_backend="numpy",
+                                              dtype="bfloat16", seed=0)
+    assert case.verdict == "pass", case.reason
+    monkeypatch.setattr(verify_module, "GRID_DRAWS", 0)  # the normal draws alone
+    alone = verify_module.verify_sequence_pair(gru, gru, source_backend="numpy", target_backend="numpy",
+                                               dtype="bfloat16", seed=0)
+    assert alone.verdict == "inconclusive" and "reset_placement" in alone.reason
