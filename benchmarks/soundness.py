@@ -54,6 +54,15 @@ def key_bias(name: str, size: int) -> range:
     return range(size // 3, 2 * size // 3) if name == "in_proj_bias" else range(0)
 
 
+def summed_biases(name: str, shape: tuple[int, ...], a: int, b: int) -> bool:
+    """Whether flat entries ``a`` and ``b`` of a Keras GRU's ``bias`` (2, 3·units) are the input and the recurrent
+    bias of one update or reset unit: those two are only ever added, so exchanging them changes nothing."""
+    if name.split("/")[-1] != "bias" or len(shape) != 2 or shape[0] != 2 or shape[1] % 3:
+        return False
+    (ra, ca), (rb, cb) = divmod(int(a), shape[1]), divmod(int(b), shape[1])
+    return ra != rb and ca == cb and ca < 2 * shape[1] // 3
+
+
 def named_swapper(seed: int):
     """A converter of named tensors (recurrent and attention layers) that keeps them all but swaps one pair of
     distinct weights in one tensor (the same draws each call).
@@ -61,7 +70,8 @@ def named_swapper(seed: int):
     A pair inside an attention key bias is passed over (the next pair is drawn; a tensor that is all key bias,
     Keras's ``key/bias``, is never chosen): exchanging two key-bias
     entries provably leaves the layer's function unchanged (softmax is shift-invariant per query:
-    ``q·(k + b) = q·k + q·b`` is the same for every key), so such a converter makes no mistake.
+    ``q·(k + b) = q·k + q·b`` is the same for every key), so such a converter makes no mistake; so is a pair of a
+    Keras GRU's input and recurrent bias of one update or reset unit (:func:`summed_biases`).
     """
 
     def swap_one_pair(weights):
@@ -73,7 +83,7 @@ def named_swapper(seed: int):
         flat, inert = out[name].reshape(-1), key_bias(name, out[name].size)
         for _ in range(100):
             a, b = rng.choice(flat.size, 2, replace=False)
-            if flat[a] != flat[b] and not (a in inert and b in inert):
+            if flat[a] != flat[b] and not (a in inert and b in inert) and not summed_biases(name, out[name].shape, a, b):
                 flat[[a, b]] = flat[[b, a]]
                 break
         return out

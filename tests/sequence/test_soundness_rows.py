@@ -74,3 +74,38 @@ def test_a_key_bias_swap_leaves_torch_attention_unchanged():
         moved = layer(x, x, x, need_weights=False)[0]
     assert np.allclose(before.numpy(), after.numpy(), atol=1e-5)
     assert not np.allclose(before.numpy(), moved.numpy(), atol=1e-3)
+
+
+def test_the_swapper_passes_over_a_keras_gru_summed_bias_pair(soundness):
+    """The input and recurrent biases of a Keras GRU's update and reset gates are only added: a swap between them is
+    no mistake. The candidate gate's two biases differ (reset after the recurrent matmul): a swap there is one."""
+    assert soundness.summed_biases("gru/bias", (2, 9), 1, 10) and soundness.summed_biases("bias", (2, 9), 14, 5)
+    assert not soundness.summed_biases("bias", (2, 9), 6, 15)  # the candidate's: a real mistake
+    assert not soundness.summed_biases("bias", (2, 9), 1, 11) and not soundness.summed_biases("kernel", (2, 9), 1, 10)
+    import numpy as np
+
+    w = {"bias": np.arange(18.0).reshape(2, 9)}
+    for seed in range(40):
+        changed = np.flatnonzero(soundness.named_swapper(seed)(w)["bias"] != w["bias"])
+        assert len(changed) == 2 and not soundness.summed_biases("bias", (2, 9), *changed)
+
+
+def test_a_summed_bias_swap_leaves_a_keras_gru_unchanged():
+    """Why the swapper passes over those pairs: on the real Keras GRU, the output does not move (float32 rounding);
+    the same swap in the candidate gate moves it."""
+    import numpy as np
+
+    import equivcheck as ec
+    from equivcheck.sequence.backends import run
+
+    gru = ec.spec("keras:gru", input_size=3, units=3)
+    weights, x = ec.sequence.verify.draw(gru, seed=1, batch=3)
+    before = run("keras", gru, weights, x, dtype="float32")
+
+    def swapped(col):
+        w = {k: v.copy() for k, v in weights.items()}
+        w["bias"][:, col] = w["bias"][::-1, col]
+        return np.abs(run("keras", gru, w, x, dtype="float32") - before).max()
+
+    assert swapped(1) < 1e-6 and swapped(4) < 1e-6  # update and reset units
+    assert swapped(7) > 1e-3  # the candidate's: reset applied between them
