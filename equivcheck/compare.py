@@ -26,6 +26,7 @@ frameworks that are already imported (never importing one) and recorded in the r
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -53,6 +54,7 @@ _PRODUCT_ROUNDOFF = {"tf32": 2.0**-11, "bf16x": 2.0**-8}
 ACCUMULATION_FACTOR = 4.0
 
 
+@functools.lru_cache(maxsize=64)
 def unit_roundoff(dtype: str) -> float:
     """Unit roundoff (half an ulp at 1) of a dtype name, or of a measured precision ``"2^-k"``.
 
@@ -112,6 +114,7 @@ def _split_accumulate(accumulate: str) -> tuple[float, float]:
     return 0.0, unit_roundoff(accumulate)
 
 
+@functools.lru_cache(maxsize=1024)
 def growth_factor(accumulate: str, fan_in: int) -> float:
     """The bound's factor on ``|W|·|x|``: ``2·u_prod + c·√n·u_acc`` for an accumulation name and fan-in."""
     u_prod, u_acc = _split_accumulate(accumulate)
@@ -134,10 +137,18 @@ def error_bound(
 ) -> np.ndarray:
     """The per-element bound of the module docstring, as a float64 array."""
     e = np.abs(np.asarray(exact, dtype=np.float64))
-    mag = np.asarray(magnitude, dtype=np.float64)
     e0 = e if exact_without_bias is None else np.abs(np.asarray(exact_without_bias, dtype=np.float64))
-    growth = growth_factor(accumulate or accumulation_dtype(dtype), fan_in)
-    return unit_roundoff(dtype) * (e + e0) + growth * mag + output_floor(dtype)
+    return _bound(e, e0, np.asarray(magnitude, dtype=np.float64), dtype, fan_in, accumulate)
+
+
+def _bound(abs_exact: np.ndarray, abs_exact0: np.ndarray, mag: np.ndarray, dtype: str, fan_in: int,
+           accumulate: str | None) -> np.ndarray:
+    """:func:`error_bound` from ``|ŷ|``, ``|ŷ⁰|`` and ``m`` (float64): the same operations, in place."""
+    bound = np.add(abs_exact, abs_exact0)
+    bound *= unit_roundoff(dtype)
+    bound += growth_factor(accumulate or accumulation_dtype(dtype), fan_in) * mag
+    bound += output_floor(dtype)
+    return bound
 
 
 @dataclass(frozen=True)
@@ -208,24 +219,32 @@ def compare(
     note = ", ".join(f"{k}: {v}" for k, v in sorted(reduced.items()))
     if a.size == 0:
         return Comparison(True, dtype, accumulate, int(fan_in), 0.0, 0.0, 0.0, 0.0, (), 0.0, 0, 0, note)
-    bound = error_bound(e, mag, dtype=dtype, fan_in=fan_in, accumulate=accumulate, exact_without_bias=exact_without_bias)
+    abs_e = np.abs(e)
+    abs_e0 = abs_e if exact_without_bias is None else np.abs(np.asarray(exact_without_bias, dtype=np.float64))
+    bound = _bound(abs_e, abs_e0, mag, dtype, fan_in, accumulate)
     finite = np.isfinite(a)
     nonfinite = int(a.size - np.count_nonzero(finite))
-    with np.errstate(invalid="ignore"):
-        err = np.where(finite, np.abs(a - e), np.inf)
-        ratio = np.where(np.isnan(e), np.inf, err / bound)
-    worst = np.unravel_index(int(np.argmax(ratio)), a.shape)
-    tiny = np.finfo(np.float64).tiny
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(np.abs(e) > 0, err / np.maximum(np.abs(e), tiny), np.where(err > 0, np.inf, 0.0))
-    out = int(np.count_nonzero(~(ratio <= 1.0)))
+        err = np.abs(a - e)
+        if nonfinite:
+            err[~finite] = np.inf
+        ratio = err / bound
+        nan_exact = np.isnan(e)
+        if nan_exact.any():
+            ratio[nan_exact] = np.inf
+        worst = np.unravel_index(int(ratio.argmax()), a.shape)
+        rel = err / np.maximum(abs_e, np.finfo(np.float64).tiny)
+        nonzero = abs_e > 0
+        if not nonzero.all():  # a zero exact value: any error there is infinitely large relative to it
+            rel = np.where(nonzero, rel, np.where(err > 0, np.inf, 0.0))
+    out = int(a.size - np.count_nonzero(ratio <= 1.0))
     return Comparison(
         passed=nonfinite == 0 and out == 0,
         dtype=dtype,
         accumulate=accumulate,
         fan_in=int(fan_in),
-        max_abs_error=float(np.max(err)),
-        max_rel_error=float(np.max(rel)),
+        max_abs_error=float(err.max()),
+        max_rel_error=float(rel.max()),
         max_error_ratio=float(ratio[worst]),
         bound_at_worst=float(bound[worst]),
         worst_index=tuple(int(i) for i in worst),

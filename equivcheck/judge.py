@@ -20,7 +20,9 @@ moves from the right one by more than the two bounds together, so that no run of
 layer within its bound could pass it. The proof needs no forward pass of the real layer per
 mutant: a pair's catalogue, and for a small kernel the index that gathers every mutant kernel
 at once, is worked out once per pair; all mutants of the layer's own kind go through one stacked
-float64 forward and are judged in one pass over the stacked outputs.
+float64 forward and are judged in one pass over the stacked outputs. On a small dense layer a
+mutant that only reorders the kernel's rows and columns is the same kernel on reordered inputs
+(no kernel per mutant is built), and the real layers of a small spec are built once and reused.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ import numpy as np
 from equivcheck import backends as registry
 from equivcheck._arrays import to_numpy
 from equivcheck._copy import check_dtype
+from equivcheck.backends.numpy import dense_features
 from equivcheck.backends.numpy import forward as reference_forward
-from equivcheck.backends.probe import Facts, probe
+from equivcheck.backends.probe import Facts, probe_with_keys
 from equivcheck.compare import Comparison, compare, error_bound
 from equivcheck.data import detection_batch, nonzeros_for, sample_inputs, sample_weights
 from equivcheck.dtypes import np_dtype
@@ -184,11 +187,12 @@ def pair_facts(source: LayerSpec, target: LayerSpec, source_backend: str, target
                dtype: str) -> tuple[dict[str, Facts], str]:
     """Each backend probed on its own spec: ``(facts by role, why the pair cannot run here or "")``."""
     facts: dict[str, Facts] = {}
+    keys: dict[str, str] = {}
     for role, name, spec in (("source", source_backend, source), ("target", target_backend, target)):
         backend = registry.get(name)
         if not backend.available():
             return facts, f"backend {name!r} is not installed ({backend.module})"
-        facts[role] = probe(backend, spec, dtype)
+        facts[role] = probe_with_keys(backend, spec, dtype, keys)
         if not facts[role].runs:
             return facts, f"{name} cannot run the {role} here: {facts[role].reason}"
     return facts, ""
@@ -225,6 +229,8 @@ class Reference:
         self.x = x
         self.dtype, self.fan, self.roundings = dtype, fan, roundings
         self.accumulate = tuple(a or None for a in accumulate)
+        self._abs_of: np.ndarray | None = None
+        self._abs: np.ndarray | None = None
 
     @functools.cached_property
     def x64(self) -> np.ndarray:
@@ -246,9 +252,20 @@ class Reference:
         k = np.asarray(kernel, np.float64)
         b = None if bias is None else np.asarray(bias, np.float64)
         if absolute:
-            k, b = np.abs(k), None if b is None else np.abs(b)
+            k, b = self.abs_kernel(k), None if b is None else np.abs(b)
         y = reference_forward(spec or self.spec, k, b, self.abs_x64 if absolute else self.x64)
         return self.adapt[1](y, self.x)
+
+    def abs_kernel(self, kernel: np.ndarray) -> np.ndarray:
+        """``|kernel|``; kept for the next call with the same read-only kernel (the judge's float64 copy,
+        read by the exact outputs and again by the mutants)."""
+        if kernel is self._abs_of and not kernel.flags.writeable:
+            return self._abs
+        absolute = np.abs(kernel)
+        if not kernel.flags.writeable and kernel.size <= GATHER_MAX_KERNEL:  # never holds on to a large one
+            absolute.setflags(write=False)
+            self._abs_of, self._abs = kernel, absolute
+        return absolute
 
     def outputs(self, kernel: np.ndarray, bias: np.ndarray | None, spec: LayerSpec | None = None, *,
                 stored: Mapping | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -264,6 +281,7 @@ class Reference:
             if lean is not None:
                 return lean
             kernel = stored.apply(kernel)
+        kernel = np.asarray(kernel, np.float64)  # once for both forwards
         nb = self.forward(kernel, None, spec=spec)
         mag = self.forward(kernel, bias, absolute=True, spec=spec)
         if bias is None:
@@ -312,8 +330,9 @@ class Reference:
                        exact_without_bias=self._before_bias(nb))
 
     def bound(self, exact: np.ndarray, mag: np.ndarray, nb: np.ndarray | None) -> np.ndarray:
-        return sum(error_bound(exact, mag, dtype=self.dtype, fan_in=self.fan, accumulate=acc,
-                               exact_without_bias=self._before_bias(nb)) for acc in self.accumulate)
+        bounds = [error_bound(exact, mag, dtype=self.dtype, fan_in=self.fan, accumulate=acc,
+                              exact_without_bias=self._before_bias(nb)) for acc in self.accumulate]
+        return bounds[0] if len(bounds) == 1 else sum(bounds)
 
 
 #: A kernel that covers the map is read this many float64 weights at a time (:meth:`Reference.outputs`).
@@ -404,7 +423,12 @@ def judge_pair(
         if converter is None:
             raise
         right = None
-    convert = converter or (lambda k, b: planned_convert(source, target, k, b))
+    if converter is None and data is None and source.bias == target.bias:
+        # Drawn data are finite and of the right shapes: the planned conversion, without checking them again.
+        def convert(k: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+            return right.apply(k), None if b is None else b.copy()
+    else:
+        convert = converter or (lambda k, b: planned_convert(source, target, k, b))
     # A user's converter gets copies (it may write into them); the planned one never writes into its input.
     new_kernel, new_bias = _call_converter(convert, kernel, bias, target, dtype, copy=converter is not None)
 
@@ -412,10 +436,15 @@ def judge_pair(
     fan = max(1, min(fan_in(source), int(np.count_nonzero(x.reshape(len(x), -1), axis=1).max(initial=1))))
     src = Reference.probed(source, target, x, case.facts["source"], dtype=dtype, fan=fan, tf32=tf32)
     tgt = Reference.probed(target, source, x, case.facts["target"], dtype=dtype, fan=fan, tf32=tf32)
-    exact, mag, nb = src.outputs(kernel, bias)
-    y_src = _run(source_backend, source, dtype, kernel, bias, src)
-    case.source_comparison = src.compare(y_src, exact, mag, nb)
+    # The exact outputs and the mutants read the source kernel in float64: converted once (a small one).
+    kernel64 = kernel
+    if kernel.size <= GATHER_MAX_KERNEL:
+        kernel64 = np.array(kernel, np.float64)  # our own copy, read-only: its |·| is worked out once
+        kernel64.setflags(write=False)
+    y_src = _run(source_backend, source, dtype, kernel, bias, src)  # both real layers first, back to back
     y_tgt = _run(target_backend, target, dtype, new_kernel, new_bias, tgt)
+    exact, mag, nb = src.outputs(kernel64, bias)
+    case.source_comparison = src.compare(y_src, exact, mag, nb)
     # The target is judged by how its own backend rounds and sums.
     case.comparison = tgt.compare(y_tgt, exact, mag, nb)
     case.errors = {"output": np.abs(y_tgt.astype(np.float64) - exact)}
@@ -432,7 +461,7 @@ def judge_pair(
     else:
         case.verdict = "pass"
     if mutants and right is not None:
-        case.mutations = mutant_outcomes(source, target, right, kernel, bias, tgt, (exact, mag, nb), src)
+        case.mutations = mutant_outcomes(source, target, right, kernel64, bias, tgt, (exact, mag, nb), src)
         missed = [m.name for m in case.mutations if m.outcome == "not rejected"]
         if case.verdict == "pass" and missed:
             case.verdict = "inconclusive"
@@ -440,10 +469,42 @@ def judge_pair(
     return case
 
 
+#: Built layers kept for the next case of the same spec (building is a large part of a small case), at most
+#: :data:`LAYER_POOL` of them, each with a kernel of at most :data:`REUSE_MAX_KERNEL` weights.
+LAYER_POOL = 16
+REUSE_MAX_KERNEL = 1 << 18
+_LAYERS: dict[tuple, Any] = {}
+
+
 def _run(backend: str, spec: LayerSpec, dtype: str, kernel: np.ndarray, bias: np.ndarray | None,
          ref: Reference) -> np.ndarray:
-    layer = registry.get(backend).build(spec, dtype)
-    layer.set_weights(kernel, bias)
+    b = registry.get(backend)
+    # Keyed by the build function too: a replaced one (a test's fake) builds anew.
+    key = (b, getattr(b.build, "__func__", b.build), spec, dtype)
+    reuse = math.prod(spec.kernel_shape) <= REUSE_MAX_KERNEL
+    layer = _LAYERS.pop(key, None) if reuse else None  # out of the pool while in use: one case at a time
+    reused = layer is not None
+    if not reused:
+        layer = b.build(spec, dtype)
+    try:
+        y = _forward(layer, kernel, bias, ref)
+    except Exception:
+        if not reused:
+            raise
+        layer = b.build(spec, dtype)  # whatever went wrong on a reused layer, a new one decides
+        y = _forward(layer, kernel, bias, ref)
+    if reuse:  # only a layer that ran without raising goes back
+        _LAYERS[key] = layer
+        while len(_LAYERS) > LAYER_POOL:
+            try:
+                _LAYERS.pop(next(iter(_LAYERS)), None)  # the oldest
+            except (RuntimeError, StopIteration):  # another thread changed the pool meanwhile
+                break
+    return y
+
+
+def _forward(layer: Any, kernel: np.ndarray, bias: np.ndarray | None, ref: Reference) -> np.ndarray:
+    layer.set_weights(kernel, bias)  # every weight, so nothing of a reused layer's last case is left
     return ref.adapt[1](np.asarray(layer(ref.adapt[0](ref.x))), ref.x)
 
 
@@ -481,7 +542,10 @@ def _call_converter(convert: Converter, kernel: np.ndarray, bias: np.ndarray | N
         got = None if new_bias is None else new_bias.shape
         raise VerificationError(f"converter returned a bias of shape={got}: the target expects {target.bias_shape}")
     dt = np_dtype(dtype)
-    return new_kernel.astype(dt), None if new_bias is None or not target.bias else new_bias.astype(dt)
+    # The converter's kernel is already its own (a user's converter got copies): copied only to convert it, or
+    # where it is read-only (a jax array's view), as a framework may want to write.
+    kernel_out = new_kernel.astype(dt, copy=not new_kernel.flags.writeable)
+    return kernel_out, None if new_bias is None or not target.bias else new_bias.astype(dt)
 
 
 # -- mutants -----------------------------------------------------------------------------
@@ -510,9 +574,33 @@ class _MutantPlan:
     found: tuple[Any, ...]  # the catalogue: equivcheck.mutations.Mutant
     same_layer: tuple[int, ...]  # the mutants of the side's own layer, judged together
     maps: tuple[Mapping, ...]  # for each of them: the source kernel to the side's kernel
-    stack: tuple[LayerSpec, int, int] | None  # see _stacked; None: one forward per mutant
-    index: np.ndarray | None  # the stacked kernel as indices into the flat source kernel (small kernels only)
+    stack: tuple[LayerSpec, int, int] | None  # see _stacked, for the maps in ``gathered``; None: one forward each
+    index: np.ndarray | None  # their stacked kernel as indices into the flat source kernel (small kernels only)
     kernel_shape: tuple[int, ...] = ()  # the source kernel's, which the index reads
+    gathered: tuple[int, ...] = ()  # positions in ``maps`` whose kernels are built (the rest: ``permuted``)
+    permuted: tuple[int, ...] = ()  # positions in ``maps`` of a dense layer that only reorder its rows and columns
+    features: np.ndarray | None = None  # for each of ``permuted``: the input features that meet the kernel's columns
+    units: np.ndarray | None = None  # and the kernel row each output reads
+    dense_source: bool = False  # a small dense layer on the source side: ``gathered`` are judged one at a time
+
+
+def _reordering(source: DenseSpec, m: Mapping) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(features, units)`` when ``m`` of a dense kernel only reorders its rows and columns: the layer it gives
+    then computes ``(x[:, features] @ W.T)[:, units]`` with ``W`` the source kernel as ``(out, in)``; else None."""
+    units_n, in_n = source.units, source.in_features
+    idx = m.apply(np.arange(units_n * in_n, dtype=np.intp).reshape(source.kernel_shape))
+    if idx.shape != source.kernel_shape:
+        return None
+    if source.kernel_layout == "IO":
+        idx = idx.T
+    row, col = (idx // in_n, idx % in_n) if source.kernel_layout == "OI" else (idx % units_n, idx // units_n)
+    if not (np.array_equal(row, np.broadcast_to(row[:, :1], row.shape))
+            and np.array_equal(col, np.broadcast_to(col[:1], col.shape))):
+        return None
+    cols = col[0]
+    if not np.array_equal(np.sort(cols), np.arange(in_n)):
+        return None
+    return np.argsort(cols), row[:, 0].copy()
 
 
 @functools.lru_cache(maxsize=16)  # an index is at most GATHER_MAX_KERNEL × mutants × 8 bytes
@@ -522,33 +610,120 @@ def _mutant_plan(source: LayerSpec, target: LayerSpec, right: Mapping, side: Lay
     found = tuple(mutants(source, target, right))
     same = tuple(i for i, m in enumerate(found) if not m.ambiguous and m.target is None)
     maps = tuple(_back_to_source(found[i].mapping, right) if on_source else found[i].mapping for i in same)
-    stack = _stacked(side, len(same)) if len(same) > 1 else None
-    index = None
     size = math.prod(source.kernel_shape)
+    # A small dense layer on the source side: a mutant that only reorders the kernel's rows and columns is the
+    # same kernel on reordered inputs, all of them in one product; any other is a view of the kernel, or a copy.
+    dense_source = on_source and isinstance(source, DenseSpec) and side == source and size <= GATHER_MAX_KERNEL
+    permuted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for j, m in enumerate(maps if dense_source else ()):
+        order = _reordering(source, m)
+        if order is not None:
+            permuted[j] = order
+    gathered = tuple(j for j in range(len(maps)) if j not in permuted)
+    stack = _stacked(side, len(gathered)) if len(gathered) > 1 and not dense_source else None
+    index = None
     if stack is not None and size <= GATHER_MAX_KERNEL:
         flat = np.arange(size, dtype=np.intp).reshape(source.kernel_shape)  # intp: numpy gathers fastest with it
-        index = np.concatenate([m.apply(flat) for m in maps], axis=stack[1])
+        index = np.concatenate([maps[j].apply(flat) for j in gathered], axis=stack[1])
         index.setflags(write=False)
-    return _MutantPlan(found, same, maps, stack, index, tuple(source.kernel_shape))
+    features = units = None
+    if permuted:
+        features = np.stack([permuted[j][0] for j in permuted])
+        units = np.stack([permuted[j][1] for j in permuted])
+        features.setflags(write=False)
+        units.setflags(write=False)
+    return _MutantPlan(found, same, maps, stack, index, tuple(source.kernel_shape), gathered, tuple(permuted),
+                       features, units, dense_source)
 
 
 def _many(ref: Reference, kernel: np.ndarray, mplan: _MutantPlan) -> tuple[np.ndarray, np.ndarray]:
     """Exact outputs (no bias) and ``|W|·|x|`` of ``mplan``'s same-layer mutants of ``kernel`` on ``ref``'s batch,
-    stacked on a new first axis: one forward each where the layer stacks."""
+    stacked on a new first axis: the reordering ones of a dense layer in one product on reordered inputs, the
+    others as :func:`_dense_each` or :func:`_gathered` computes them."""
+    if not mplan.permuted:
+        return _dense_each(ref, kernel, mplan) if mplan.dense_source else _gathered(ref, kernel, mplan)
+    spec = ref.spec
+    kernel = np.asarray(kernel, np.float64)
+    w, abs_w = kernel, ref.abs_kernel(kernel)
+    if spec.kernel_layout != "OI":
+        w, abs_w = w.T, abs_w.T
+    count = len(mplan.permuted)
+
+    def run(x64: np.ndarray, w: np.ndarray) -> np.ndarray:
+        feats = dense_features(spec, x64)
+        n = len(feats)
+        # every mutant's inputs, mutant by mutant: (count·n, in) @ (in, out)
+        y = (np.take(feats.T, mplan.features, axis=0).transpose(0, 2, 1).reshape(count * n, -1) @ w.T)
+        y = np.take_along_axis(y.reshape(count, n, -1), mplan.units[:, None, :], axis=2)
+        return np.stack([ref.adapt[1](p, ref.x) for p in y])
+
+    ys, mags = run(ref.x64, w), run(ref.abs_x64, abs_w)
+    if not mplan.gathered:
+        return ys, mags
+    gys, gmags = _dense_each(ref, kernel, mplan)
+    out_y = np.empty((len(mplan.maps), *ys.shape[1:]))
+    out_mag = np.empty_like(out_y)
+    out_y[list(mplan.permuted)], out_mag[list(mplan.permuted)] = ys, mags
+    out_y[list(mplan.gathered)], out_mag[list(mplan.gathered)] = gys, gmags
+    return out_y, out_mag
+
+
+def _dense_each(ref: Reference, kernel: np.ndarray, mplan: _MutantPlan) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_many` for the mutants in ``mplan.gathered`` of a dense layer on the source side, one at a time:
+    each kernel (and its magnitude, from the kernel's own) is a view of the source kernel where it can be."""
+    spec = ref.spec
+    kernel = np.asarray(kernel, np.float64)
+    abs_kernel = ref.abs_kernel(kernel)
+    feats, abs_feats = dense_features(spec, ref.x64), dense_features(spec, ref.abs_x64)
+    ys, mags = [], []
+    for j in mplan.gathered:
+        m = mplan.maps[j]
+        w = _rearranged(m, kernel)
+        # a view reads the kernel's own magnitudes; a copy takes its own (cheaper than a second strided copy)
+        abs_w = _rearranged(m, abs_kernel) if np.may_share_memory(w, kernel) else np.abs(w)
+        if spec.kernel_layout == "OI":
+            w, abs_w = w.T, abs_w.T
+        ys.append(ref.adapt[1](feats @ w, ref.x))
+        mags.append(ref.adapt[1](abs_feats @ abs_w, ref.x))
+    return np.stack(ys), np.stack(mags)
+
+
+def _rearranged(m: Mapping, a: np.ndarray) -> np.ndarray:
+    """``m.apply(a)``, a view where numpy can make one (a copy only where a reshape needs it)."""
+    for op in m.simplify().ops:
+        if isinstance(op, Reshape):
+            a = a.reshape(op.shape)
+        elif isinstance(op, Transpose):
+            a = a.transpose(op.perm)
+        else:
+            a = a[tuple(slice(None, None, -1) if i in op.axes else slice(None) for i in range(a.ndim))]
+    return a
+
+
+def _gathered(ref: Reference, kernel: np.ndarray, mplan: _MutantPlan) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_many` for the mutants in ``mplan.gathered``: their kernels built, one forward each or all stacked."""
+    maps = [mplan.maps[j] for j in mplan.gathered]
     if mplan.stack is None:
-        kernels = [m.apply(kernel) for m in mplan.maps]
+        kernels = [m.apply(kernel) for m in maps]
         return (np.stack([ref.forward(k, None) for k in kernels]),
                 np.stack([ref.forward(k, None, absolute=True) for k in kernels]))
     spec, k_axis, y_axis = mplan.stack
     if mplan.index is not None and kernel.shape == mplan.kernel_shape:
         big = np.asarray(kernel, np.float64).reshape(-1)[mplan.index]  # one gather: every mutant kernel at once
     else:
-        big = np.concatenate([np.asarray(m.apply(kernel), np.float64) for m in mplan.maps], axis=k_axis)
+        big = np.concatenate([np.asarray(m.apply(kernel), np.float64) for m in maps], axis=k_axis)
     y = reference_forward(spec, big, None, ref.x64)
     mag = reference_forward(spec, np.abs(big, out=big), None, ref.abs_x64)
-    count = len(mplan.maps)
-    return (np.stack([ref.adapt[1](p, ref.x) for p in np.split(y, count, axis=y_axis)]),
-            np.stack([ref.adapt[1](p, ref.x) for p in np.split(mag, count, axis=y_axis)]))
+    count = len(maps)
+    return (np.stack([ref.adapt[1](p, ref.x) for p in _pieces(y, count, y_axis)]),
+            np.stack([ref.adapt[1](p, ref.x) for p in _pieces(mag, count, y_axis)]))
+
+
+def _pieces(y: np.ndarray, count: int, axis: int) -> np.ndarray:
+    """``y`` cut into ``count`` equal parts along ``axis``, stacked first: views, where ``np.split`` makes a list."""
+    axis %= y.ndim
+    parts = y.reshape(*y.shape[:axis], count, y.shape[axis] // count, *y.shape[axis + 1:])
+    return np.moveaxis(parts, axis, 0)
 
 
 def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel: np.ndarray,
@@ -581,8 +756,11 @@ def mutant_outcomes(source: LayerSpec, target: LayerSpec, right: Mapping, kernel
         else:
             nbs = None
             if target_bias is not None:
-                b = np.stack([_per_channel(target_bias if found[i].bias is None else found[i].bias.apply(target_bias),
-                                           exact) for i in mplan.same_layer])
+                if all(found[i].bias is None for i in mplan.same_layer):  # one bias for all: broadcast
+                    b = _per_channel(target_bias, exact)[None]
+                else:
+                    b = np.stack([_per_channel(target_bias if found[i].bias is None else found[i].bias.apply(target_bias),
+                                               exact) for i in mplan.same_layer])
                 nbs, ys, mags = ys, ys + b, mags + np.abs(b)
             with np.errstate(divide="ignore", invalid="ignore"):
                 r = np.abs(ys - exact) / (bound + ref.bound(ys, mags, nbs))

@@ -7,11 +7,13 @@ in float64.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
 
 from equivcheck.backends.base import ArrayLayer, Backend, check_input, np_dtype
+from equivcheck.mapping import Mapping
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec
 
 
@@ -27,17 +29,32 @@ def from_channels_first(y: np.ndarray, data_format: str) -> np.ndarray:
     return np.moveaxis(y, 1, -1) if data_format == CHANNELS_LAST and y.ndim > 2 else y
 
 
+def dense_features(spec: DenseSpec, x: np.ndarray) -> np.ndarray:
+    """``x`` flattened in ``spec.flatten`` order, in the compute dtype: what the kernel's input axis meets."""
+    xc = to_channels_first(x, spec.data_format)
+    perm = [0] + [1 + spec.map_letters.index(a) for a in spec.flatten]
+    return xc.transpose(perm).reshape(x.shape[0], -1).astype(_compute_dtype(x.dtype))
+
+
 def dense_forward(spec: DenseSpec, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> np.ndarray:
     """``Flatten`` in ``spec.flatten`` order, then ``x @ W + b``."""
     cdt = _compute_dtype(x.dtype)
-    xc = to_channels_first(x, spec.data_format)
-    perm = [0] + [1 + spec.map_letters.index(a) for a in spec.flatten]
-    flat = xc.transpose(perm).reshape(x.shape[0], -1).astype(cdt)
+    flat = dense_features(spec, x)
     w = kernel.astype(cdt, copy=False)
     y = flat @ (w if spec.kernel_layout == "IO" else w.T)
     if bias is not None:
         y = y + bias.astype(cdt)
     return y.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _by_position(spec: ConvSpec) -> Mapping:
+    """The stored kernel to ``(*k, g, O/g, I/g)`` in one copy: kernel positions first, so each slice is contiguous."""
+    from equivcheck.planning import canonical
+
+    g, r = spec.groups, spec.rank
+    grouped = canonical(spec).reshape(g, spec.out_channels // g, spec.in_channels // g, *spec.kernel_size)
+    return grouped.transpose(*range(3, 3 + r), 0, 1, 2)
 
 
 def conv_forward(spec: ConvSpec, kernel: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> np.ndarray:
@@ -55,9 +72,7 @@ def conv_forward(spec: ConvSpec, kernel: np.ndarray, bias: np.ndarray | None, x:
         pads = [(0, 0), (0, 0), *spec.pads()]
         xp = np.pad(xc, pads)
         xg = xp.reshape(n, g, spec.in_channels // g, *xp.shape[2:])
-        # (*k, g, O/g, I/g) in one copy: kernel positions first, so each slice below is contiguous
-        grouped = canonical(spec).reshape(g, spec.out_channels // g, spec.in_channels // g, *spec.kernel_size)
-        kg = grouped.transpose(*range(3, 3 + r), 0, 1, 2).apply(kernel).astype(cdt, copy=False)
+        kg = _by_position(spec).apply(kernel).astype(cdt, copy=False)
         y = np.zeros((n, g, spec.out_channels // g, *out_sp), dtype=cdt)
         for pos in itertools.product(*(range(s) for s in spec.kernel_size)):
             window = tuple(

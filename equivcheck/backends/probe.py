@@ -291,15 +291,23 @@ def probe(backend: str | Backend, spec: LayerSpec, dtype: str) -> Facts:
     """
     from equivcheck import backends
 
-    b = backends.get(backend) if isinstance(backend, str) else backend
+    return probe_with_keys(backends.get(backend) if isinstance(backend, str) else backend, spec, dtype, {})
+
+
+def probe_with_keys(b: Backend, spec: LayerSpec, dtype: str, keys: dict[str, str]) -> Facts:
+    """:func:`probe`, with the :func:`environment_key` of each backend kept in ``keys`` (by name) for the next
+    call: a pair's two probes read the environment once."""
     np_dtype(dtype)
-    label = spec.describe()
     static = b.unsupported(spec, dtype) if b.available() else f"{b.module} is not installed"
     if static:
-        return Facts(b.name, dtype, label, runs=False, reason=static)
-    key = (environment_key(b), spec, dtype)
+        return Facts(b.name, dtype, spec.describe(), runs=False, reason=static)
+    env = keys.get(b.name)
+    if env is None:
+        env = keys[b.name] = environment_key(b)
+    key = (env, spec, dtype)
     if key in _CACHE:
         return _CACHE[key]
+    label = spec.describe()
     facts = _from_disk(key, b, label)
     if facts is None:
         facts = _measure(b, spec, dtype, label)
