@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m equivcheck.report.example reports/example --backends numpy,torch
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 --dist worksteal
 
 # Real third-party converters checked with equivcheck (examples/README.md); --no-deps keeps the pinned frameworks.
 EXAMPLES_STAMP := $(VENV)/.examples-installed
