@@ -50,6 +50,9 @@ GRID_BATCH = 64
 #: exponentially (a weight moves by up to e^{ε_i + max ε}), so large scores put the bound beyond any misplaced
 #: weight's effect; halved inputs quarter the scores and bring it back within reach.
 LOW_SUM_ATTENTION_SCALE = 0.5
+#: Sums below float32: grid draws of this batch, fewer for a wide layer (batch × fan-in at most LOW_SUM_GRID_WEIGHTS).
+LOW_SUM_GRID_BATCH = 1024
+LOW_SUM_GRID_WEIGHTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -503,7 +506,8 @@ def verify_sequence_pair(source: SequenceSpec, target: SequenceSpec, *, source_b
     the reference rejects every mutant, and the layers must agree on ``GRID_DRAWS`` :func:`draw_grid`
     draws too, where a single misplaced weight shows above the rounding; a mutant rejected on a grid
     draw counts as rejected (a converter making that mistake fails there). Where the sums run below
-    float32 (as probed) both counts double, and attention draws its inputs at ``LOW_SUM_ATTENTION_SCALE``.
+    float32 (as probed) both counts double, the grid batch grows to ``LOW_SUM_GRID_BATCH`` and attention draws
+    its inputs at ``LOW_SUM_ATTENTION_SCALE``.
     """
     np_dtype(dtype)
     low = dtype in ("float16", "bfloat16")
@@ -536,8 +540,11 @@ def verify_sequence_pair(source: SequenceSpec, target: SequenceSpec, *, source_b
     if attempt:
         case.notes.append(f"data drawn {attempt + 1} times (seeds {seed}..{seed + attempt}) for the mutants to be rejected")
     draws = [("", weights, inputs, exact, bound, bound_t)]
+    grid_batch = max(n, GRID_BATCH)
+    if low_sums(accumulate):  # more samples: a misplaced weight's largest effect grows, the rounding bound does not
+        grid_batch = max(grid_batch, min(LOW_SUM_GRID_BATCH, LOW_SUM_GRID_WEIGHTS // max(1, source.fan_in)))
     for j in range((GRID_DRAWS * (2 if low_sums(accumulate) else 1)) if low else 0):  # where a misplaced weight shows above the rounding
-        w, x = draw_grid(source, seed=seed + j, batch=max(n, GRID_BATCH), steps=steps, scale=scale)
+        w, x = draw_grid(source, seed=seed + j, batch=grid_batch, steps=steps, scale=scale)
         w, x = {k: _rounded(v, dtype) for k, v in w.items()}, _rounded(x, dtype)
         draws.append((f" on grid draw {j + 1} (draw_grid seed={seed + j})", w, x, *bounds(w, x)))
     for _, w, x, exact_g, _, bound_g in draws[1:]:  # the layers must agree there too: a mutant rejected there fails

@@ -95,3 +95,25 @@ def test_a_mutant_the_normal_draws_miss_is_rejected_on_a_grid_draw(monkeypatch):
     alone = verify_module.verify_sequence_pair(gru, gru, source_backend="numpy", target_backend="numpy",
                                                dtype="bfloat16", seed=0)
     assert alone.verdict == "inconclusive" and "reset_placement" in alone.reason
+
+
+@pytest.mark.parametrize(("sums", "grid_batch", "grid_draws"), [("float32", 64, 2), ("bfloat16", 1024, 4)])
+def test_sums_below_float32_draw_more_and_larger_grids(monkeypatch, sums, grid_batch, grid_draws):
+    """A misplaced weight's largest effect grows with the samples, the rounding bound does not."""
+    monkeypatch.setattr(verify_module, "_accumulation", lambda layers, dtype: sums)
+    seen = []
+    real = verify_module.draw_grid
+
+    def draw_grid(spec, **kw):
+        seen.append(kw["batch"])
+        return real(spec, **kw)
+
+    monkeypatch.setattr(verify_module, "draw_grid", draw_grid)
+    lstm = ec.spec("keras:lstm", input_size=3, units=4)
+    verify_module.verify_sequence_pair(lstm, lstm, source_backend="numpy", target_backend="numpy", dtype="bfloat16")
+    assert seen == [grid_batch] * grid_draws
+    wide = ec.spec("keras:lstm", input_size=200, units=100)  # fan-in 301 (a bias too): 2^16 // 301 = 217
+    seen.clear()
+    verify_module.verify_sequence_pair(wide, wide, source_backend="numpy", target_backend="numpy", dtype="bfloat16",
+                                       mutants=False)
+    assert seen == [217 if sums == "bfloat16" else 64] * grid_draws
