@@ -53,6 +53,11 @@ LOW_SUM_ATTENTION_SCALE = 0.5
 #: Sums below float32: grid draws of this batch, fewer for a wide layer (batch × fan-in at most LOW_SUM_GRID_WEIGHTS).
 LOW_SUM_GRID_BATCH = 1024
 LOW_SUM_GRID_WEIGHTS = 1 << 16
+#: Sequence backends whose dense matmul is another backend's: Flax's is JAX's.
+PROBED_AS = {"flax": "jax"}
+#: Draws a layer's own sums are probed on, and the share of the float32-sum bound its errors must stay within there.
+SUM_PROBE_DRAWS = 6
+SUM_PROBE_MARGIN = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -359,13 +364,6 @@ def _accumulation(layers: tuple[tuple[str, SequenceSpec], ...], dtype: str) -> s
     if low_sums(widest) and all(name == "numpy" or _sums_fit_float32(name, spec, dtype) for name, spec in layers):
         return "float32"
     return widest
-
-
-#: Sequence backends whose dense matmul is another backend's: Flax's is JAX's.
-PROBED_AS = {"flax": "jax"}
-#: Draws a layer's own sums are probed on, and the share of the float32-sum bound its errors must stay within there.
-SUM_PROBE_DRAWS = 6
-SUM_PROBE_MARGIN = 1 / 3
 
 
 @functools.cache
