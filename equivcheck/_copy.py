@@ -38,7 +38,17 @@ if TYPE_CHECKING:
 BLOCKED_MIN_BYTES = 1 << 22
 # Bytes of source that one block may touch; about an L2 cache.
 _BLOCK_BYTES = 1 << 20
-_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def cores() -> int:
+    """The cores this process may run on (a container's share, where the OS says)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_WORKERS = min(4, cores())
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = 0
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from equivcheck._copy import cores
 from equivcheck.compare import (
     Comparison,
     accumulation_dtype,
@@ -186,7 +187,7 @@ def judge(actual: np.ndarray, reference: np.ndarray, mag: np.ndarray, bias: np.n
                 found.append((worst, ((i * c + c0 + b0) * inner + k), float(bound.flat[k]), count, bad_count, top, rel))
         return found
 
-    threads = min(_cores(), len(tasks)) if r.size >= JUDGE_TASK else 1
+    threads = min(cores(), len(tasks)) if r.size >= JUDGE_TASK else 1
     if threads > 1:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -221,16 +222,6 @@ def _contiguous(v: np.ndarray) -> np.ndarray:
     for p0 in range(0, positions, tile):
         out[:, p0:p0 + tile] = rows[p0:p0 + tile].T
     return out.reshape(v.shape)
-
-
-def _cores() -> int:
-    """The cores this process may run on (a container's share, where the OS says)."""
-    import os
-
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 # -- diagnosis -------------------------------------------------------------------------------

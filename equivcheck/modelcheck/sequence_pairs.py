@@ -255,8 +255,14 @@ def _missed(ss: Any, cs: Any, ws: dict[str, np.ndarray], wc: dict[str, np.ndarra
             seed: int, mask: np.ndarray | None = None) -> list[str]:
     """The mutants that the captured input (under its mask) does not reject, and (where there are some) designed
     data, unmasked (the weights do not depend on the mask), does not either."""
-    from equivcheck.sequence.verify import DRAWS, LOW_PRECISION_BATCH, compare_outputs, draw, judge_mutants
-    from equivcheck.sequence.verify import judgement_bounds as bounds_of
+    from equivcheck.sequence.verify import (
+        DRAWS,
+        LOW_PRECISION_BATCH,
+        compare_outputs,
+        draw,
+        judge_mutants,
+        judgement_bounds,
+    )
 
     missed = [o.name for o in judge_mutants(ss, cs, ws, xs, dtype, mask) if o.outcome != "rejected"]
     if not missed:
@@ -270,7 +276,7 @@ def _missed(ss: Any, cs: Any, ws: dict[str, np.ndarray], wc: dict[str, np.ndarra
             y, _ = _replay(cs, wc, designed, dtype)
         except EquivcheckError:
             return missed
-        exact, _, bound_c = bounds_of(ss, cs, ws, designed, dtype)
+        exact, _, bound_c = judgement_bounds(ss, cs, ws, designed, dtype)
         if not compare_outputs(y, exact, bound_c, dtype, ss.fan_in).passed:
             return missed  # the captured data stays the evidence
         again = {o.name for o in judge_mutants(ss, cs, ws, designed, dtype) if o.outcome != "rejected"}

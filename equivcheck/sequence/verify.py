@@ -375,17 +375,14 @@ def _sums_fit_float32(backend: str, spec: SequenceSpec, dtype: str) -> bool:
     worst = 0.0
     for i in range(SUM_PROBE_DRAWS):
         make = draw_grid if i % 2 else draw
-        weights, inputs = make(spec, seed=10_000 + i, batch=LOW_PRECISION_BATCH)
-        weights, inputs = {k: _rounded(v, dtype) for k, v in weights.items()}, _rounded(inputs, dtype)
+        weights, inputs = _in_dtype(make(spec, seed=10_000 + i, batch=LOW_PRECISION_BATCH), dtype)
         try:
             y = run(backend, spec, weights, inputs, dtype=dtype)
         except EquivcheckError:
             return False
         exact = reference.forward(spec, weights, inputs)
         bound = reference.error_bound(spec, weights, inputs, dtype, accumulate="float32")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = np.where(y == exact, 0.0, np.abs(y - exact) / bound)
-        worst = max(worst, float(np.nan_to_num(ratio, nan=np.inf).max(initial=0.0)))
+        worst = max(worst, _comparison(y, exact, bound, dtype, "float32", spec.fan_in).max_error_ratio)
     return worst <= SUM_PROBE_MARGIN
 
 
@@ -398,6 +395,12 @@ def _rounded(a: Any, dtype: str) -> Any:
     if isinstance(a, tuple):
         return tuple(_rounded(x, dtype) for x in a)
     return np.asarray(a, dtype=np_dtype(dtype)).astype(np.float64)
+
+
+def _in_dtype(drawn: tuple[dict[str, np.ndarray], Any], dtype: str) -> tuple[dict[str, np.ndarray], Any]:
+    """A draw's weights and inputs rounded to ``dtype`` (held in float64): exact in the dtype the layers run in."""
+    weights, inputs = drawn
+    return {k: _rounded(v, dtype) for k, v in weights.items()}, _rounded(inputs, dtype)
 
 
 def _comparison(y: np.ndarray, ref: np.ndarray, bound: np.ndarray, dtype: str, accumulate: str, fan_in: int) -> Comparison:
@@ -523,14 +526,15 @@ def verify_sequence_pair(source: SequenceSpec, target: SequenceSpec, *, source_b
             return case
     accumulate = _accumulation(((source_backend, source), (target_backend, target)), dtype)
     n = batch or (LOW_PRECISION_BATCH if low else 2)
-    scale = LOW_SUM_ATTENTION_SCALE if isinstance(source, AttentionSpec) and low_sums(accumulate) else 1.0
+    short = low_sums(accumulate)  # sums below float32: more and larger draws
+    more = 2 if short else 1
+    scale = LOW_SUM_ATTENTION_SCALE if isinstance(source, AttentionSpec) and short else 1.0
 
     def bounds(weights: dict[str, np.ndarray], inputs: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return judgement_bounds(source, target, weights, inputs, dtype, mask, accumulate)
 
-    for attempt in range((DRAWS * (2 if low_sums(accumulate) else 1)) if low and mutants else 1):
-        weights, inputs = draw(source, seed=seed + attempt, batch=n, steps=steps, scale=scale)
-        weights, inputs = {k: _rounded(v, dtype) for k, v in weights.items()}, _rounded(inputs, dtype)  # exact in dtype
+    for attempt in range(DRAWS * more if low and mutants else 1):
+        weights, inputs = _in_dtype(draw(source, seed=seed + attempt, batch=n, steps=steps, scale=scale), dtype)
         exact, bound, bound_t = bounds(weights, inputs)
         outcomes = _judge_mutants(source, target, weights, inputs, mask, exact, bound_t, dtype, accumulate) if mutants else []
         if all(o.outcome == "rejected" for o in outcomes):
@@ -539,11 +543,10 @@ def verify_sequence_pair(source: SequenceSpec, target: SequenceSpec, *, source_b
         case.notes.append(f"data drawn {attempt + 1} times (seeds {seed}..{seed + attempt}) for the mutants to be rejected")
     draws = [("", weights, inputs, exact, bound, bound_t)]
     grid_batch = max(n, GRID_BATCH)
-    if low_sums(accumulate):  # more samples: a misplaced weight's largest effect grows, the rounding bound does not
+    if short:  # more samples: a misplaced weight's largest effect grows, the rounding bound does not
         grid_batch = max(grid_batch, min(LOW_SUM_GRID_BATCH, LOW_SUM_GRID_WEIGHTS // max(1, source.fan_in)))
-    for j in range((GRID_DRAWS * (2 if low_sums(accumulate) else 1)) if low else 0):  # where a misplaced weight shows above the rounding
-        w, x = draw_grid(source, seed=seed + j, batch=grid_batch, steps=steps, scale=scale)
-        w, x = {k: _rounded(v, dtype) for k, v in w.items()}, _rounded(x, dtype)
+    for j in range(GRID_DRAWS * more if low else 0):  # where a misplaced weight shows above the rounding
+        w, x = _in_dtype(draw_grid(source, seed=seed + j, batch=grid_batch, steps=steps, scale=scale), dtype)
         draws.append((f" on grid draw {j + 1} (draw_grid seed={seed + j})", w, x, *bounds(w, x)))
     for _, w, x, exact_g, _, bound_g in draws[1:]:  # the layers must agree there too: a mutant rejected there fails
         if all(o.outcome == "rejected" for o in outcomes):
