@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # strategies draw backends too: they sit on the registry
     ("backends", ("equivcheck.backends", "equivcheck.sequence.backends", "equivcheck.sequence.tflite", "equivcheck.strategies")),
     ("judging", ("equivcheck.compare", "equivcheck.backends.probe", "equivcheck.mutations", "equivcheck.identification",
-                 "equivcheck.diagnosis", "equivcheck.judge")),
+                 "equivcheck.diagnosis", "equivcheck.judge", "equivcheck._fastjudge")),
     ("checks", ("equivcheck.verification", "equivcheck.checker", "equivcheck.exploration", "equivcheck.modelcheck",
                 "equivcheck.modelcheck.torch_trace", "equivcheck.fcn", "equivcheck.sequence")),
     ("report", ("equivcheck.report", "equivcheck.report.terminal")),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,11 @@ from equivcheck.errors import EquivcheckError
 from equivcheck.planning import plan
 from equivcheck.specs import CHANNELS_LAST, ConvSpec, DenseSpec, LayerSpec, fan_in
 
+try:  # optional: built at install where a C compiler is there
+    from equivcheck import _fastjudge
+except ImportError:
+    _fastjudge = None
+
 __all__ = ["canonical_output", "diagnose_pair", "judge", "magnitude", "unrejected_mutants"]
 
 #: Outputs judged at a time (a block that stays in cache through the dozen passes of the bound).
@@ -46,6 +52,8 @@ MAGNITUDE_BLOCK = 1 << 18
 #: within (n - 1)·u of the exact one: inputs taken this many at a time, the blocks then added, keep every sum's
 #: rounding (CHAIN + n / CHAIN)·u below the judge's 1e-3 headroom on |W|·|x| for any fan-in up to 10^7.
 MAGNITUDE_CHAIN = 8192
+#: Dense kernels from this many elements up take |W|·|x| on every lent core.
+MAGNITUDE_THREADED = 1 << 22
 #: Kernels larger than this are not searched over every layout when diagnosing.
 SEARCH_MAX = 1 << 22
 
@@ -63,8 +71,10 @@ def magnitude(spec: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None, x: n
 
     f32 = np.float32
 
-    def absolute(a: np.ndarray) -> np.ndarray:
-        return np.abs(a) if a.dtype == f32 else np.abs(a.astype(f32))
+    def absolute(a: np.ndarray) -> np.ndarray:  # an input after a ReLU is its own |x|: no copy
+        if a.dtype != f32:
+            return np.abs(a.astype(f32))
+        return a if a.size and a.min() >= 0 else np.abs(a)
 
     ax = absolute(x)
     b = None if bias is None else absolute(bias)
@@ -94,24 +104,37 @@ def _dense_magnitude(kernel: np.ndarray, io: bool, flat: np.ndarray) -> np.ndarr
             np.abs(part, out=block, casting="unsafe")
             y += flat[:, start:start + step] @ block
         return y
-    # (out, in): blocks of outputs (rows, contiguous), their inputs split into at most CHAIN-long runs
+    # (out, in): blocks of outputs (rows, contiguous), their inputs split into at most CHAIN-long runs; the
+    # blocks shared out among the lent cores (the same blocks, so the same sums, on any number of them)
     width = -(-n_in // chunks)
     rows = max(1, MAGNITUDE_BLOCK // width)
     xt = np.ascontiguousarray(flat.T, dtype=f32)
     yt = np.zeros((n_out, len(flat)), f32)
-    buf = np.empty((min(rows, n_out), width), f32)
-    part_out = np.empty((len(buf), len(flat)), f32)
-    for c0 in range(0, n_in, width):
-        for r0 in range(0, n_out, rows):
-            part = kernel[r0:r0 + rows, c0:c0 + width]
-            block = buf[:part.shape[0], :part.shape[1]]
-            np.abs(part, out=block, casting="unsafe")
-            if chunks == 1:
-                np.matmul(block, xt, out=yt[r0:r0 + rows])
-            else:
-                out = part_out[:len(block)]
-                np.matmul(block, xt[c0:c0 + width], out=out)
-                yt[r0:r0 + rows] += out
+    starts = range(0, n_out, rows)
+
+    def run(share: range) -> None:
+        buf = np.empty((min(rows, n_out), width), f32)
+        part_out = np.empty((len(buf), len(flat)), f32)
+        for r0 in share:
+            for c0 in range(0, n_in, width):
+                part = kernel[r0:r0 + rows, c0:c0 + width]
+                block = buf[:part.shape[0], :part.shape[1]]
+                np.abs(part, out=block, casting="unsafe")
+                if chunks == 1:
+                    np.matmul(block, xt, out=yt[r0:r0 + rows])
+                else:
+                    out = part_out[:len(block)]
+                    np.matmul(block, xt[c0:c0 + width], out=out)
+                    yt[r0:r0 + rows] += out
+
+    threads = min(cores(), len(starts)) if kernel.size >= MAGNITUDE_THREADED else 1
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, (starts[k::threads] for k in range(threads))))
+    else:
+        run(starts)
     return np.ascontiguousarray(yt.T)
 
 
@@ -155,8 +178,17 @@ def judge(actual: np.ndarray, reference: np.ndarray, mag: np.ndarray, bias: np.n
     per_task = step * max(1, JUDGE_TASK // max(step * inner, 1))
     tasks = [(i, c0, min(c, c0 + per_task)) for i in range(n) for c0 in range(0, c, per_task)]
 
+    fast = fastjudge() if work is np.float32 and a3.dtype == m3.dtype == np.float32 else None
+
     def run(task: tuple[int, int, int]) -> list[tuple[float, int, float, int, int, float, float]]:
         i, c0, c1 = task
+        if fast is not None:  # one pass, the arrays read as they lie; a non-finite value: the numpy path below
+            got = fast.judge_float32(*(v[i, c0:c1].reshape(c1 - c0, -1) if v.ndim > 2 else v[i, c0:c1, None]
+                                       for v in (r3, a3, m3)), None if b2 is None else b2[c0:c1].reshape(-1),
+                                     two_u, growth, floor, max(16, TRANSPOSE_TILE // (c1 - c0)))
+            if got is not None:
+                worst, at, bound_there, count, top, rel = got
+                return [(worst, (i * c + c0) * inner + at, bound_there, count, 0, top, rel)]
         # (channels, positions) blocks: the bias broadcast along one long row per channel
         rs, as_, ms = (_contiguous(v[i, c0:c1]).reshape(c1 - c0, -1) if v.ndim > 2 else v[i, c0:c1] for v in (r3, a3, m3))
         found = []
@@ -208,6 +240,12 @@ def judge(actual: np.ndarray, reference: np.ndarray, mag: np.ndarray, bias: np.n
     worst_at = np.unravel_index(best[1], r.shape)
     return Comparison(nonfinite == 0 and out == 0, dtype, accs[-1], int(fan), max_err, max_rel, best[0], best[2],
                       tuple(int(i) for i in worst_at), out / r.size, nonfinite, int(r.size), note)
+
+
+def fastjudge() -> Any:
+    """The compiled judgement (``_fastjudge.c``), or None where it was not built or ``EQUIVCHECK_NO_FASTJUDGE`` is
+    set (a fallback, never an error: the numpy path gives the same bits)."""
+    return None if os.environ.get("EQUIVCHECK_NO_FASTJUDGE") else _fastjudge
 
 
 def _contiguous(v: np.ndarray) -> np.ndarray:
