@@ -504,7 +504,9 @@ def _run(backend: str, spec: LayerSpec, dtype: str, kernel: np.ndarray, bias: np
 
 
 def _forward(layer: Any, kernel: np.ndarray, bias: np.ndarray | None, ref: Reference) -> np.ndarray:
-    layer.set_weights(kernel, bias)  # every weight, so nothing of a reused layer's last case is left
+    # Every weight, so nothing of a reused layer's last case is left; read in place (these arrays are never
+    # written, and the next case's set_weights lets go of them)
+    layer.set_weights(kernel, bias, copy=False)
     return ref.adapt[1](np.asarray(layer(ref.adapt[0](ref.x))), ref.x)
 
 
