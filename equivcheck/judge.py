@@ -584,6 +584,18 @@ class _MutantPlan:
     features: np.ndarray | None = None  # for each of ``permuted``: the input features that meet the kernel's columns
     units: np.ndarray | None = None  # and the kernel row each output reads
     dense_source: bool = False  # a small dense layer on the source side: ``gathered`` are judged one at a time
+    _gathers: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, compare=False, repr=False)
+
+    def reordered(self, n: int, features: int, outputs: int) -> tuple[np.ndarray, np.ndarray]:
+        """For a batch of ``n``: flat indices that gather every ``permuted`` mutant's inputs from ``(n, features)``
+        as ``(mutants·n, features)`` rows, and its outputs from their product as ``(mutants, n, outputs)``."""
+        found = self._gathers.get(n)
+        if found is None:
+            count, batch = len(self.permuted), np.arange(n)[None, :, None]
+            rows = (batch * features + self.features[:, None, :]).reshape(count * n, features)
+            picks = np.arange(count)[:, None, None] * (n * outputs) + batch * outputs + self.units[:, None, :]
+            found = self._gathers[n] = (rows, picks)
+        return found
 
 
 def _reordering(source: DenseSpec, m: Mapping) -> tuple[np.ndarray, np.ndarray] | None:
@@ -649,14 +661,11 @@ def _many(ref: Reference, kernel: np.ndarray, mplan: _MutantPlan) -> tuple[np.nd
     w, abs_w = kernel, ref.abs_kernel(kernel)
     if spec.kernel_layout != "OI":
         w, abs_w = w.T, abs_w.T
-    count = len(mplan.permuted)
-
     def run(x64: np.ndarray, w: np.ndarray) -> np.ndarray:
         feats = dense_features(spec, x64)
-        n = len(feats)
-        # every mutant's inputs, mutant by mutant: (count·n, in) @ (in, out)
-        y = (np.take(feats.T, mplan.features, axis=0).transpose(0, 2, 1).reshape(count * n, -1) @ w.T)
-        y = np.take_along_axis(y.reshape(count, n, -1), mplan.units[:, None, :], axis=2)
+        rows, picks = mplan.reordered(len(feats), feats.shape[1], w.shape[0])
+        # every mutant's inputs, mutant by mutant: (count·n, in) @ (in, out), then each mutant's own output order
+        y = np.take(np.take(feats, rows) @ w.T, picks)
         return np.stack([ref.adapt[1](p, ref.x) for p in y])
 
     ys, mags = run(ref.x64, w), run(ref.abs_x64, abs_w)
