@@ -226,7 +226,7 @@ def check_sequence_pair(s: Linear, c: Linear, dtype: str, failed_before: bool, m
         return row
     row.verdict = "pass"
     if mutants:
-        missed = _missed(ss, cs, ws, wc, xs, dtype, seed, ms)
+        missed = _missed(ss, cs, ws, wc, xs, dtype, seed, ms, bounds=(exact, bound_c))
         if missed:
             row.verdict = "inconclusive"
             row.notes.append(f"these wrong conversions would also pass on this data: {', '.join(missed)}")
@@ -252,7 +252,7 @@ def _real_names(code: str, s: Linear, c: Linear) -> str:
 
 
 def _missed(ss: Any, cs: Any, ws: dict[str, np.ndarray], wc: dict[str, np.ndarray], xs: Any, dtype: str,
-            seed: int, mask: np.ndarray | None = None) -> list[str]:
+            seed: int, mask: np.ndarray | None = None, *, bounds: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
     """The mutants that the captured input (under its mask) does not reject, and (where there are some) designed
     data, unmasked (the weights do not depend on the mask), does not either."""
     from equivcheck.sequence.verify import (
@@ -264,7 +264,7 @@ def _missed(ss: Any, cs: Any, ws: dict[str, np.ndarray], wc: dict[str, np.ndarra
         judgement_bounds,
     )
 
-    missed = [o.name for o in judge_mutants(ss, cs, ws, xs, dtype, mask) if o.outcome != "rejected"]
+    missed = [o.name for o in judge_mutants(ss, cs, ws, xs, dtype, mask, bounds=bounds) if o.outcome != "rejected"]
     if not missed:
         return []
     first = xs[0] if isinstance(xs, tuple) else xs
@@ -279,7 +279,8 @@ def _missed(ss: Any, cs: Any, ws: dict[str, np.ndarray], wc: dict[str, np.ndarra
         exact, _, bound_c = judgement_bounds(ss, cs, ws, designed, dtype)
         if not compare_outputs(y, exact, bound_c, dtype, ss.fan_in).passed:
             return missed  # the captured data stays the evidence
-        again = {o.name for o in judge_mutants(ss, cs, ws, designed, dtype) if o.outcome != "rejected"}
+        again = {o.name for o in judge_mutants(ss, cs, ws, designed, dtype, bounds=(exact, bound_c))
+                 if o.outcome != "rejected"}
         missed = [m for m in missed if m in again]
         if not missed:
             break

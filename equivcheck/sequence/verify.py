@@ -456,14 +456,17 @@ def judgement_bounds(source: SequenceSpec, target: SequenceSpec, weights: dict[s
 
 
 def judge_mutants(source: SequenceSpec, target: SequenceSpec, weights: dict[str, Any], inputs: Any, dtype: str,
-                  mask: Any = None, accumulate: str | None = None) -> list[MutationOutcome]:
+                  mask: Any = None, accumulate: str | None = None, *,
+                  bounds: tuple[np.ndarray, np.ndarray] | None = None) -> list[MutationOutcome]:
     """Each mutant of ``weights`` (source to target), judged on ``inputs`` against the float64 reference as
     :func:`verify_sequence_pair` judges it: rejected where its exact output lands more than its own bound plus the
-    target's (:func:`judgement_bounds`) from the exact output, where no target run within its bound is."""
+    target's (:func:`judgement_bounds`) from the exact output, where no target run within its bound is.
+    ``bounds``: ``(exact, bound_t)`` of :func:`judgement_bounds` on these weights, inputs and mask, where the caller
+    has them already."""
     w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
     x = _rounded(inputs, "float64")
     acc = accumulate or dtype
-    exact, _, bound_t = judgement_bounds(source, target, w, x, dtype, mask, acc)
+    exact, bound_t = bounds if bounds is not None else judgement_bounds(source, target, w, x, dtype, mask, acc)[::2]
     return _judge_mutants(source, target, w, x, mask, exact, bound_t, dtype, acc)
 
 
