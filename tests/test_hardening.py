@@ -1039,8 +1039,8 @@ def test_text_outside_code_is_escaped():
 def _set_path(doc, path, value):
     node = doc
     for key in path[:-1]:
-        if isinstance(node, dict) and key not in node:  # an earlier edit replaced what the path runs through
-            return doc
+        if (key not in node) if isinstance(node, dict) else not isinstance(key, int):
+            return doc  # an earlier edit replaced what the path runs through (a dict by a list, or the key gone)
         node = node[key] if isinstance(node, dict) else node[key % len(node)] if node else node
         if not isinstance(node, (dict, list)) or not node:
             return doc
