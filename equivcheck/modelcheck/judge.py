@@ -185,7 +185,7 @@ def judge(actual: np.ndarray, reference: np.ndarray, mag: np.ndarray, bias: np.n
         i, c0, c1 = task
         if fast is not None:  # one pass, the arrays read as they lie; a non-finite value: the numpy path below
             got = fast.judge_float32(*(v[i, c0:c1].reshape(c1 - c0, -1) if v.ndim > 2 else v[i, c0:c1, None]
-                                       for v in (r3, a3, m3)), None if b2 is None else b2[c0:c1].reshape(-1),
+                                       for v in (r3, a3, m3)), None if b2 is None else np.ascontiguousarray(b2[c0:c1].reshape(-1)),
                                      two_u, growth, floor, max(16, TRANSPOSE_TILE // (c1 - c0)))
             if got is not None:
                 worst, at, bound_there, count, top, rel = got

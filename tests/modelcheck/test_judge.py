@@ -45,7 +45,8 @@ def test_the_compiled_pass_gives_numpys_bits(seed, shape, channels_last, bias, w
         act.flat[len(act.flat) // 2] = np.nan if special == "nan" else np.inf
     if channels_last and len(shape) > 2:  # a channels-last output read as channels first: a strided view
         act = np.moveaxis(np.ascontiguousarray(np.moveaxis(act, 1, -1)), -1, 1)
-    b = rng.standard_normal(shape[1] if len(shape) > 1 else shape[0]).astype(np.float32) if bias else None
+    channels = shape[1] if len(shape) > 1 else shape[0]
+    b = rng.standard_normal(2 * channels).astype(np.float32)[::2] if bias else None  # a strided view, as a user's may be
     with pytest.MonkeyPatch.context() as mp:
         compiled, plain = _both(mp, act, ref, mag, b, dtype="float32", fan=50)
     assert _fields(compiled) == _fields(plain)
