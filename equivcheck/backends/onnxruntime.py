@@ -67,6 +67,11 @@ def read_onnx_model(obj: Any, role: str, *, error: type[EquivcheckError] = SpecE
     ``InferenceSession`` (the file or bytes it was made from); a bad one raises ``error`` in one line."""
     import os
 
+    if isinstance(obj, (str, os.PathLike)) and not os.path.isfile(obj):  # before onnx's import (most of a second)
+        where = f"{role} file={os.fspath(obj)!r}"
+        if os.path.exists(obj):
+            raise error(f"{where} is not a regular file (a folder, FIFO or device): expected an .onnx file{hint}")
+        raise error(f"{where} not found: expected an .onnx file{hint}")
     import onnx
 
     if isinstance(obj, onnx.ModelProto):

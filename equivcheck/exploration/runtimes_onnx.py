@@ -29,9 +29,9 @@ class OnnxSide(Side):
     framework = "onnxruntime"
 
     def __init__(self, model: Any, shape: Shape, *, node: str | None = None) -> None:
+        model, where = read_onnx_model(model, "model", hint=" (or MODULE:ATTR with --source)")  # a bad path: before onnx
         import onnx
 
-        model, where = read_onnx_model(model, "model", hint=" (or MODULE:ATTR with --source)")
         try:
             graph = onnx.shape_inference.infer_shapes(model).graph
         except Exception:  # a help, not a must (a model over 2 GB, an op it does not know)

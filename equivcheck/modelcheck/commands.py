@@ -52,8 +52,9 @@ def load_model(path: str | Path, factory: str | None = None) -> Any:
     from equivcheck.exploration.objects import load_object
     from equivcheck.modelcheck.converter import build_model, load_weights
 
+    arrays = files.load_arrays(p)  # the file first: a bad one is refused before the factory imports its framework
     model = build_model(load_object(factory), f"--model {factory}")
-    return load_weights(model, files.load_arrays(p), role=f"state dict {p.name}")
+    return load_weights(model, arrays, role=f"state dict {p.name}")
 
 
 def cmd_check_models(args: argparse.Namespace) -> int:
