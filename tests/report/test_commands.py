@@ -1,16 +1,19 @@
 """Every command's report reads on its own: title, names, shapes and verdict, in Markdown and in a real browser.
 
-Each report comes from a small real run of the command (the CLI in a subprocess, the pytest
-plugin through pytester); the HTML is opened in headless Chromium (skipped, saying why, where
+Each report comes from a small real run of the command (the CLI's ``main`` in this process, the
+pytest plugin in a subprocess); the HTML is opened in headless Chromium (skipped, saying why, where
 Chromium is missing), its visible text checked, its images loaded, its console clean.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,12 +23,17 @@ from equivcheck.report import rebuild
 pytest_plugins = ["pytester"]
 
 IMAGES = "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "equivcheck", *args], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
+def _cli(*args: str) -> SimpleNamespace:
+    """A command run in this process (a subprocess would import TensorFlow and torch afresh, about 5 s on 2 cores;
+    the entry point itself is tests/test_cli.py's): its exit status and what it wrote to stderr."""
+    from equivcheck.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 def _read(folder: Path) -> tuple[dict, str, str]:
