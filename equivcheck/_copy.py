@@ -89,6 +89,12 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def on_cores(fn: Any, items: Any) -> list:
+    """``[fn(item) for item in items]`` on this process's copy threads: for work that lets go of the GIL
+    (numpy's large operations, the compiled kernels)."""
+    return list(_pool().map(fn, items))
+
+
 def _forget_pool() -> None:
     """In a forked child: drop the parent's pool, whose threads did not survive the fork."""
     global _POOL
@@ -147,14 +153,14 @@ def _row_gather_transpose(x: np.ndarray, nf: NormalForm, into: np.ndarray | None
         def part(j0: int) -> None:
             fast.gather_transpose(raw_src, width, rows[j0 : j0 + share], raw_out, height, j0, x.itemsize)
 
-        list(_pool().map(part, range(0, height, share)))
+        on_cores(part, range(0, height, share))
     else:
         step = 16
 
         def block(j0: int) -> None:
             out[:, j0 : j0 + step] = np.take(src, rows[j0 : j0 + step], axis=0).T
 
-        list(_pool().map(block, range(0, height, step)))
+        on_cores(block, range(0, height, step))
     return out.reshape(nf.out_shape) if into is None else into
 
 
@@ -183,7 +189,7 @@ def _column_scatter_transpose(x: np.ndarray, nf: NormalForm, into: np.ndarray | 
     def part(c0: int) -> None:
         fast.scatter_transpose(raw_src, width, rows[c0 : c0 + share], raw_out, c0, x.itemsize)
 
-    list(_pool().map(part, range(0, width, share)))
+    on_cores(part, range(0, width, share))
     return out.reshape(nf.out_shape) if into is None else into
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from equivcheck._copy import cores
+from equivcheck._copy import cores, on_cores
 from equivcheck.compare import (
     Comparison,
     accumulation_dtype,
@@ -129,10 +129,7 @@ def _dense_magnitude(kernel: np.ndarray, io: bool, flat: np.ndarray) -> np.ndarr
 
     threads = min(cores(), len(starts)) if kernel.size >= MAGNITUDE_THREADED else 1
     if threads > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, (starts[k::threads] for k in range(threads))))
+        on_cores(run, [starts[k::threads] for k in range(threads)])
     else:
         run(starts)
     return np.ascontiguousarray(yt.T)
@@ -220,14 +217,8 @@ def judge(actual: np.ndarray, reference: np.ndarray, mag: np.ndarray, bias: np.n
                 found.append((worst, ((i * c + c0 + b0) * inner + k), float(bound.flat[k]), count, bad_count, top, rel))
         return found
 
-    threads = min(cores(), len(tasks)) if r.size >= JUDGE_TASK and fast is not None else 1
-    if threads > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as pool:
-            results = list(pool.map(run, tasks))
-    else:
-        results = [run(t) for t in tasks]
+    threaded = r.size >= JUDGE_TASK and fast is not None and cores() > 1 and len(tasks) > 1
+    results = on_cores(run, tasks) if threaded else [run(t) for t in tasks]
     best = (-1.0, 0, 0.0)  # ratio, flat index, bound there
     out = nonfinite = 0
     max_err = max_rel = 0.0
