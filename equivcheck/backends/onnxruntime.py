@@ -67,30 +67,35 @@ def read_onnx_model(obj: Any, role: str, *, error: type[EquivcheckError] = SpecE
     ``InferenceSession`` (the file or bytes it was made from); a bad one raises ``error`` in one line."""
     import os
 
-    if isinstance(obj, (str, os.PathLike)) and not os.path.isfile(obj):  # before onnx's import (most of a second)
-        where = f"{role} file={os.fspath(obj)!r}"
-        if os.path.exists(obj):
-            raise error(f"{where} is not a regular file (a folder, FIFO or device): expected an .onnx file{hint}")
-        raise error(f"{where} not found: expected an .onnx file{hint}")
+    where = f"the {role}"
+    if isinstance(obj, (str, os.PathLike)):  # a bad path is refused before onnx's import (most of a second)
+        obj, where = _model_file(obj, role, error, hint)
     import onnx
 
     if isinstance(obj, onnx.ModelProto):
-        return obj, f"the {role}"
-    if not isinstance(obj, (str, os.PathLike)):  # an InferenceSession
+        return obj, where
+    if not isinstance(obj, str):  # an InferenceSession
         obj = getattr(obj, "_model_path", None) or getattr(obj, "_model_bytes", None)
         if obj is None:
             raise error(f"{role}=InferenceSession keeps no model to read: pass the ModelProto or the .onnx path")
-    if isinstance(obj, bytes):
-        where = f"the {role} session's model"
-    else:
-        obj = os.fspath(obj)
-        where = f"{role} file={obj!r}"
-        if not os.path.isfile(obj):
-            raise error(f"{where} not found: expected an .onnx file{hint}")
+        obj, where = (obj, f"the {role} session's model") if isinstance(obj, bytes) else \
+            _model_file(obj, role, error, hint)
     try:
         return (onnx.load_model_from_string(obj) if isinstance(obj, bytes) else onnx.load(obj)), where
     except Exception as exc:
         raise error(f"{where} is not an ONNX model: {framework_message(exc)}") from None
+
+
+def _model_file(path: Any, role: str, error: type[EquivcheckError], hint: str) -> tuple[str, str]:
+    """``(path, how to name it)`` for an existing regular file; else ``error`` saying what the path is."""
+    import os
+
+    path = os.fspath(path)
+    where = f"{role} file={path!r}"
+    if not os.path.isfile(path):
+        what = "is not a regular file (a folder, FIFO or device)" if os.path.exists(path) else "not found"
+        raise error(f"{where} {what}: expected an .onnx file{hint}")
+    return path, where
 
 
 def op_type(spec: LayerSpec) -> str:
