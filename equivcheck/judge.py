@@ -661,6 +661,7 @@ def _many(ref: Reference, kernel: np.ndarray, mplan: _MutantPlan) -> tuple[np.nd
     w, abs_w = kernel, ref.abs_kernel(kernel)
     if spec.kernel_layout != "OI":
         w, abs_w = w.T, abs_w.T
+
     def run(x64: np.ndarray, w: np.ndarray) -> np.ndarray:
         feats = dense_features(spec, x64)
         rows, picks = mplan.reordered(len(feats), feats.shape[1], w.shape[0])

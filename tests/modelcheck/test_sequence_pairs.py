@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ._support import seeded
+
 T, F, E, HEADS = 5, 4, 8, 2
 
 
@@ -35,13 +37,7 @@ def net(torch):
             a, _ = self.attn(t, t, t, need_weights=False)
             return self.out(a.transpose(0, 1))
 
-    torch.manual_seed(0)
-    model = SeqNet().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "bias" in name:
-                p.uniform_(-0.5, 0.5)  # torch starts attention biases at zero: give every bias a value to check
-    return model
+    return seeded(torch, SeqNet, 0)
 
 
 def _port(net, keras, *, gates=(0, 1, 2, 3), qkv=(0, 1, 2)):
@@ -198,13 +194,7 @@ def binet(torch):
             return self.fc(self.attn(h, h, h, key_padding_mask=pad, attn_mask=causal, is_causal=True,
                                      need_weights=False)[0])
 
-    torch.manual_seed(3)
-    model = BiNet().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "bias" in name:
-                p.uniform_(-0.5, 0.5)
-    return model
+    return seeded(torch, BiNet, 3)
 
 
 def _bi_port(net, keras, *, swap=False, invert=False):

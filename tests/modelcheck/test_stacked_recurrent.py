@@ -13,6 +13,8 @@ import itertools
 import numpy as np
 import pytest
 
+from ._support import seeded
+
 T, F, H = 5, 4, 3
 
 
@@ -39,13 +41,7 @@ def _net(torch, *, cell="LSTM", layers=2, bidirectional=False, batch_first=True,
             h = self.lstm(x if batch_first else x.transpose(0, 1))[0]
             return self.fc(h if batch_first else h.transpose(0, 1))
 
-    torch.manual_seed(seed)
-    net = Stacked().eval()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if "bias" in name:
-                p.uniform_(-0.5, 0.5)
-    return net
+    return seeded(torch, Stacked, seed)
 
 
 def _to_keras(net, keras, *, bidirectional=False, wrong_layer=None):
